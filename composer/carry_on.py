@@ -1,0 +1,196 @@
+"""The carry-on: the small trainable stack on top of the frozen bases (GPT Carry-On, §3).
+
+    taps      a[src] = Linear_src(RMSNorm(h[src]))                 # D_b -> d
+    input     z0     = Σ_src w_src(t) · a[src]                      # per-token router over sources
+    stack     z_k    = Block_k(z_{k-1} + Σ_{src∈S_k} s_{k,src} · a[src])   # layer-selection shortcuts
+    delta     Δx     = Up(norm(z_K))                                # d -> D_anchor, zero-init
+    gate      g      = sigmoid(G(norm(z_K)))                        # elementwise, in (0, 1)
+    output    x'     = x + α · g ⊙ Δx                               # then the anchor's LM head
+
+`Up` starts at zero, so an untrained carry-on leaves the anchor's hidden state, and its logits,
+exactly as they were.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from composer.recipe import CarryOnSpec
+
+# Per block: (keys, values), each (B, n_head, T_past, head_dim).
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(self.weight.dtype)
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding (rotate-half form) on x of shape (B, n_head, T, head_dim)."""
+    half = x.shape[-1] // 2
+    freqs = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = positions.float()[:, None] * freqs[None, :]  # (T, half)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class Block(nn.Module):
+    """Pre-norm causal transformer block: RoPE multi-head attention and a SwiGLU MLP."""
+
+    def __init__(self, width: int, heads: int, mlp_hidden: int, rope_theta: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.rope_theta = rope_theta
+        self.attn_norm = RMSNorm(width)
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.proj = nn.Linear(width, width, bias=False)
+        self.mlp_norm = RMSNorm(width)
+        self.gate_up = nn.Linear(width, 2 * mlp_hidden, bias=False)
+        self.down = nn.Linear(mlp_hidden, width, bias=False)
+
+    def forward(
+        self,
+        z: torch.Tensor,
+        positions: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        B, T, C = z.shape
+        q, k, v = self.qkv(self.attn_norm(z)).split(C, dim=-1)
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
+        q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)  # (B, n_head, T_past + T, head_dim)
+            v = torch.cat([past[1], v], dim=2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        z = z + self.proj(y.transpose(1, 2).reshape(B, T, C))
+        gate, up = self.gate_up(self.mlp_norm(z)).chunk(2, dim=-1)
+        return z + self.down(F.silu(gate) * up), (k, v)
+
+
+def causal_mask(
+    q_len: int, k_len: int, key_padding: torch.Tensor | None, device: torch.device
+) -> torch.Tensor:
+    """Boolean mask (B or 1, 1, q_len, k_len): True where a query may attend.
+
+    Queries are the last `q_len` of `k_len` positions. Padded keys are masked out; a padded
+    query keeps its own key so no softmax row is empty.
+    """
+    offset = k_len - q_len
+    rows = torch.arange(q_len, device=device)[:, None] + offset
+    mask = torch.arange(k_len, device=device)[None, :] <= rows  # (q_len, k_len)
+    mask = mask[None, None]
+    if key_padding is not None:
+        keep = key_padding.bool()[:, None, None, :]  # (B, 1, 1, k_len)
+        diag = torch.arange(k_len, device=device)[None, :] == rows
+        mask = (mask & keep) | diag[None, None]
+    return mask
+
+
+@dataclass
+class CarryOnOutput:
+    hidden: torch.Tensor  # x + α g ⊙ Δx, (B, T, D_anchor)
+    source_weights: torch.Tensor  # router weights per source, (B, T, n_src)
+    cache: KVCache
+
+
+class CarryOn(nn.Module):
+    """Taps → router → blocks with shortcuts → gated, rescaled correction of the anchor state."""
+
+    def __init__(self, spec: CarryOnSpec, tap_dims: dict[str, int], anchor_dim: int) -> None:
+        super().__init__()
+        self.sources = list(tap_dims)
+        d = spec.width
+        self.tap_norms = nn.ModuleDict({module_key(s): RMSNorm(n) for s, n in tap_dims.items()})
+        self.tap_projs = nn.ModuleDict({module_key(s): nn.Linear(n, d) for s, n in tap_dims.items()})
+        # Router: a shared scorer on each projected tap plus a bias per source.
+        self.router = nn.Linear(d, 1)
+        self.router_bias = nn.Parameter(torch.zeros(len(self.sources)))
+        mlp_hidden = max(8, int(round(spec.mlp_ratio * d / 8)) * 8)
+        self.blocks = nn.ModuleList(
+            Block(d, spec.heads, mlp_hidden, spec.rope_theta) for _ in spec.blocks
+        )
+        self.shortcuts = [list(b.shortcuts) for b in spec.blocks]
+        self.shortcut_scales = nn.ParameterList(
+            nn.Parameter(torch.ones(len(b.shortcuts))) for b in spec.blocks
+        )
+        self.out_norm = RMSNorm(d)
+        self.up = nn.Linear(d, anchor_dim, bias=False)
+        self.gate = nn.Linear(d, anchor_dim) if spec.gate == "elementwise" else None
+        alpha = torch.tensor(float(spec.alpha.init))
+        if spec.alpha.learnable:
+            self.alpha = nn.Parameter(alpha)
+        else:
+            self.register_buffer("alpha", alpha)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=1.0 / math.sqrt(module.in_features))
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        nn.init.zeros_(self.router.weight)
+        nn.init.zeros_(self.up.weight)  # step 0 equals the anchor exactly
+        for block in self.blocks:
+            # Residual branches start small so the stack starts near the identity.
+            assert isinstance(block, Block)
+            block.proj.weight.data.mul_(1.0 / math.sqrt(2 * len(self.blocks)))
+            block.down.weight.data.mul_(1.0 / math.sqrt(2 * len(self.blocks)))
+
+    def forward(
+        self,
+        taps: dict[str, torch.Tensor],
+        anchor_hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past: KVCache | None = None,
+    ) -> CarryOnOutput:
+        """taps: source → (B, T, D_b); anchor_hidden: (B, T, D_anchor), the LM head's input.
+
+        `attention_mask` (B, T_past + T) marks real tokens; `past` continues a generation.
+        """
+        dtype = self.up.weight.dtype
+        a = {
+            s: self.tap_projs[module_key(s)](self.tap_norms[module_key(s)](taps[s].to(dtype)))
+            for s in self.sources
+        }
+        stacked = torch.stack([a[s] for s in self.sources], dim=2)  # (B, T, n_src, d)
+        scores = self.router(stacked).squeeze(-1) + self.router_bias  # (B, T, n_src)
+        weights = scores.softmax(dim=-1)
+        z = (weights.unsqueeze(-1) * stacked).sum(dim=2)  # (B, T, d)
+
+        B, T, _ = z.shape
+        past_len = past[0][0].shape[2] if past else 0
+        positions = torch.arange(past_len, past_len + T, device=z.device)
+        mask = causal_mask(T, past_len + T, attention_mask, z.device)
+        cache: KVCache = []
+        for k, block in enumerate(self.blocks):
+            for j, src in enumerate(self.shortcuts[k]):
+                z = z + self.shortcut_scales[k][j] * a[src]
+            z, kv = block(z, positions, mask, past[k] if past else None)
+            cache.append(kv)
+        z = self.out_norm(z)
+        delta = self.up(z)
+        if self.gate is not None:
+            delta = torch.sigmoid(self.gate(z)) * delta
+        hidden = anchor_hidden + (self.alpha * delta).to(anchor_hidden.dtype)
+        return CarryOnOutput(hidden=hidden, source_weights=weights, cache=cache)
+
+
+def module_key(source: str) -> str:
+    # ModuleDict keys may not contain '.', and '@' reads badly in state-dict names.
+    return source.replace("@", "_at_").replace(".", "_")

@@ -1,0 +1,136 @@
+"""Checkpoints: the carry-on's keys in safetensors, written atomically, loaded strictly.
+
+Every file goes to a temporary name in the same folder, is fsynced, then renamed, so a crash
+leaves either the old file or the new one, never half of one. Nothing is unpickled: weights are
+safetensors, optimizer state is read with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from composer.errors import CheckpointError
+
+WEIGHTS = "carry_on.safetensors"
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call `write(tmp)` on a temp file beside `path`, fsync it, then rename it to `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def save_weights(path: Path, module: nn.Module) -> None:
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(state, str(tmp)))
+
+
+def load_weights(path: Path, module: nn.Module) -> None:
+    """Load exactly the module's keys; missing, unexpected or misshapen keys are an error."""
+    try:
+        state = load_file(str(path))
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path}: no such checkpoint file") from exc
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: keys do not match the carry-on (missing: {missing[:3]}, "
+            f"unexpected: {unexpected[:3]})"
+        )
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise CheckpointError(
+                f"{path}: {key} has shape {tuple(value.shape)}, "
+                f"the carry-on expects {tuple(expected[key].shape)}"
+            )
+    module.load_state_dict(state, strict=True)
+
+
+def save_training_state(
+    folder: Path, step: int, module: nn.Module, optimizer: torch.optim.Optimizer, trainer: dict
+) -> Path:
+    """Write `folder/step-NNNNNN/` atomically (built under a temp name, then renamed)."""
+    final = folder / f"step-{step:06d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=folder))
+    try:
+        save_weights(tmp / WEIGHTS, module)
+        atomic_write(tmp / "optimizer.pt", lambda p: torch.save(optimizer.state_dict(), p))
+        write_json(tmp / "trainer.json", {"step": step, **trainer})
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete `step-*` folder (temp folders of a killed save are skipped)."""
+    if not folder.is_dir():
+        return None
+    done = sorted(p for p in folder.glob("step-*") if (p / "trainer.json").is_file())
+    return done[-1] if done else None
+
+
+def load_training_state(
+    checkpoint: Path, module: nn.Module, optimizer: torch.optim.Optimizer
+) -> dict:
+    load_weights(checkpoint / WEIGHTS, module)
+    try:
+        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+        return json.loads((checkpoint / "trainer.json").read_text())
+    except (OSError, RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{checkpoint}: cannot resume from this checkpoint: {exc}") from exc
+
+
+def prune_checkpoints(folder: Path, keep: int) -> None:
+    done = sorted(p for p in folder.glob("step-*") if (p / "trainer.json").is_file())
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in folder.glob(".step-*"):
+        shutil.rmtree(stale, ignore_errors=True)

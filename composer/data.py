@@ -1,0 +1,189 @@
+"""Training data: token ids with labels (-100 where no loss), from local files or packages.
+
+Chat and question/answer data go through the anchor's chat template (when it has one) and carry
+loss on the answer only; plain text carries loss everywhere and is cut into `seq_len` windows.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sysconfig
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from composer.errors import DataError
+from composer.recipe import DataSpec, GsmData, JsonlData, StdlibData, TextData
+
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # aligned with input_ids; the loss predicts labels[t + 1] at position t
+
+
+def format_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """The text a model sees before it answers `messages` (chat template if it has one)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    turns = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+    return "\n".join(turns) + "\nAssistant: "
+
+
+def encode_qa(
+    tokenizer: Any, messages: list[dict[str, str]], answer: str, seq_len: int
+) -> Example | None:
+    """Prompt tokens without loss, answer tokens (and end of turn) with loss; None if no room."""
+    prompt = format_prompt(tokenizer, messages)
+    if getattr(tokenizer, "chat_template", None):
+        full = tokenizer.apply_chat_template(
+            [*messages, {"role": "assistant", "content": answer}], tokenize=False
+        )
+        if not full.startswith(prompt):
+            raise DataError("the anchor's chat template does not extend the prompt with the answer")
+    else:
+        full = prompt + answer + (tokenizer.eos_token or "")
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(full, add_special_tokens=False)["input_ids"][:seq_len]
+    n_prompt = len(prompt_ids)
+    if ids[:n_prompt] != prompt_ids or len(ids) <= n_prompt:
+        return None
+    return Example(input_ids=ids, labels=[IGNORE] * n_prompt + ids[n_prompt:])
+
+
+def text_windows(tokenizer: Any, texts: list[str], seq_len: int, limit: int | None) -> list[Example]:
+    """Each text tokenized and cut into windows of `seq_len` tokens, loss on every token."""
+    out: list[Example] = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        for start in range(0, len(ids) - 1, seq_len):
+            window = ids[start : start + seq_len]
+            if len(window) >= 2:
+                out.append(Example(input_ids=window, labels=list(window)))
+            if limit is not None and len(out) >= limit:
+                return out
+    return out
+
+
+def load_gsm(spec: GsmData, tokenizer: Any, seq_len: int) -> list[Example]:
+    import reasoning_gym
+
+    dataset = reasoning_gym.create_dataset("gsm_symbolic", size=spec.size, seed=spec.seed)
+    out = []
+    for item in dataset:
+        messages = [{"role": "user", "content": item["question"]}]
+        example = encode_qa(tokenizer, messages, item["metadata"]["answer_cot"], seq_len)
+        if example is not None:
+            out.append(example)
+    return out
+
+
+def load_stdlib(spec: StdlibData, tokenizer: Any, seq_len: int) -> list[Example]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if "test" not in p.parts)
+    random.Random(spec.seed).shuffle(files)
+    out: list[Example] = []
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        out += text_windows(tokenizer, [text], seq_len, spec.size - len(out))
+        if len(out) >= spec.size:
+            break
+    return out
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"train.data.path: cannot read {path}: {exc}") from exc
+
+
+def load_text(spec: TextData, tokenizer: Any, seq_len: int) -> list[Example]:
+    docs = [d.strip() for d in _read(spec.path).split("\n\n") if d.strip()]
+    return text_windows(tokenizer, docs, seq_len, None)
+
+
+def load_jsonl(spec: JsonlData, tokenizer: Any, seq_len: int) -> list[Example]:
+    out: list[Example] = []
+    for n, line in enumerate(_read(spec.path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{spec.path}:{n}: not JSON: {exc.msg}") from exc
+        example: Example | None
+        if isinstance(row, dict) and isinstance(row.get("text"), str):
+            out += text_windows(tokenizer, [row["text"]], seq_len, None)
+            continue
+        if isinstance(row, dict) and "prompt" in row and "answer" in row:
+            messages = [{"role": "user", "content": str(row["prompt"])}]
+            example = encode_qa(tokenizer, messages, str(row["answer"]), seq_len)
+        elif isinstance(row, dict) and _is_chat(row.get("messages")):
+            *context, last = row["messages"]
+            if last["role"] != "assistant":
+                raise DataError(f"{spec.path}:{n}: the last message must be the assistant's")
+            example = encode_qa(tokenizer, context, last["content"], seq_len)
+        else:
+            raise DataError(
+                f"{spec.path}:{n}: expected an object with 'text', 'prompt'+'answer' or 'messages'"
+            )
+        if example is not None:
+            out.append(example)
+    return out
+
+
+def _is_chat(messages: Any) -> bool:
+    return (
+        isinstance(messages, list)
+        and len(messages) >= 2
+        and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages)
+    )
+
+
+DATA_SOURCES: dict[str, Callable[[Any, Any, int], list[Example]]] = {
+    "gsm_symbolic": load_gsm,
+    "python_stdlib": load_stdlib,
+    "text": load_text,
+    "jsonl": load_jsonl,
+}
+
+
+def load_examples(spec: DataSpec, tokenizer: Any, seq_len: int) -> list[Example]:
+    examples = DATA_SOURCES[spec.kind](spec, tokenizer, seq_len)
+    if not examples:
+        raise DataError(f"train.data: no examples from {spec.kind} after tokenizing and filtering")
+    return examples
+
+
+def split(examples: list[Example], eval_fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded held-out split; both sides non-empty."""
+    if len(examples) < 2:
+        raise DataError(f"train.data: {len(examples)} example(s) cannot be split into train/eval")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(len(examples) - 1, max(1, round(eval_fraction * len(examples))))
+    return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids, attention_mask, labels (IGNORE on padding)."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -1,0 +1,25 @@
+"""The exception types the library raises; the CLI renders each as one line."""
+
+
+class ComposeError(Exception):
+    """Base class of every error we raise on purpose: the message is the whole story."""
+
+
+class RecipeError(ComposeError):
+    """A recipe (or an override) that does not validate."""
+
+
+class BaseSourceError(ComposeError):
+    """A base that cannot be found, fetched, verified or loaded."""
+
+
+class DataError(ComposeError):
+    """Training or evaluation data that cannot be read or is empty."""
+
+
+class CheckpointError(ComposeError):
+    """A checkpoint or mixture directory that is missing, corrupt or does not match."""
+
+
+class OutputError(ComposeError):
+    """An output location that cannot be written."""

@@ -1,0 +1,60 @@
+"""Load a built mixture directory and generate from it, with or without KV caches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from composer.build import RECIPE_FILE
+from composer.checkpoint import WEIGHTS, load_weights
+from composer.data import format_prompt
+from composer.errors import CheckpointError
+from composer.mixture import Mixture
+from composer.recipe import recipe_from_dict
+
+
+def load_mixture(folder: str | Path, *, fetch: bool = True) -> Mixture:
+    """A mixture directory (resolved recipe + carry-on weights) back as a Mixture."""
+    folder = Path(folder)
+    recipe_path, weights = folder / RECIPE_FILE, folder / WEIGHTS
+    for needed in (recipe_path, weights):
+        if not needed.is_file():
+            raise CheckpointError(f"{folder} is not a mixture directory: {needed.name} is missing")
+    recipe = recipe_from_dict(yaml.safe_load(recipe_path.read_text()), str(recipe_path))
+    mixture = Mixture.from_recipe(recipe, fetch=fetch)
+    load_weights(weights, mixture.carry_on)
+    mixture.carry_on.eval()
+    return mixture
+
+
+@torch.no_grad()
+def generate_ids(
+    mixture: Mixture, prompt_ids: list[int], max_new_tokens: int, *, use_cache: bool = True
+) -> list[int]:
+    """Greedy decoding; stops at the anchor's end-of-sequence token."""
+    eos = mixture.tokenizer.eos_token_id
+    ids = list(prompt_ids)
+    state = mixture.new_state() if use_cache else None
+    pending = list(prompt_ids)
+    for _ in range(max_new_tokens):
+        if state is not None:
+            logits, _ = mixture.step(torch.tensor([pending]), state)
+        else:
+            logits = mixture(torch.tensor([ids]))[:, -1]
+        token = int(logits.argmax(dim=-1))
+        ids.append(token)
+        pending = [token]
+        if token == eos:
+            break
+    return ids[len(prompt_ids) :]
+
+
+def generate(mixture: Mixture, prompt: str, max_new_tokens: int = 128, *, chat: bool = True) -> str:
+    """Answer `prompt` (through the anchor's chat template when `chat`) and return the text."""
+    tokenizer = mixture.tokenizer
+    text = format_prompt(tokenizer, [{"role": "user", "content": prompt}]) if chat else prompt
+    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    new = generate_ids(mixture, prompt_ids, max_new_tokens)
+    return tokenizer.decode(new, skip_special_tokens=True)

@@ -1,0 +1,200 @@
+"""Plan before you run: shapes, parameter counts and a memory estimate, from config.json alone.
+
+No weights are read. Base parameter counts come from building the model on the meta device; the
+carry-on is built on the meta device too, so its count is exact.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from composer.carry_on import CarryOn, module_key
+from composer.errors import RecipeError
+from composer.frozen import read_config, resolve_folder, tokenizer_fingerprint
+from composer.recipe import Recipe
+
+# Bytes per frozen parameter by dtype / quantization (nf4 and int8 include their scales).
+_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.06, "nf4": 0.56}
+_ADAMW_BYTES = 4 + 4 + 8  # weight, grad, two moments (fp32)
+
+
+@dataclass
+class BasePlan:
+    name: str
+    source: str
+    model_type: str
+    hidden_size: int
+    layers: int
+    vocab_size: int
+    params: int
+    dtype: str
+    quantization: str
+    weight_bytes: int
+
+
+@dataclass
+class TapPlan:
+    tap: str
+    shape: str
+    projection_params: int
+    shortcut_into: list[int]
+
+
+@dataclass
+class Plan:
+    recipe: str
+    anchor: str
+    bases: list[BasePlan]
+    taps: list[TapPlan]
+    carry_on: list[dict[str, Any]]
+    trainable_params: int
+    frozen_params: int
+    memory_bytes: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_compatible(recipe: Recipe, folders: dict[str, Path]) -> dict[str, dict[str, Any]]:
+    """Rules that need the bases' configs: layers in range, one tokenizer, context length."""
+    configs = {name: read_config(folder) for name, folder in folders.items()}
+    for i, tap in enumerate(recipe.tap_refs):
+        n = configs[tap.base]["num_hidden_layers"]
+        if tap.layer > n:
+            raise RecipeError(
+                f"taps.{i}: layer {tap.layer} out of range for base '{tap.base}' "
+                f"(it has {n} layers; taps go from 0, the embeddings, to {n}, the final norm)"
+            )
+    anchor_fp = tokenizer_fingerprint(folders[recipe.anchor])
+    for name, folder in folders.items():
+        if name != recipe.anchor and tokenizer_fingerprint(folder) != anchor_fp:
+            raise RecipeError(
+                f"bases.{name}: its tokenizer differs from the anchor '{recipe.anchor}'s; "
+                "mixing bases with different tokenizers needs cross-tokenizer alignment, "
+                "which this version does not support yet"
+            )
+    context = configs[recipe.anchor].get("max_position_embeddings")
+    if context and recipe.train.seq_len > context:
+        raise RecipeError(
+            f"train.seq_len: {recipe.train.seq_len} exceeds the anchor's context of {context}"
+        )
+    return configs
+
+
+def _base_params(folder: Path) -> tuple[int, int]:
+    """(total params, params inside Linear layers of the decoder) from the config alone."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = AutoConfig.from_pretrained(folder)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())
+    linear = sum(
+        m.weight.numel()
+        for m in model.get_decoder().modules()
+        if isinstance(m, torch.nn.Linear)
+    )
+    return total, linear
+
+
+def make_plan(recipe: Recipe, *, fetch: bool = False) -> Plan:
+    folders = {name: resolve_folder(spec, fetch=fetch) for name, spec in recipe.bases.items()}
+    configs = check_compatible(recipe, folders)
+    bases = []
+    frozen_bytes = 0.0
+    for name, spec in recipe.bases.items():
+        cfg = configs[name]
+        total, linear = _base_params(folders[name])
+        # bitsandbytes quantizes the decoder's Linear layers; embeddings and head keep the dtype.
+        q = spec.quantization if spec.quantization != "none" else spec.dtype
+        nbytes = linear * _BYTES[q] + (total - linear) * _BYTES[spec.dtype]
+        frozen_bytes += nbytes
+        bases.append(
+            BasePlan(
+                name=name,
+                source=f"card:{spec.card}" if spec.card else f"path:{spec.path}",
+                model_type=cfg.get("model_type", "?"),
+                hidden_size=cfg["hidden_size"],
+                layers=cfg["num_hidden_layers"],
+                vocab_size=cfg["vocab_size"],
+                params=total,
+                dtype=spec.dtype,
+                quantization=spec.quantization,
+                weight_bytes=int(nbytes),
+            )
+        )
+    dims = {b.name: b.hidden_size for b in bases}
+    tap_dims = {str(t): dims[t.base] for t in recipe.tap_refs}
+    anchor_dim = dims[recipe.anchor]
+    with torch.device("meta"):
+        carry_on = CarryOn(recipe.carry_on, tap_dims, anchor_dim)
+    trainable = sum(p.numel() for p in carry_on.parameters() if p.requires_grad)
+    B, T = recipe.train.batch_size, recipe.train.seq_len
+    taps = []
+    for t in recipe.tap_refs:
+        into = [k for k, b in enumerate(recipe.carry_on.blocks) if str(t) in b.shortcuts]
+        proj = carry_on.tap_projs[module_key(str(t))]
+        norm = carry_on.tap_norms[module_key(str(t))]
+        n = sum(p.numel() for p in [*proj.parameters(), *norm.parameters()])
+        taps.append(TapPlan(str(t), f"{B}×{T}×{dims[t.base]}", n, into))
+    modules = []
+    for name, module in carry_on.named_children():
+        n = sum(p.numel() for p in module.parameters())
+        if n:
+            modules.append({"module": name, "params": n})
+    d = recipe.carry_on.width
+    vocab = configs[recipe.anchor]["vocab_size"]
+    n_blocks = len(recipe.carry_on.blocks)
+    # Activations kept for backward: per block ~ (qkv, attn out, 2 norms, mlp in/out) floats per
+    # token plus the attention matrix; the head keeps logits and their grad at loss positions.
+    carry_act = n_blocks * B * T * (10 * d + 3 * d * recipe.carry_on.mlp_ratio) * 4
+    carry_act += n_blocks * B * recipe.carry_on.heads * T * T * 4
+    head_act = B * T * vocab * 4 * 2
+    widest = max(max(c.get("intermediate_size", 4 * c["hidden_size"]), c["hidden_size"])
+                 for c in configs.values())
+    base_act = B * T * widest * 4 * 4
+    memory = {
+        "frozen_weights": int(frozen_bytes),
+        "trainable_state": trainable * _ADAMW_BYTES,
+        "activations": int(carry_act + head_act + base_act),
+    }
+    memory["total"] = sum(memory.values())
+    return Plan(
+        recipe=recipe.name,
+        anchor=recipe.anchor,
+        bases=bases,
+        taps=taps,
+        carry_on=modules,
+        trainable_params=trainable,
+        frozen_params=sum(b.params for b in bases),
+        memory_bytes=memory,
+    )
+
+
+def validate_recipe(path: Path, overrides: list[str]) -> str:
+    """Schema always; layer ranges, tokenizers and context when every base is local."""
+    from composer.errors import BaseSourceError
+    from composer.recipe import load_recipe
+
+    recipe = load_recipe(path, overrides)
+    folders: dict[str, Path] = {}
+    missing = []
+    for name, spec in recipe.bases.items():
+        try:
+            folders[name] = resolve_folder(spec, fetch=False)
+        except BaseSourceError:
+            if spec.path is not None:
+                raise
+            missing.append(f"{name} ({spec.card})")
+    if missing:
+        return f"schema valid; base checks skipped, not pulled yet: {', '.join(missing)}"
+    check_compatible(recipe, folders)
+    return f"valid ({len(recipe.bases)} base(s), {len(recipe.taps)} taps checked)"

@@ -1,0 +1,232 @@
+"""The one training loop: AdamW on the carry-on only, warmup + cosine, clipping, resumable.
+
+The data order at step s is a function of (seed, s) alone, and nothing else is random during
+training, so a run resumed from a checkpoint takes exactly the steps an uninterrupted run takes.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from composer.checkpoint import (
+    latest_checkpoint,
+    load_training_state,
+    prune_checkpoints,
+    save_training_state,
+)
+from composer.data import IGNORE, Example, collate
+from composer.mixture import Features, Mixture
+from composer.recipe import TrainSpec
+
+HEAD_CHUNK = 2048  # rows of hidden states sent through the LM head at once
+
+
+@dataclass
+class Batch:
+    features: Features
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    @property
+    def n_targets(self) -> int:
+        return int((self.labels[:, 1:] != IGNORE).sum())
+
+
+class FeatureSource:
+    """Batches of base features: computed live per batch, or once per example and kept."""
+
+    def __init__(self, mixture: Mixture, examples: list[Example], keep: bool) -> None:
+        self.mixture = mixture
+        self.examples = examples
+        self.pad_id = _pad_id(mixture.tokenizer)
+        self.kept: list[Features] | None = None
+        if keep:
+            self.kept = []
+            for chunk in _chunks(list(range(len(examples))), 8):
+                batch = collate([examples[i] for i in chunk], self.pad_id)
+                features = mixture.features(batch["input_ids"], batch["attention_mask"])
+                for row, i in enumerate(chunk):
+                    n = len(examples[i].input_ids)
+                    self.kept.append(_slice(features, row, n))
+
+    def batch(self, indices: list[int]) -> Batch:
+        rows = [self.examples[i] for i in indices]
+        tensors = collate(rows, self.pad_id)
+        if self.kept is None:
+            features = self.mixture.features(tensors["input_ids"], tensors["attention_mask"])
+        else:
+            features = _stack([self.kept[i] for i in indices], tensors["input_ids"].shape[1])
+        return Batch(features, tensors["attention_mask"], tensors["labels"])
+
+
+def _pad_id(tokenizer) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _slice(features: Features, row: int, n: int) -> Features:
+    return Features(
+        taps={k: v[row, :n].clone() for k, v in features.taps.items()},
+        anchor_hidden=features.anchor_hidden[row, :n].clone(),
+    )
+
+
+def _stack(items: list[Features], width: int) -> Features:
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        return F.pad(t, (0, 0, 0, width - t.shape[0]))
+
+    return Features(
+        taps={k: torch.stack([pad(f.taps[k]) for f in items]) for k in items[0].taps},
+        anchor_hidden=torch.stack([pad(f.anchor_hidden) for f in items]),
+    )
+
+
+def token_loss(mixture: Mixture, batch: Batch, use_carry_on: bool = True) -> torch.Tensor:
+    """Summed next-token cross-entropy over target positions; the head sees only those rows."""
+    if use_carry_on:
+        hidden, _, _ = mixture.hidden(batch.features, batch.attention_mask)
+    else:
+        hidden = batch.features.anchor_hidden
+    targets = batch.labels[:, 1:]
+    selected = targets != IGNORE
+    rows = hidden[:, :-1][selected]  # (N, D)
+    wanted = targets[selected]  # (N,)
+    total = rows.new_zeros(())
+    for start in range(0, rows.shape[0], HEAD_CHUNK):
+        logits = mixture.logits(rows[start : start + HEAD_CHUNK])
+        total = total + F.cross_entropy(logits, wanted[start : start + HEAD_CHUNK], reduction="sum")
+    return total
+
+
+@torch.no_grad()
+def evaluate(
+    mixture: Mixture, source: FeatureSource, batch_size: int, use_carry_on: bool = True
+) -> float:
+    """Mean next-token loss per target token over every example of `source`."""
+    total, count = 0.0, 0
+    for chunk in _chunks(list(range(len(source.examples))), batch_size):
+        batch = source.batch(chunk)
+        total += float(token_loss(mixture, batch, use_carry_on))
+        count += batch.n_targets
+    return total / max(count, 1)
+
+
+def lr_at(step: int, spec: TrainSpec, total_steps: int) -> float:
+    """Linear warmup to `lr`, then cosine down to `lr * min_lr_ratio` at the last step."""
+    if step < spec.warmup_steps:
+        return spec.lr * (step + 1) / spec.warmup_steps
+    span = max(1, total_steps - spec.warmup_steps)
+    progress = min(1.0, (step - spec.warmup_steps) / span)
+    floor = spec.lr * spec.min_lr_ratio
+    return floor + (spec.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
+    """The examples of step `step`: epoch-wise seeded permutations, a pure function of step."""
+    per_epoch = max(1, n // batch_size)
+    epoch, k = divmod(step, per_epoch)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return order[k * batch_size : (k + 1) * batch_size].tolist()
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    train_loss: list[tuple[int, float]] = field(default_factory=list)
+    eval_loss: list[tuple[int, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def train(
+    mixture: Mixture,
+    train_source: FeatureSource,
+    eval_source: FeatureSource,
+    spec: TrainSpec,
+    checkpoints: Path,
+    *,
+    steps: int | None = None,
+    resume: bool = False,
+    console: Console | None = None,
+) -> TrainResult:
+    """Train the carry-on; checkpoints every `spec.checkpoint_every` steps and at the end."""
+    total_steps = steps or spec.steps
+    carry_on = mixture.carry_on
+    params = [p for p in carry_on.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    result = TrainResult(steps=0, tokens=0)
+    start = 0
+    if resume and (last := latest_checkpoint(checkpoints)) is not None:
+        state = load_training_state(last, carry_on, optimizer)
+        start = state["step"]
+        result.tokens = state["tokens"]
+        result.train_loss = [tuple(x) for x in state["train_loss"]]
+        result.eval_loss = [tuple(x) for x in state["eval_loss"]]
+    carry_on.train()
+    console = console or Console(stderr=True)
+    began = time.perf_counter()
+    n = len(train_source.examples)
+    with Progress(
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}  {task.fields[speed]} tok/s"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+        task = progress.add_task("train", total=total_steps, completed=start, loss="-", speed="-")
+        for step in range(start, total_steps):
+            t0 = time.perf_counter()
+            batch = train_source.batch(batch_indices(step, n, spec.batch_size, spec.seed))
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, spec, total_steps)
+            n_targets = max(batch.n_targets, 1)
+            loss = token_loss(mixture, batch) / n_targets
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
+            optimizer.step()
+            tokens = int(batch.attention_mask.sum())
+            result.tokens += tokens
+            result.train_loss.append((step + 1, float(loss)))
+            speed = tokens / max(time.perf_counter() - t0, 1e-9)
+            progress.update(task, advance=1, loss=f"{float(loss):.3f}", speed=f"{speed:,.0f}")
+            done = step + 1
+            if done % spec.eval_every == 0 or done == total_steps:
+                carry_on.eval()
+                result.eval_loss.append((done, evaluate(mixture, eval_source, spec.batch_size)))
+                carry_on.train()
+            if done % spec.checkpoint_every == 0 or done == total_steps:
+                trainer = {
+                    "tokens": result.tokens,
+                    "train_loss": result.train_loss,
+                    "eval_loss": result.eval_loss,
+                }
+                save_training_state(checkpoints, done, carry_on, optimizer, trainer)
+                prune_checkpoints(checkpoints, keep=2)
+    carry_on.eval()
+    result.steps = total_steps
+    result.seconds = time.perf_counter() - began
+    return result

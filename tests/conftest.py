@@ -1,0 +1,135 @@
+"""Tiny real bases made by the tests: real transformers configs, random init, saved to tmp.
+
+Two tokenizers are trained here (byte-level BPE on a small corpus): `shared` is used by the
+Llama and Qwen2 bases, `other` by a base that must be refused in same-tokenizer mode.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+CORPUS = [
+    "A carpenter works for 2 weeks every month and for 6 days every week.",
+    "If he gets paid 195 every day, how much does he earn if he works for a year?",
+    "He works 6 * 2 = 12 days a month, so he earns 195 * 12 = 2340 a month.",
+    "def add(a, b):\n    return a + b\n",
+    "The quick brown fox jumps over the lazy dog. #### 42",
+    "Robert has a bag of pebbles with 72 inside and drops 36 of them.",
+] * 20
+
+
+def make_tokenizer(folder: Path, vocab_size: int, seed_text: str = "") -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([*CORPUS, seed_text], trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(folder)
+
+
+def make_base(folder: Path, family: str, tokenizer_from: Path, hidden: int, layers: int) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    config = (
+        LlamaConfig(**common, tie_word_embeddings=True)
+        if family == "llama"
+        else Qwen2Config(**common, tie_word_embeddings=False)
+    )
+    torch.manual_seed(hash(family) % 1000 + hidden)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    make_tokenizer(root / "tok-shared", 400)
+    make_tokenizer(root / "tok-other", 320, seed_text="entirely different merges " * 50)
+    return {
+        "llama": make_base(root / "llama", "llama", root / "tok-shared", 64, 3),
+        "qwen2": make_base(root / "qwen2", "qwen2", root / "tok-shared", 48, 4),
+        "other": make_base(root / "other", "llama", root / "tok-other", 32, 2),
+    }
+
+
+def recipe_yaml(bases: dict[str, Path], anchor: str, taps: list[str], **extra: str) -> str:
+    """A small valid recipe over local tiny bases; `extra` replaces whole top-level sections."""
+    base_lines = "\n".join(f"  {name}: {{path: {path}}}" for name, path in bases.items())
+    sections = {
+        "carry_on": """
+            carry_on:
+              width: 32
+              heads: 4
+              blocks:
+                - shortcuts: [{first}]
+                - shortcuts: []
+            """.format(first=taps[0]),
+        "train": """
+            train:
+              data: {kind: gsm_symbolic, size: 24, seed: 0}
+              steps: 4
+              batch_size: 4
+              seq_len: 96
+              lr: 0.003
+              warmup_steps: 1
+              eval_every: 2
+              checkpoint_every: 2
+            """,
+    }
+    sections.update(extra)
+    body = "".join(textwrap.dedent(s) for s in sections.values())
+    return (
+        f"name: tiny\nanchor: {anchor}\nbases:\n{base_lines}\ntaps: [{', '.join(taps)}]\n" + body
+    )
+
+
+@pytest.fixture()
+def write_recipe(tmp_path: Path):
+    def write(text: str, name: str = "recipe.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+
+    return write
