@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -24,8 +23,8 @@ app = typer.Typer(
 bases_app = typer.Typer(help="Known bases: list their cards, pull them.", no_args_is_help=True)
 app.add_typer(bases_app, name="bases")
 
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 _state = {"debug": False}
 T = TypeVar("T")
 
@@ -97,7 +96,9 @@ def _render_plan(result: Any) -> None:
     for col in ("tap", "shape (B×T×D)", "projection params", "shortcut into block"):
         taps.add_column(col)
     for t in result.taps:
-        taps.add_row(t.tap, t.shape, f"{t.projection_params:,}", ", ".join(map(str, t.shortcut_into)))
+        taps.add_row(
+            t.tap, t.shape, f"{t.projection_params:,}", ", ".join(map(str, t.shortcut_into))
+        )
     out.print(taps)
     carry = Table(title="carry-on")
     carry.add_column("module")
@@ -158,7 +159,9 @@ def generate(
     mixture_dir: Annotated[Path, typer.Argument(help="A directory written by `compose build`.")],
     prompt: Annotated[str, typer.Option(help="The user's message.")],
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate at most.")] = 128,
-    raw: Annotated[bool, typer.Option(help="Feed the prompt as is, without chat template.")] = False,
+    raw: Annotated[
+        bool, typer.Option(help="Feed the prompt as is, without chat template.")
+    ] = False,
 ) -> None:
     """Generate greedily from a built mixture."""
     from composer.generate import generate as run_generate
@@ -206,4 +209,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

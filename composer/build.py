@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from composer.checkpoint import WEIGHTS, atomic_write, save_weights, write_json, write_text
 from composer.data import load_examples, split
@@ -81,10 +82,23 @@ def build(
     with console.status("reading data"):
         examples = load_examples(spec.data, mixture.tokenizer, spec.seq_len)
         train_examples, eval_examples = split(examples, spec.eval_fraction, spec.seed)
-    with console.status(f"running the frozen bases over {len(examples)} examples"):
-        train_source = FeatureSource(mixture, train_examples, keep=spec.cache_features)
-        eval_source = FeatureSource(mixture, eval_examples, keep=True)
-        anchor_eval = evaluate(mixture, eval_source, spec.batch_size, use_carry_on=False)
+    n_kept = len(eval_examples) + (len(train_examples) if spec.cache_features else 0)
+    with Progress(
+        TextColumn("[bold]bases"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("examples"),
+        TimeRemainingColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task("bases", total=n_kept)
+
+        def advance(n: int) -> None:
+            progress.advance(task, n)
+
+        train_source = FeatureSource(mixture, train_examples, spec.cache_features, advance)
+        eval_source = FeatureSource(mixture, eval_examples, True, advance)
+    anchor_eval = evaluate(mixture, eval_source, spec.batch_size, use_carry_on=False)
     console.print(
         f"{len(train_examples)} train / {len(eval_examples)} eval examples; "
         f"anchor eval loss {anchor_eval:.4f}"
@@ -102,7 +116,9 @@ def build(
         console=console,
     )
     save_weights(out_dir / WEIGHTS, mixture.carry_on)
-    metrics = _metrics(recipe, mixture, result, anchor_eval, len(train_examples), len(eval_examples))
+    metrics = _metrics(
+        recipe, mixture, result, anchor_eval, len(train_examples), len(eval_examples)
+    )
     write_json(out_dir / "metrics.json", metrics)
     plot_losses(out_dir / "loss.png", result, anchor_eval)
     write_text(out_dir / "README.md", model_card(recipe, metrics))
@@ -132,9 +148,7 @@ def _metrics(
         "trainable_params": trainable,
         "peak_rss_bytes": peak_rss_bytes(),
         "train_seconds": round(result.seconds, 1),
-        "versions": {
-            pkg: importlib.metadata.version(pkg) for pkg in ("torch", "transformers")
-        },
+        "versions": {pkg: importlib.metadata.version(pkg) for pkg in ("torch", "transformers")},
     }
 
 

@@ -2,7 +2,7 @@
 
     taps      a[src] = Linear_src(RMSNorm(h[src]))                 # D_b -> d
     input     z0     = Σ_src w_src(t) · a[src]                      # per-token router over sources
-    stack     z_k    = Block_k(z_{k-1} + Σ_{src∈S_k} s_{k,src} · a[src])   # layer-selection shortcuts
+    stack     z_k    = Block_k(z_{k-1} + Σ_{src∈S_k} s_{k,src} · a[src])   # shortcuts
     delta     Δx     = Up(norm(z_K))                                # d -> D_anchor, zero-init
     gate      g      = sigmoid(G(norm(z_K)))                        # elementwise, in (0, 1)
     output    x'     = x + α · g ⊙ Δx                               # then the anchor's LM head
@@ -116,11 +116,13 @@ class CarryOn(nn.Module):
         self.sources = list(tap_dims)
         d = spec.width
         self.tap_norms = nn.ModuleDict({module_key(s): RMSNorm(n) for s, n in tap_dims.items()})
-        self.tap_projs = nn.ModuleDict({module_key(s): nn.Linear(n, d) for s, n in tap_dims.items()})
+        self.tap_projs = nn.ModuleDict(
+            {module_key(s): nn.Linear(n, d) for s, n in tap_dims.items()}
+        )
         # Router: a shared scorer on each projected tap plus a bias per source.
         self.router = nn.Linear(d, 1)
         self.router_bias = nn.Parameter(torch.zeros(len(self.sources)))
-        mlp_hidden = max(8, int(round(spec.mlp_ratio * d / 8)) * 8)
+        mlp_hidden = max(8, round(spec.mlp_ratio * d / 8) * 8)
         self.blocks = nn.ModuleList(
             Block(d, spec.heads, mlp_hidden, spec.rope_theta) for _ in spec.blocks
         )
@@ -173,7 +175,7 @@ class CarryOn(nn.Module):
         weights = scores.softmax(dim=-1)
         z = (weights.unsqueeze(-1) * stacked).sum(dim=2)  # (B, T, d)
 
-        B, T, _ = z.shape
+        T = z.shape[1]
         past_len = past[0][0].shape[2] if past else 0
         positions = torch.arange(past_len, past_len + T, device=z.device)
         mask = causal_mask(T, past_len + T, attention_mask, z.device)

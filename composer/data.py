@@ -57,7 +57,9 @@ def encode_qa(
     return Example(input_ids=ids, labels=[IGNORE] * n_prompt + ids[n_prompt:])
 
 
-def text_windows(tokenizer: Any, texts: list[str], seq_len: int, limit: int | None) -> list[Example]:
+def text_windows(
+    tokenizer: Any, texts: list[str], seq_len: int, limit: int | None
+) -> list[Example]:
     """Each text tokenized and cut into windows of `seq_len` tokens, loss on every token."""
     out: list[Example] = []
     for text in texts:
@@ -161,7 +163,10 @@ DATA_SOURCES: dict[str, Callable[[Any, Any, int], list[Example]]] = {
 def load_examples(spec: DataSpec, tokenizer: Any, seq_len: int) -> list[Example]:
     examples = DATA_SOURCES[spec.kind](spec, tokenizer, seq_len)
     if not examples:
-        raise DataError(f"train.data: no examples from {spec.kind} after tokenizing and filtering")
+        raise DataError(
+            f"train.data: no examples from {spec.kind} after tokenizing and filtering "
+            f"(is train.seq_len={seq_len} shorter than the prompts?)"
+        )
     return examples
 
 

@@ -35,9 +35,9 @@ def resolve_folder(spec: BaseSpec, *, fetch: bool) -> Path:
 
     assert spec.card is not None
     card = registry.get_card(spec.card)
-    folder = pull.local_dir(card)
-    if folder is not None:
-        return folder
+    pulled = pull.local_dir(card)
+    if pulled is not None:
+        return pulled
     if not fetch:
         raise BaseSourceError(
             f"base '{spec.card}' is not pulled yet: run `compose bases pull {spec.card}`"
@@ -90,7 +90,7 @@ class BaseStates:
 class FrozenBase:
     """A loaded base, frozen and in eval mode, that reports its states at chosen layers."""
 
-    def __init__(self, name: str, model: nn.Module, tokenizer: Any, folder: Path) -> None:
+    def __init__(self, name: str, model: Any, tokenizer: Any, folder: Path) -> None:
         self.name = name
         self.model = model
         self.tokenizer = tokenizer
@@ -132,7 +132,9 @@ class FrozenBase:
 
             return hook
 
-        handles = [self._tap_module(layer).register_forward_hook(hook_for(layer)) for layer in wanted]
+        handles = [
+            self._tap_module(layer).register_forward_hook(hook_for(layer)) for layer in wanted
+        ]
         mask = attention_mask.to(self.device) if attention_mask is not None else None
         try:
             # A cache is updated in place, also when the forward stops early: the layers above
@@ -180,8 +182,10 @@ def quantization_config(kind: str) -> Any:
 def load_base(name: str, spec: BaseSpec, *, fetch: bool = True) -> FrozenBase:
     """Load a base frozen (no grads, eval mode) in its dtype, optionally 8/4-bit quantized."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     folder = resolve_folder(spec, fetch=fetch)
+    hf_logging.disable_progress_bar()  # our own progress display is the one the user reads
     kwargs: dict[str, Any] = {"dtype": _DTYPES[spec.dtype]}
     quant = quantization_config(spec.quantization)
     if quant is not None:

@@ -97,10 +97,13 @@ def _base_params(folder: Path) -> tuple[int, int]:
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(config)
     total = sum(p.numel() for p in model.parameters())
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if getattr(config.get_text_config(), "tie_word_embeddings", False) and (
+        head is not None and head.weight is not embed.weight
+    ):
+        total -= head.weight.numel()  # tied at load time, not on the meta device
     linear = sum(
-        m.weight.numel()
-        for m in model.get_decoder().modules()
-        if isinstance(m, torch.nn.Linear)
+        m.weight.numel() for m in model.get_decoder().modules() if isinstance(m, torch.nn.Linear)
     )
     return total, linear
 
@@ -120,7 +123,7 @@ def make_plan(recipe: Recipe, *, fetch: bool = False) -> Plan:
         bases.append(
             BasePlan(
                 name=name,
-                source=f"card:{spec.card}" if spec.card else f"path:{spec.path}",
+                source=spec.card or str(spec.path),
                 model_type=cfg.get("model_type", "?"),
                 hidden_size=cfg["hidden_size"],
                 layers=cfg["num_hidden_layers"],
@@ -158,14 +161,21 @@ def make_plan(recipe: Recipe, *, fetch: bool = False) -> Plan:
     carry_act = n_blocks * B * T * (10 * d + 3 * d * recipe.carry_on.mlp_ratio) * 4
     carry_act += n_blocks * B * recipe.carry_on.heads * T * T * 4
     head_act = B * T * vocab * 4 * 2
-    widest = max(max(c.get("intermediate_size", 4 * c["hidden_size"]), c["hidden_size"])
-                 for c in configs.values())
+    widest = max(
+        max(c.get("intermediate_size", 4 * c["hidden_size"]), c["hidden_size"])
+        for c in configs.values()
+    )
     base_act = B * T * widest * 4 * 4
     memory = {
         "frozen_weights": int(frozen_bytes),
         "trainable_state": trainable * _ADAMW_BYTES,
         "activations": int(carry_act + head_act + base_act),
     }
+    size = getattr(recipe.train.data, "size", None)
+    if recipe.train.cache_features and size:
+        # Upper bound: every example at full length, every tap and the anchor state in fp32.
+        per_token = sum(tap_dims.values()) + anchor_dim
+        memory["feature_cache"] = int(size * T * per_token * 4)
     memory["total"] = sum(memory.values())
     return Plan(
         recipe=recipe.name,

@@ -8,6 +8,7 @@ need a base's config.json (layer in range, shared tokenizer) are checked by `com
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -244,7 +245,7 @@ def format_validation_error(exc: ValidationError) -> str:
     return f"{'.'.join(loc) or 'recipe'}: {msg}{more}"
 
 
-def recipe_from_dict(data: Any, source: str = "recipe", overrides: list[str] = ()) -> Recipe:
+def recipe_from_dict(data: Any, source: str = "recipe", overrides: Sequence[str] = ()) -> Recipe:
     if not isinstance(data, dict):
         kind = "empty" if data is None else f"a {type(data).__name__}"
         raise RecipeError(f"{source}: a recipe must be a YAML mapping, got {kind}")
@@ -256,7 +257,7 @@ def recipe_from_dict(data: Any, source: str = "recipe", overrides: list[str] = (
         raise RecipeError(f"{source}: {format_validation_error(exc)}") from exc
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """Read, override and validate a recipe file; every failure is a one-line RecipeError."""
     path = Path(path)
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +45,13 @@ class Batch:
 class FeatureSource:
     """Batches of base features: computed live per batch, or once per example and kept."""
 
-    def __init__(self, mixture: Mixture, examples: list[Example], keep: bool) -> None:
+    def __init__(
+        self,
+        mixture: Mixture,
+        examples: list[Example],
+        keep: bool,
+        advance: Callable[[int], object] | None = None,
+    ) -> None:
         self.mixture = mixture
         self.examples = examples
         self.pad_id = _pad_id(mixture.tokenizer)
@@ -58,6 +64,8 @@ class FeatureSource:
                 for row, i in enumerate(chunk):
                     n = len(examples[i].input_ids)
                     self.kept.append(_slice(features, row, n))
+                if advance is not None:
+                    advance(len(chunk))
 
     def batch(self, indices: list[int]) -> Batch:
         rows = [self.examples[i] for i in indices]
@@ -208,11 +216,12 @@ def train(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
             optimizer.step()
+            value = float(loss.detach())
             tokens = int(batch.attention_mask.sum())
             result.tokens += tokens
-            result.train_loss.append((step + 1, float(loss)))
+            result.train_loss.append((step + 1, value))
             speed = tokens / max(time.perf_counter() - t0, 1e-9)
-            progress.update(task, advance=1, loss=f"{float(loss):.3f}", speed=f"{speed:,.0f}")
+            progress.update(task, advance=1, loss=f"{value:.3f}", speed=f"{speed:,.0f}")
             done = step + 1
             if done % spec.eval_every == 0 or done == total_steps:
                 carry_on.eval()

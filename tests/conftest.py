@@ -88,8 +88,9 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     make_tokenizer(root / "tok-shared", 400)
     make_tokenizer(root / "tok-other", 320, seed_text="entirely different merges " * 50)
     return {
-        "llama": make_base(root / "llama", "llama", root / "tok-shared", 64, 3),
-        "qwen2": make_base(root / "qwen2", "qwen2", root / "tok-shared", 48, 4),
+        "llama": make_base(root / "llama", "llama", root / "tok-shared", 96, 3),
+        # bitsandbytes' nf4 CPU kernel wants every Linear's out-features divisible by 32.
+        "qwen2": make_base(root / "qwen2", "qwen2", root / "tok-shared", 64, 4),
         "other": make_base(root / "other", "llama", root / "tok-other", 32, 2),
     }
 
@@ -98,20 +99,20 @@ def recipe_yaml(bases: dict[str, Path], anchor: str, taps: list[str], **extra: s
     """A small valid recipe over local tiny bases; `extra` replaces whole top-level sections."""
     base_lines = "\n".join(f"  {name}: {{path: {path}}}" for name, path in bases.items())
     sections = {
-        "carry_on": """
+        "carry_on": f"""
             carry_on:
               width: 32
               heads: 4
               blocks:
-                - shortcuts: [{first}]
+                - shortcuts: [{taps[0]}]
                 - shortcuts: []
-            """.format(first=taps[0]),
+            """,
         "train": """
             train:
               data: {kind: gsm_symbolic, size: 24, seed: 0}
               steps: 4
               batch_size: 4
-              seq_len: 96
+              seq_len: 320
               lr: 0.003
               warmup_steps: 1
               eval_every: 2
@@ -120,9 +121,7 @@ def recipe_yaml(bases: dict[str, Path], anchor: str, taps: list[str], **extra: s
     }
     sections.update(extra)
     body = "".join(textwrap.dedent(s) for s in sections.values())
-    return (
-        f"name: tiny\nanchor: {anchor}\nbases:\n{base_lines}\ntaps: [{', '.join(taps)}]\n" + body
-    )
+    return f"name: tiny\nanchor: {anchor}\nbases:\n{base_lines}\ntaps: [{', '.join(taps)}]\n" + body
 
 
 @pytest.fixture()

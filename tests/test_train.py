@@ -1,0 +1,133 @@
+"""Training invariants on tiny real bases: frozen bases, learning, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import recipe_yaml
+from safetensors.torch import load_file
+
+from composer.build import build
+from composer.checkpoint import WEIGHTS, latest_checkpoint
+from composer.errors import CheckpointError, OutputError
+from composer.generate import load_mixture
+from composer.mixture import Mixture
+from composer.recipe import load_recipe
+
+
+@pytest.fixture()
+def recipe(tiny, write_recipe):
+    text = recipe_yaml({"a": tiny["llama"], "b": tiny["qwen2"]}, "a", ["a@1", "a@2", "b@3"])
+    return load_recipe(write_recipe(text))
+
+
+def _snapshot(mixture: Mixture) -> dict[str, torch.Tensor]:
+    return {
+        f"{name}.{key}": value.clone()
+        for name, base in mixture.bases.items()
+        for key, value in base.model.state_dict().items()
+    }
+
+
+def test_build_trains_carry_on_only(recipe, tmp_path, monkeypatch):
+    import composer.build as build_module
+
+    seen: list[Mixture] = []
+    original = Mixture.from_recipe
+
+    def spy(*args, **kwargs):
+        mixture = original(*args, **kwargs)
+        seen.append(mixture)
+        seen.append(_snapshot(mixture))  # type: ignore[arg-type]
+        return mixture
+
+    monkeypatch.setattr(build_module.Mixture, "from_recipe", spy)
+    result = build(recipe, out=tmp_path / "out", steps=6)
+    mixture, before = seen[0], seen[1]
+    after = _snapshot(mixture)
+    assert before.keys() == after.keys()
+    for key in before:  # bit-identical, not merely close
+        assert torch.equal(before[key], after[key]), key
+    assert not any(p.requires_grad for b in mixture.bases.values() for p in b.model.parameters())
+    # The carry-on did move: its zero-initialized up-projection is no longer zero.
+    assert mixture.carry_on.up.weight.abs().sum() > 0
+    m = result.metrics
+    assert m["steps"] == 6 and m["tokens"] > 0
+    assert m["eval_loss_mixture"] < m["eval_loss_anchor"]
+    for name in ("recipe.yaml", WEIGHTS, "metrics.json", "loss.png", "README.md"):
+        assert (tmp_path / "out" / name).is_file(), name
+
+
+def test_saved_weights_hold_carry_on_keys_only(recipe, tmp_path):
+    build(recipe, out=tmp_path / "out", steps=2)
+    keys = set(load_file(str(tmp_path / "out" / WEIGHTS)))
+    fresh = Mixture.from_recipe(recipe)
+    assert keys == set(fresh.carry_on.state_dict())
+    assert not any("embed_tokens" in k or "layers." in k for k in keys)
+
+
+def test_save_then_load_gives_identical_logits(recipe, tmp_path):
+    build(recipe, out=tmp_path / "out", steps=4)
+    first = load_mixture(tmp_path / "out")
+    second = load_mixture(tmp_path / "out")
+    ids = torch.tensor([first.tokenizer("He works 6 * 2 = 12 days a month")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(first(ids), second(ids))
+        anchor = first.anchor.logits(first.features(ids).anchor_hidden)
+        assert not torch.allclose(first(ids), anchor)  # the trained carry-on is really loaded
+
+
+def test_resume_equals_uninterrupted(recipe, tmp_path, monkeypatch):
+    import composer.train as train_module
+
+    straight = build(recipe, out=tmp_path / "straight", steps=6)
+    real_save = train_module.save_training_state
+
+    def save_then_die(folder, step, *args):
+        real_save(folder, step, *args)
+        if step == 4:
+            raise KeyboardInterrupt  # the process dies right after the step-4 checkpoint
+
+    monkeypatch.setattr(train_module, "save_training_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        build(recipe, out=tmp_path / "resumed", steps=6)
+    monkeypatch.setattr(train_module, "save_training_state", real_save)
+    assert not (tmp_path / "resumed" / WEIGHTS).exists()
+    assert (
+        json.loads(
+            (latest_checkpoint(tmp_path / "resumed" / "checkpoints") / "trainer.json").read_text()
+        )["step"]
+        == 4
+    )
+    resumed = build(recipe, out=tmp_path / "resumed", steps=6, resume=True)
+    a = load_file(str(tmp_path / "straight" / WEIGHTS))
+    b = load_file(str(tmp_path / "resumed" / WEIGHTS))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    assert resumed.metrics["train_loss_last"] == straight.metrics["train_loss_last"]
+    assert (
+        len(json.loads((tmp_path / "resumed" / "metrics.json").read_text())["eval_loss_curve"]) == 3
+    )
+
+
+def test_existing_build_is_not_overwritten(recipe, tmp_path):
+    build(recipe, out=tmp_path / "out", steps=2)
+    with pytest.raises(OutputError, match="already holds a build: pass --resume"):
+        build(recipe, out=tmp_path / "out", steps=2)
+
+
+def test_output_that_is_a_file_is_refused(recipe, tmp_path):
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(OutputError, match="exists and is not a directory"):
+        build(recipe, out=target, steps=2)
+
+
+def test_truncated_weights_are_refused(recipe, tmp_path):
+    build(recipe, out=tmp_path / "out", steps=2)
+    weights = tmp_path / "out" / WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_mixture(tmp_path / "out")
