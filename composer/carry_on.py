@@ -111,10 +111,21 @@ class CarryOnOutput:
 class CarryOn(nn.Module):
     """Taps → router → blocks with shortcuts → gated, rescaled correction of the anchor state."""
 
-    def __init__(self, spec: CarryOnSpec, tap_dims: dict[str, int], anchor_dim: int) -> None:
+    def __init__(
+        self,
+        spec: CarryOnSpec,
+        tap_dims: dict[str, int],
+        anchor_dim: int,
+        optional: set[str] | frozenset[str] = frozenset(),
+    ) -> None:
+        """`optional` sources (bases aligned across tokenizers) may have no state at a position
+        yet; there they contribute a learned null vector instead."""
         super().__init__()
         self.sources = list(tap_dims)
         d = spec.width
+        self.nulls = nn.ParameterDict(
+            {module_key(s): nn.Parameter(torch.zeros(d)) for s in self.sources if s in optional}
+        )
         self.tap_norms = nn.ModuleDict({module_key(s): RMSNorm(n) for s, n in tap_dims.items()})
         self.tap_projs = nn.ModuleDict(
             {module_key(s): nn.Linear(n, d) for s, n in tap_dims.items()}
@@ -160,16 +171,20 @@ class CarryOn(nn.Module):
         anchor_hidden: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         past: KVCache | None = None,
+        present: dict[str, torch.Tensor] | None = None,
     ) -> CarryOnOutput:
         """taps: source → (B, T, D_b); anchor_hidden: (B, T, D_anchor), the LM head's input.
 
-        `attention_mask` (B, T_past + T) marks real tokens; `past` continues a generation.
+        `attention_mask` (B, T_past + T) marks real tokens; `past` continues a generation;
+        `present` (source → (B, T) bool) marks where an optional source has a state.
         """
         dtype = self.up.weight.dtype
-        a = {
-            s: self.tap_projs[module_key(s)](self.tap_norms[module_key(s)](taps[s].to(dtype)))
-            for s in self.sources
-        }
+        a = {}
+        for s in self.sources:
+            key = module_key(s)
+            a[s] = self.tap_projs[key](self.tap_norms[key](taps[s].to(dtype)))
+            if present is not None and s in present and key in self.nulls:
+                a[s] = torch.where(present[s].unsqueeze(-1), a[s], self.nulls[key])
         stacked = torch.stack([a[s] for s in self.sources], dim=2)  # (B, T, n_src, d)
         scores = self.router(stacked).squeeze(-1) + self.router_bias  # (B, T, n_src)
         weights = scores.softmax(dim=-1)

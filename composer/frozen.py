@@ -119,6 +119,7 @@ class FrozenBase:
         layers: list[int],
         need_final: bool,
         past_key_values: Any = None,
+        position_ids: torch.Tensor | None = None,
     ) -> BaseStates:
         captured: dict[int, torch.Tensor] = {}
         wanted = set(layers) | ({self.num_layers} if need_final else set())
@@ -144,6 +145,7 @@ class FrozenBase:
                 attention_mask=mask,
                 past_key_values=past_key_values,
                 use_cache=past_key_values is not None,
+                position_ids=position_ids.to(self.device) if position_ids is not None else None,
             )
         except _StopForward:
             pass

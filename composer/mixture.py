@@ -2,20 +2,25 @@
 
     logits = W_pred(x + α · g ⊙ Δx)      x: the anchor's final (post-norm) hidden state
 
+Bases that share the anchor's tokenizer read the anchor's token ids directly. The others are
+*aligned* (composer.align): they read the decoded text with their own tokenizer, and each anchor
+position takes their state at their last token within the text so far.
+
 The bases are held in a plain dict, not registered as submodules, so the mixture's state is the
 carry-on's and nothing else: checkpoints hold exactly the trainable keys.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from composer.align import BaseStream, aligned_states, anchor_texts, stream_step
 from composer.carry_on import CarryOn, KVCache
 from composer.frozen import FrozenBase, load_base
-from composer.plan import check_compatible
+from composer.plan import aligned_bases, check_compatible
 from composer.recipe import Recipe
 
 
@@ -25,21 +30,30 @@ class Features:
 
     taps: dict[str, torch.Tensor]  # "base@layer" -> (B, T, D_b)
     anchor_hidden: torch.Tensor  # (B, T, D_anchor)
+    present: dict[str, torch.Tensor] | None = None  # aligned "base@layer" -> (B, T) bool
 
 
 @dataclass
 class GenerationState:
-    base_past: dict[str, Any]
-    carry_on_past: KVCache | None
-    length: int
+    base_past: dict[str, Any]  # same-tokenizer bases: their KV caches over the anchor's ids
+    carry_on_past: KVCache | None = None
+    anchor_ids: list[int] = field(default_factory=list)
+    streams: dict[str, BaseStream] = field(default_factory=dict)  # aligned bases
 
 
 class Mixture:
-    def __init__(self, recipe: Recipe, bases: dict[str, FrozenBase], carry_on: CarryOn) -> None:
+    def __init__(
+        self,
+        recipe: Recipe,
+        bases: dict[str, FrozenBase],
+        carry_on: CarryOn,
+        aligned: set[str] | None = None,
+    ) -> None:
         self.recipe = recipe
         self.bases = bases
         self.carry_on = carry_on
         self.anchor = bases[recipe.anchor]
+        self.aligned = aligned or set()
         self._layers = {
             name: sorted({t.layer for t in recipe.tap_refs if t.base == name}) for name in bases
         }
@@ -48,15 +62,22 @@ class Mixture:
     def from_recipe(cls, recipe: Recipe, *, fetch: bool = True, seed: int = 0) -> Mixture:
         """Load every base frozen, check they fit the recipe, and make a fresh carry-on."""
         bases = {name: load_base(name, spec, fetch=fetch) for name, spec in recipe.bases.items()}
-        check_compatible(recipe, {name: b.folder for name, b in bases.items()})
+        folders = {name: b.folder for name, b in bases.items()}
+        check_compatible(recipe, folders)
+        aligned = aligned_bases(recipe, folders)
         torch.manual_seed(seed)
         tap_dims = {str(t): bases[t.base].hidden_size for t in recipe.tap_refs}
-        carry_on = CarryOn(recipe.carry_on, tap_dims, bases[recipe.anchor].hidden_size)
-        return cls(recipe, bases, carry_on)
+        optional = {str(t) for t in recipe.tap_refs if t.base in aligned}
+        anchor_dim = bases[recipe.anchor].hidden_size
+        carry_on = CarryOn(recipe.carry_on, tap_dims, anchor_dim, optional)
+        return cls(recipe, bases, carry_on, aligned)
 
     @property
     def tokenizer(self) -> Any:
         return self.anchor.tokenizer
+
+    def _active(self) -> list[str]:
+        return [n for n in self.bases if self._layers[n] or n == self.recipe.anchor]
 
     def features(
         self,
@@ -64,23 +85,68 @@ class Mixture:
         attention_mask: torch.Tensor | None = None,
         state: GenerationState | None = None,
     ) -> Features:
-        """Run every base (no grad) on the same token ids; with `state`, continue its caches."""
+        """Run every base (no grad) on the anchor's ids (B, T); with `state`, continue caches.
+
+        Padding must be on the right: aligned bases read each row's text up to its length.
+        """
         taps: dict[str, torch.Tensor] = {}
+        present: dict[str, torch.Tensor] = {}
         anchor_hidden = None
-        for name, base in self.bases.items():
-            is_anchor = name == self.recipe.anchor
-            if not self._layers[name] and not is_anchor:
+        for name in self._active():
+            base, layers = self.bases[name], self._layers[name]
+            if name in self.aligned:
+                states, mask = self._aligned(name, input_ids, attention_mask, state)
+                for layer in layers:
+                    taps[f"{name}@{layer}"] = states[layer]
+                    present[f"{name}@{layer}"] = mask
                 continue
+            is_anchor = name == self.recipe.anchor
             past = state.base_past.get(name) if state is not None else None
-            out = base.forward(input_ids, attention_mask, self._layers[name], is_anchor, past)
-            if state is not None:
-                state.base_past[name] = out.past_key_values
+            out = base.forward(input_ids, attention_mask, layers, is_anchor, past)
             for layer, hidden in out.taps.items():
                 taps[f"{name}@{layer}"] = hidden.float()
             if is_anchor:
                 anchor_hidden = out.final
         assert anchor_hidden is not None
-        return Features(taps=taps, anchor_hidden=anchor_hidden.float())
+        return Features(taps, anchor_hidden.float(), present or None)
+
+    def _aligned(
+        self,
+        name: str,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        state: GenerationState | None,
+    ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """States (layer -> (B, T, D)) and presence (B, T) of an aligned base."""
+        base, layers = self.bases[name], self._layers[name]
+        B, T = input_ids.shape
+        if state is not None and name in state.streams:
+            # Generation: one re-tokenization per new anchor token, cache reused.
+            assert B == 1
+            per_layer: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+            found = []
+            start = len(state.anchor_ids) - T
+            for t in range(start, len(state.anchor_ids)):
+                text = anchor_texts(self.tokenizer, state.anchor_ids[: t + 1])[-1]
+                step, ok = stream_step(base, state.streams[name], text, layers)
+                for layer in layers:
+                    per_layer[layer].append(step[layer])
+                found.append(ok)
+            stacked = {layer: torch.stack(v)[None] for layer, v in per_layer.items()}
+            return stacked, torch.tensor([found])
+        out = {layer: torch.zeros(B, T, base.hidden_size) for layer in layers}
+        mask = torch.zeros(B, T, dtype=torch.bool)
+        lengths = attention_mask.sum(dim=1).tolist() if attention_mask is not None else [T] * B
+        for row in range(B):
+            n = int(lengths[row])
+            texts = anchor_texts(self.tokenizer, input_ids[row, :n].tolist())
+            states, found, cache, tokens = aligned_states(base, texts, layers)
+            for layer in layers:
+                out[layer][row, :n] = states[layer]
+            mask[row, :n] = found
+            if state is not None:  # the prompt of a generation: keep the cache going
+                state.streams[name] = BaseStream(tokens=tokens, cache=cache)
+        return out, mask
 
     def hidden(
         self,
@@ -89,7 +155,9 @@ class Mixture:
         past: KVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, KVCache]:
         """The corrected anchor state, the router's source weights and the carry-on's cache."""
-        out = self.carry_on(features.taps, features.anchor_hidden, attention_mask, past)
+        out = self.carry_on(
+            features.taps, features.anchor_hidden, attention_mask, past, features.present
+        )
         return out.hidden, out.source_weights, out.cache
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -107,17 +175,37 @@ class Mixture:
         from transformers import DynamicCache
 
         past = {
-            name: DynamicCache(config=base.model.config)
-            for name, base in self.bases.items()
-            if self._layers[name] or name == self.recipe.anchor
+            name: DynamicCache(config=self.bases[name].model.config)
+            for name in self._active()
+            if name not in self.aligned
         }
-        return GenerationState(base_past=past, carry_on_past=None, length=0)
+        return GenerationState(base_past=past)
 
     @torch.no_grad()
-    def step(self, input_ids: torch.Tensor, state: GenerationState) -> tuple[torch.Tensor, Any]:
-        """Feed new tokens (B, T_new) through every cache; return last-position logits."""
+    def step(
+        self, input_ids: torch.Tensor, state: GenerationState
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed new tokens (1, T_new) through every cache; last-position logits and the
+        router's source weights (1, T_new, n_sources)."""
+        state.anchor_ids.extend(input_ids[0].tolist())
         features = self.features(input_ids, None, state)
         hidden, weights, cache = self.hidden(features, None, state.carry_on_past)
         state.carry_on_past = cache
-        state.length += input_ids.shape[1]
         return self.logits(hidden[:, -1]), weights
+
+
+def pad_features(items: list[Features], width: int) -> Features:
+    """Stack per-example features (each (T_i, ...)) into a right-padded batch of `width`."""
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        extra = t.new_zeros((width - t.shape[0], *t.shape[1:]))
+        return torch.cat([t, extra])
+
+    present = None
+    if items[0].present is not None:
+        present = {k: torch.stack([pad(f.present[k]) for f in items]) for k in items[0].present}  # type: ignore[index]
+    return Features(
+        taps={k: torch.stack([pad(f.taps[k]) for f in items]) for k in items[0].taps},
+        anchor_hidden=torch.stack([pad(f.anchor_hidden) for f in items]),
+        present=present,
+    )

@@ -60,8 +60,14 @@ class Plan:
         return asdict(self)
 
 
+def aligned_bases(recipe: Recipe, folders: dict[str, Path]) -> set[str]:
+    """Bases whose tokenizer differs from the anchor's: they need cross-tokenizer alignment."""
+    anchor_fp = tokenizer_fingerprint(folders[recipe.anchor])
+    return {name for name, f in folders.items() if tokenizer_fingerprint(f) != anchor_fp}
+
+
 def check_compatible(recipe: Recipe, folders: dict[str, Path]) -> dict[str, dict[str, Any]]:
-    """Rules that need the bases' configs: layers in range, one tokenizer, context length."""
+    """Rules that need the bases' configs: layers in range, context length."""
     configs = {name: read_config(folder) for name, folder in folders.items()}
     for i, tap in enumerate(recipe.tap_refs):
         n = configs[tap.base]["num_hidden_layers"]
@@ -69,14 +75,6 @@ def check_compatible(recipe: Recipe, folders: dict[str, Path]) -> dict[str, dict
             raise RecipeError(
                 f"taps.{i}: layer {tap.layer} out of range for base '{tap.base}' "
                 f"(it has {n} layers; taps go from 0, the embeddings, to {n}, the final norm)"
-            )
-    anchor_fp = tokenizer_fingerprint(folders[recipe.anchor])
-    for name, folder in folders.items():
-        if name != recipe.anchor and tokenizer_fingerprint(folder) != anchor_fp:
-            raise RecipeError(
-                f"bases.{name}: its tokenizer differs from the anchor '{recipe.anchor}'s; "
-                "mixing bases with different tokenizers needs cross-tokenizer alignment, "
-                "which this version does not support yet"
             )
     context = configs[recipe.anchor].get("max_position_embeddings")
     if context and recipe.train.seq_len > context:

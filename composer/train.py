@@ -25,7 +25,7 @@ from composer.checkpoint import (
     save_training_state,
 )
 from composer.data import IGNORE, Example, collate
-from composer.mixture import Features, Mixture
+from composer.mixture import Features, Mixture, pad_features
 from composer.recipe import TrainSpec
 
 HEAD_CHUNK = 2048  # rows of hidden states sent through the LM head at once
@@ -57,15 +57,17 @@ class FeatureSource:
         self.pad_id = _pad_id(mixture.tokenizer)
         self.kept: list[Features] | None = None
         if keep:
-            self.kept = []
-            for chunk in _chunks(list(range(len(examples))), 8):
+            kept: dict[int, Features] = {}
+            # Similar lengths together, so little of each forward is spent on padding.
+            by_length = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+            for chunk in _chunks(by_length, 8):
                 batch = collate([examples[i] for i in chunk], self.pad_id)
                 features = mixture.features(batch["input_ids"], batch["attention_mask"])
                 for row, i in enumerate(chunk):
-                    n = len(examples[i].input_ids)
-                    self.kept.append(_slice(features, row, n))
+                    kept[i] = _slice(features, row, len(examples[i].input_ids))
                 if advance is not None:
                     advance(len(chunk))
+            self.kept = [kept[i] for i in range(len(examples))]
 
     def batch(self, indices: list[int]) -> Batch:
         rows = [self.examples[i] for i in indices]
@@ -73,7 +75,7 @@ class FeatureSource:
         if self.kept is None:
             features = self.mixture.features(tensors["input_ids"], tensors["attention_mask"])
         else:
-            features = _stack([self.kept[i] for i in indices], tensors["input_ids"].shape[1])
+            features = pad_features([self.kept[i] for i in indices], tensors["input_ids"].shape[1])
         return Batch(features, tensors["attention_mask"], tensors["labels"])
 
 
@@ -90,19 +92,11 @@ def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
 
 
 def _slice(features: Features, row: int, n: int) -> Features:
+    present = features.present
     return Features(
         taps={k: v[row, :n].clone() for k, v in features.taps.items()},
         anchor_hidden=features.anchor_hidden[row, :n].clone(),
-    )
-
-
-def _stack(items: list[Features], width: int) -> Features:
-    def pad(t: torch.Tensor) -> torch.Tensor:
-        return F.pad(t, (0, 0, 0, width - t.shape[0]))
-
-    return Features(
-        taps={k: torch.stack([pad(f.taps[k]) for f in items]) for k in items[0].taps},
-        anchor_hidden=torch.stack([pad(f.anchor_hidden) for f in items]),
+        present={k: v[row, :n].clone() for k, v in present.items()} if present else None,
     )
 
 

@@ -53,6 +53,22 @@ def make_tokenizer(folder: Path, vocab_size: int, seed_text: str = "") -> None:
     fast.save_pretrained(folder)
 
 
+def make_wordpiece_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A BERT-style word-piece tokenizer (whitespace/punctuation split, ## continuations)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=["[UNK]", "[PAD]", "[EOS]"])
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]"
+    )
+    fast.save_pretrained(folder)
+
+
 def make_base(folder: Path, family: str, tokenizer_from: Path, hidden: int, layers: int) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
@@ -87,11 +103,15 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
     make_tokenizer(root / "tok-shared", 400)
     make_tokenizer(root / "tok-other", 320, seed_text="entirely different merges " * 50)
+    make_wordpiece_tokenizer(root / "tok-wordpiece", 300)
     return {
         "llama": make_base(root / "llama", "llama", root / "tok-shared", 96, 3),
         # bitsandbytes' nf4 CPU kernel wants every Linear's out-features divisible by 32.
         "qwen2": make_base(root / "qwen2", "qwen2", root / "tok-shared", 64, 4),
         "other": make_base(root / "other", "llama", root / "tok-other", 32, 2),
+        # llama, not qwen2: transformers 5 loads a qwen2 folder with Qwen2Tokenizer, which rebuilds
+        # a byte-level BPE from the vocabulary and ignores the word-piece model.
+        "wordpiece": make_base(root / "wordpiece", "llama", root / "tok-wordpiece", 64, 2),
     }
 
 

@@ -97,12 +97,6 @@ def test_padding_does_not_change_real_positions(tiny, write_recipe):
     torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)
 
 
-def test_different_tokenizers_are_refused(tiny, write_recipe):
-    path = write_recipe(recipe_yaml({"a": tiny["llama"], "o": tiny["other"]}, "a", ["a@1", "o@1"]))
-    with pytest.raises(RecipeError, match="bases.o: its tokenizer differs.*cross-tokenizer"):
-        Mixture.from_recipe(load_recipe(path))
-
-
 def test_layer_out_of_range(tiny, write_recipe):
     path = write_recipe(recipe_yaml({"a": tiny["llama"]}, "a", ["a@1", "a@9"]))
     with pytest.raises(RecipeError, match=r"taps.1: layer 9 out of range for base 'a' \(it has 3"):

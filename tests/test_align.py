@@ -1,0 +1,142 @@
+"""Bases with different tokenizers: alignment, causality, cached generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import recipe_yaml
+from transformers import AutoModelForCausalLM
+
+from composer.align import align, anchor_texts, tokenize
+from composer.generate import generate_ids
+from composer.mixture import Mixture
+from composer.recipe import load_recipe
+
+
+@pytest.fixture(scope="module")
+def hand_wordpiece(tmp_path_factory):
+    """A word-piece tokenizer with a vocabulary small enough to tokenize by hand."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "he": 1, "hel": 2, "##lo": 3, "wor": 4, "world": 5, "!": 6}
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+def test_alignment_of_a_hand_checked_string(hand_wordpiece):
+    # Anchor tokens "he" "llo" " wor" "ld" "!" end at these prefixes of "hello world!".
+    texts = ["he", "hello", "hello wor", "hello world", "hello world!"]
+    assert tokenize(hand_wordpiece, texts) == [[1], [2, 3], [2, 3, 4], [2, 3, 5], [2, 3, 5, 6]]
+    alignment = align(tokenize(hand_wordpiece, texts))
+    assert alignment.full == [2, 3, 5, 6]
+    # "hello" is a prefix of the full tokenization: position 1 reads token 1 (##lo) directly.
+    # "he" and "hello wor" are split differently once more text follows: they run their own
+    # tails ([he] from scratch, [wor] after the shared "hel ##lo").
+    assert alignment.index == [-1, 1, -1, 2, 3]
+    assert alignment.tails == {0: (0, [1]), 2: (2, [4])}
+
+
+def test_anchor_texts_drop_partial_characters(tiny):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny["llama"])
+    ids = tokenizer("añb", add_special_tokens=False)["input_ids"]
+    texts = anchor_texts(tokenizer, ids)
+    assert texts[-1] == "añb"
+    assert all("\ufffd" not in t for t in texts)
+    assert all(texts[-1].startswith(t) for t in texts)
+
+
+def _cross_mixture(tiny, write_recipe, perturb: bool = True) -> Mixture:
+    bases = {"a": tiny["llama"], "w": tiny["wordpiece"], "o": tiny["other"]}
+    path = write_recipe(recipe_yaml(bases, "a", ["a@2", "w@1", "w@2", "o@1"]))
+    mixture = Mixture.from_recipe(load_recipe(path), seed=3)
+    assert mixture.aligned == {"w", "o"}
+    if perturb:  # a carry-on that reads the aligned bases strongly
+        with torch.no_grad():
+            for p in mixture.carry_on.parameters():
+                p.add_(torch.randn_like(p) * 0.3)
+    return mixture
+
+
+def test_untrained_cross_tokenizer_mixture_equals_anchor(tiny, write_recipe):
+    mixture = _cross_mixture(tiny, write_recipe, perturb=False)
+    reference = AutoModelForCausalLM.from_pretrained(tiny["llama"])
+    ids = torch.tensor([mixture.tokenizer("hello world, he works 6 days")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(mixture(ids), reference(ids).logits, rtol=0, atol=1e-6)
+
+
+def test_logits_at_t_ignore_text_after_t(tiny, write_recipe):
+    mixture = _cross_mixture(tiny, write_recipe)
+    tok = mixture.tokenizer
+    text_a = "The carpenter earns 2340 a month, so he works for a year."
+    text_b = "The carpenters earned 17 pebbles; the quick brown fox jumps."
+    ids_a = tok(text_a, add_special_tokens=False)["input_ids"]
+    ids_b = tok(text_b, add_special_tokens=False)["input_ids"]
+    shared = next(i for i, (x, y) in enumerate(zip(ids_a, ids_b, strict=False)) if x != y)
+    assert shared >= 2
+    with torch.no_grad():
+        logits_a = mixture(torch.tensor([ids_a]))
+        logits_b = mixture(torch.tensor([ids_b]))
+        anchor = mixture.logits(mixture.features(torch.tensor([ids_a])).anchor_hidden)
+    # Positions before the first differing anchor token see the same text, whatever follows.
+    torch.testing.assert_close(logits_a[:, :shared], logits_b[:, :shared], rtol=0, atol=1e-5)
+    assert not torch.allclose(logits_a[:, shared], logits_b[:, shared])
+    assert not torch.allclose(logits_a, anchor, atol=1e-3)
+    # The aligned bases do contribute: blanking their states changes the output.
+    features = mixture.features(torch.tensor([ids_a]))
+    assert features.present is not None and features.present["w@1"].float().mean() > 0.9
+    blanked = {k: (torch.zeros_like(v) if k[0] in "wo" else v) for k, v in features.taps.items()}
+    with torch.no_grad():
+        real, _, _ = mixture.hidden(features)
+        features.taps = blanked
+        without, _, _ = mixture.hidden(features)
+    assert not torch.allclose(real, without, atol=1e-3)
+    # Every cut of the same text, mid-word ones included, keeps the earlier logits.
+    for cut in range(1, len(ids_a)):
+        with torch.no_grad():
+            prefix = mixture(torch.tensor([ids_a[:cut]]))
+        torch.testing.assert_close(prefix, logits_a[:, :cut], rtol=1e-4, atol=1e-4)
+
+
+def test_tail_forward_equals_forward_on_prefix_tokenization(tiny, write_recipe):
+    mixture = _cross_mixture(tiny, write_recipe)
+    ids = torch.tensor([mixture.tokenizer("hello world, unbelievable xylophones quickly")["input_ids"]])
+    features = mixture.features(ids)
+    base = mixture.bases["w"]
+    texts = anchor_texts(mixture.tokenizer, ids[0].tolist())
+    assert "##" in "".join(base.tokenizer.convert_ids_to_tokens(tokenize(base.tokenizer, texts)[-1]))
+    assert align(tokenize(base.tokenizer, texts)).tails  # some positions take the tail path
+    for t, text in enumerate(texts):
+        own = tokenize(base.tokenizer, [text])[0]
+        direct = base.forward(torch.tensor([own]), None, [1], need_final=False).taps[1][0, -1]
+        torch.testing.assert_close(features.taps["w@1"][0, t], direct, rtol=1e-4, atol=1e-4)
+
+
+def test_cached_generation_equals_uncached_across_tokenizers(tiny, write_recipe):
+    mixture = _cross_mixture(tiny, write_recipe)
+    prompt = mixture.tokenizer("If he gets paid 195 every day")["input_ids"]
+    with_cache = generate_ids(mixture, prompt, 16, use_cache=True)
+    without = generate_ids(mixture, prompt, 16, use_cache=False)
+    assert with_cache == without
+    assert len(with_cache) == 16 or with_cache[-1] == mixture.tokenizer.eos_token_id
+
+
+def test_batched_features_equal_single(tiny, write_recipe):
+    from composer.data import Example, collate
+
+    mixture = _cross_mixture(tiny, write_recipe)
+    texts = ["hello world", "The quick brown fox jumps over the lazy dog"]
+    examples = [
+        Example(ids, ids) for ids in (mixture.tokenizer(t)["input_ids"] for t in texts)
+    ]
+    batch = collate(examples, mixture.tokenizer.pad_token_id)
+    with torch.no_grad():
+        together = mixture(batch["input_ids"], batch["attention_mask"])
+        for row, example in enumerate(examples):
+            alone = mixture(torch.tensor([example.input_ids]))
+            n = len(example.input_ids)
+            torch.testing.assert_close(together[row, :n], alone[0], rtol=1e-4, atol=1e-4)
