@@ -124,16 +124,16 @@ class Mixture:
             # Generation: one re-tokenization per new anchor token, cache reused.
             assert B == 1
             per_layer: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-            found = []
+            has_token = []
             start = len(state.anchor_ids) - T
             for t in range(start, len(state.anchor_ids)):
                 text = anchor_texts(self.tokenizer, state.anchor_ids[: t + 1])[-1]
                 step, ok = stream_step(base, state.streams[name], text, layers)
                 for layer in layers:
                     per_layer[layer].append(step[layer])
-                found.append(ok)
+                has_token.append(ok)
             stacked = {layer: torch.stack(v)[None] for layer, v in per_layer.items()}
-            return stacked, torch.tensor([found])
+            return stacked, torch.tensor([has_token])
         out = {layer: torch.zeros(B, T, base.hidden_size) for layer in layers}
         mask = torch.zeros(B, T, dtype=torch.bool)
         lengths = attention_mask.sum(dim=1).tolist() if attention_mask is not None else [T] * B

@@ -104,11 +104,15 @@ def test_logits_at_t_ignore_text_after_t(tiny, write_recipe):
 
 def test_tail_forward_equals_forward_on_prefix_tokenization(tiny, write_recipe):
     mixture = _cross_mixture(tiny, write_recipe)
-    ids = torch.tensor([mixture.tokenizer("hello world, unbelievable xylophones quickly")["input_ids"]])
+    ids = torch.tensor(
+        [mixture.tokenizer("hello world, unbelievable xylophones quickly")["input_ids"]]
+    )
     features = mixture.features(ids)
     base = mixture.bases["w"]
     texts = anchor_texts(mixture.tokenizer, ids[0].tolist())
-    assert "##" in "".join(base.tokenizer.convert_ids_to_tokens(tokenize(base.tokenizer, texts)[-1]))
+    assert "##" in "".join(
+        base.tokenizer.convert_ids_to_tokens(tokenize(base.tokenizer, texts)[-1])
+    )
     assert align(tokenize(base.tokenizer, texts)).tails  # some positions take the tail path
     for t, text in enumerate(texts):
         own = tokenize(base.tokenizer, [text])[0]
@@ -130,9 +134,7 @@ def test_batched_features_equal_single(tiny, write_recipe):
 
     mixture = _cross_mixture(tiny, write_recipe)
     texts = ["hello world", "The quick brown fox jumps over the lazy dog"]
-    examples = [
-        Example(ids, ids) for ids in (mixture.tokenizer(t)["input_ids"] for t in texts)
-    ]
+    examples = [Example(ids, ids) for ids in (mixture.tokenizer(t)["input_ids"] for t in texts)]
     batch = collate(examples, mixture.tokenizer.pad_token_id)
     with torch.no_grad():
         together = mixture(batch["input_ids"], batch["attention_mask"])
