@@ -11,6 +11,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from composer.errors import ComposeError
 
@@ -162,16 +163,32 @@ def generate(
     raw: Annotated[
         bool, typer.Option(help="Feed the prompt as is, without chat template.")
     ] = False,
+    show_gates: Annotated[
+        bool, typer.Option(help="Colour each token by the source the router weighs most.")
+    ] = False,
 ) -> None:
     """Generate greedily from a built mixture."""
     from composer.generate import generate as run_generate
-    from composer.generate import load_mixture
+    from composer.generate import generate_with_gates, load_mixture
 
-    def go() -> str:
-        mixture = load_mixture(mixture_dir)
-        return run_generate(mixture, prompt, max_new_tokens, chat=not raw)
+    if not show_gates:
+        text = _run(
+            lambda: run_generate(load_mixture(mixture_dir), prompt, max_new_tokens, chat=not raw)
+        )
+        out.print(text, highlight=False)
+        return
+    mixture = _run(lambda: load_mixture(mixture_dir))
+    pieces = _run(lambda: generate_with_gates(mixture, prompt, max_new_tokens, chat=not raw))
+    colours = dict(zip(mixture.carry_on.sources, _PALETTE * 4, strict=False))
+    legend = "  ".join(f"[{colours[s]}]■ {s}[/]" for s in mixture.carry_on.sources)
+    err.print(f"dominant source per token: {legend}", highlight=False)
+    coloured = Text()
+    for piece, source, _weight in pieces:
+        coloured.append(piece, style=colours[source])
+    out.print(coloured)
 
-    out.print(_run(go), highlight=False)
+
+_PALETTE = ["cyan", "magenta", "green", "yellow", "blue", "red", "bright_white", "bright_cyan"]
 
 
 @bases_app.command("list")

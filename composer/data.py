@@ -17,7 +17,15 @@ from typing import Any
 import torch
 
 from composer.errors import DataError
-from composer.recipe import DataSpec, GsmData, JsonlData, StdlibData, TextData
+from composer.recipe import (
+    ChatterbotData,
+    DataSpec,
+    GsmData,
+    JsonlData,
+    MixData,
+    StdlibData,
+    TextData,
+)
 
 IGNORE = -100
 
@@ -26,6 +34,7 @@ IGNORE = -100
 class Example:
     input_ids: list[int]
     labels: list[int]  # aligned with input_ids; the loss predicts labels[t + 1] at position t
+    domain: str = ""  # the data source's domain, for per-domain metrics
 
 
 def format_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
@@ -102,6 +111,26 @@ def load_stdlib(spec: StdlibData, tokenizer: Any, seq_len: int) -> list[Example]
     return out
 
 
+def load_chatterbot(spec: ChatterbotData, tokenizer: Any, seq_len: int) -> list[Example]:
+    import chatterbot_corpus
+    import yaml
+
+    root = Path(chatterbot_corpus.__file__).parent / "data" / "english"
+    pairs = []
+    for path in sorted(root.glob("*.yml")):
+        for conversation in yaml.safe_load(path.read_text()).get("conversations", []):
+            if isinstance(conversation, list) and len(conversation) >= 2:
+                pairs.append((str(conversation[0]), str(conversation[1])))
+    random.Random(spec.seed).shuffle(pairs)
+    out = []
+    for question, answer in pairs[: spec.size]:
+        messages = [{"role": "user", "content": question}]
+        example = encode_qa(tokenizer, messages, answer, seq_len)
+        if example is not None:
+            out.append(example)
+    return out
+
+
 def _read(path: str) -> str:
     try:
         return Path(path).read_text(encoding="utf-8")
@@ -157,11 +186,26 @@ DATA_SOURCES: dict[str, Callable[[Any, Any, int], list[Example]]] = {
     "python_stdlib": load_stdlib,
     "text": load_text,
     "jsonl": load_jsonl,
+    "chatterbot": load_chatterbot,
 }
 
 
 def load_examples(spec: DataSpec, tokenizer: Any, seq_len: int) -> list[Example]:
-    examples = DATA_SOURCES[spec.kind](spec, tokenizer, seq_len)
+    """Every example of `spec`, labelled with its domain (the part's, or the source kind)."""
+    parts = spec.parts if isinstance(spec, MixData) else None
+    if parts is None:
+        examples = DATA_SOURCES[spec.kind](spec, tokenizer, seq_len)
+        for e in examples:
+            e.domain = spec.kind
+    else:
+        examples = []
+        for i, part in enumerate(parts):
+            loaded = DATA_SOURCES[part.data.kind](part.data, tokenizer, seq_len)
+            if not loaded:
+                raise DataError(f"train.data.parts.{i}: no examples from {part.data.kind}")
+            for e in loaded:
+                e.domain = part.domain
+            examples += loaded
     if not examples:
         raise DataError(
             f"train.data: no examples from {spec.kind} after tokenizing and filtering "
@@ -170,14 +214,25 @@ def load_examples(spec: DataSpec, tokenizer: Any, seq_len: int) -> list[Example]
     return examples
 
 
-def split(examples: list[Example], eval_fraction: float, seed: int) -> tuple[list, list]:
-    """A seeded held-out split; both sides non-empty."""
-    if len(examples) < 2:
-        raise DataError(f"train.data: {len(examples)} example(s) cannot be split into train/eval")
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    n_eval = min(len(examples) - 1, max(1, round(eval_fraction * len(examples))))
-    return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
+def split(
+    examples: list[Example], eval_fraction: float, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """A seeded held-out split per domain; both sides non-empty in every domain."""
+    train: list[Example] = []
+    held: list[Example] = []
+    for domain in dict.fromkeys(e.domain for e in examples):
+        group = [e for e in examples if e.domain == domain]
+        if len(group) < 2:
+            raise DataError(
+                f"train.data: {len(group)} example(s) of '{domain}' cannot be split into "
+                "train and eval"
+            )
+        random.Random(seed).shuffle(group)
+        n_eval = min(len(group) - 1, max(1, round(eval_fraction * len(group))))
+        held += group[:n_eval]
+        train += group[n_eval:]
+    random.Random(seed + 1).shuffle(train)
+    return train, held
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

@@ -137,7 +137,46 @@ class JsonlData(BaseModel):
     path: str
 
 
-DataSpec = Annotated[GsmData | StdlibData | TextData | JsonlData, Field(discriminator="kind")]
+class ChatterbotData(BaseModel):
+    """English question/answer pairs from chatterbot-corpus (20 topics), loss on the answer."""
+
+    model_config = _FROZEN
+    kind: Literal["chatterbot"]
+    size: int = Field(default=500, gt=0)
+    seed: int = 0
+
+
+SourceSpec = Annotated[
+    GsmData | StdlibData | TextData | JsonlData | ChatterbotData, Field(discriminator="kind")
+]
+
+
+class MixPart(BaseModel):
+    model_config = _FROZEN
+    domain: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="Label in per-domain metrics.")
+    data: SourceSpec
+
+
+class MixData(BaseModel):
+    """Several sources, each a domain with its own held-out split and metrics."""
+
+    model_config = _FROZEN
+    kind: Literal["mix"]
+    parts: list[MixPart] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_domains(self) -> MixData:
+        domains = [p.domain for p in self.parts]
+        for i, domain in enumerate(domains):
+            if domain in domains[:i]:
+                raise ValueError(f"parts.{i}: domain '{domain}' is listed twice")
+        return self
+
+
+DataSpec = Annotated[
+    GsmData | StdlibData | TextData | JsonlData | ChatterbotData | MixData,
+    Field(discriminator="kind"),
+]
 
 
 class TrainSpec(BaseModel):

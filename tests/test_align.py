@@ -142,3 +142,14 @@ def test_batched_features_equal_single(tiny, write_recipe):
             alone = mixture(torch.tensor([example.input_ids]))
             n = len(example.input_ids)
             torch.testing.assert_close(together[row, :n], alone[0], rtol=1e-4, atol=1e-4)
+
+
+def test_gates_per_generated_token(tiny, write_recipe):
+    from composer.generate import generate, generate_with_gates
+
+    mixture = _cross_mixture(tiny, write_recipe)
+    pieces = generate_with_gates(mixture, "How many days?", 10)
+    assert len(pieces) >= 1
+    assert "".join(p for p, _, _ in pieces) == generate(mixture, "How many days?", 10)
+    assert {s for _, s, _ in pieces} <= set(mixture.carry_on.sources)
+    assert all(1 / len(mixture.carry_on.sources) <= w <= 1 for _, _, w in pieces)

@@ -58,6 +58,12 @@ def test_build_then_generate(recipe_path, tmp_path):
 
     expected = generate(load_mixture(out), "How many days?", 5)
     assert result.stdout == expected + "\n"
+    result = _run(
+        "generate", out, "--prompt", "How many days?", "--max-new-tokens", "5", "--show-gates"
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stdout == expected + "\n"  # the same text, coloured on a terminal
+    assert "dominant source per token" in result.output and "a@1" in result.output
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,70 @@
+"""Cost per new token of cached generation against prompt length, on a multi-tokenizer mixture.
+
+Run by hand (not in CI):
+
+    python bench/generation_cost.py [--recipe recipes/chat-code-general.yaml] [--new 16]
+
+Builds the recipe's mixture untrained (the cost does not depend on the weights), then for a
+short and a long prompt times greedy decoding of `--new` tokens with every base's KV cache (each
+aligned base re-tokenizes the grown text and reuses its cache up to the common prefix) and,
+as the peer, without caches. Prints seconds per new token and the long/short ratios: near 1
+for the cached path, growing with the prompt for the uncached one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from composer.generate import generate_ids
+from composer.mixture import Mixture
+from composer.recipe import load_recipe
+
+TEXT = (
+    "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n"
+    "    return a\n\nA carpenter works for 2 weeks every month and for 6 days every week. "
+)
+
+
+def per_token_seconds(mixture: Mixture, prompt: list[int], new: int, cached: bool) -> float:
+    runs = []
+    for _ in range(2):
+        start = time.perf_counter()
+        out = generate_ids(mixture, prompt, new, use_cache=cached, stop_at_eos=False)
+        runs.append((time.perf_counter() - start) / max(len(out), 1))
+    return statistics.median(runs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="recipes/chat-code-general.yaml")
+    parser.add_argument("--short", type=int, default=32, help="short prompt, anchor tokens")
+    parser.add_argument("--long", type=int, default=384, help="long prompt, anchor tokens")
+    parser.add_argument("--new", type=int, default=16, help="tokens to generate")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    mixture = Mixture.from_recipe(load_recipe(args.recipe))
+    ids = mixture.tokenizer(TEXT * 40, add_special_tokens=False)["input_ids"]
+    rows = []
+    for cached in (True, False):
+        short = per_token_seconds(mixture, ids[: args.short], args.new, cached)
+        long = per_token_seconds(mixture, ids[: args.long], args.new, cached)
+        rows.append((cached, short, long))
+    print(
+        f"mixture {mixture.recipe.name}: bases {', '.join(mixture.bases)}; aligned "
+        f"{', '.join(sorted(mixture.aligned)) or 'none'}; {args.new} new tokens"
+    )
+    print(
+        f"{'path':<10}{'s/token @' + str(args.short):>16}{'s/token @' + str(args.long):>16}"
+        f"{'long/short':>12}"
+    )
+    for cached, short, long in rows:
+        name = "cached" if cached else "no cache"
+        print(f"{name:<10}{short:>16.3f}{long:>16.3f}{long / short:>12.2f}")
+
+
+if __name__ == "__main__":
+    main()

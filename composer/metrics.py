@@ -1,0 +1,103 @@
+"""Held-out metrics per data domain: losses of the anchor, the mixture and each base alone, and
+the router's mean weight per source.
+
+Per-token losses of bases with different tokenizers are not comparable (their tokens differ),
+so every loss here is also given per character of the target text: the summed negative
+log-likelihood of the target characters divided by their number, whichever tokens carry them.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from composer.data import IGNORE, Example, collate
+from composer.mixture import Mixture
+
+
+@torch.no_grad()
+def domain_metrics(
+    mixture: Mixture, examples: list[Example], batch_size: int = 8
+) -> dict[str, dict[str, Any]]:
+    """{domain: {examples, target_chars, loss_per_token, nats_per_char, gate_mean}}."""
+    sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    gates: dict[str, torch.Tensor] = {}
+    pad = mixture.tokenizer.pad_token_id or 0
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        batch = collate(chunk, pad)
+        features = mixture.features(batch["input_ids"], batch["attention_mask"])
+        hidden, weights, _ = mixture.hidden(features, batch["attention_mask"])
+        for row, example in enumerate(chunk):
+            n = len(example.input_ids)
+            acc = sums[example.domain]
+            targets = torch.tensor(example.labels[1:n])
+            keep = targets != IGNORE
+            for name, h in (("mixture", hidden), ("anchor", features.anchor_hidden)):
+                logits = mixture.logits(h[row, : n - 1][keep])
+                acc[f"nll_{name}"] += float(F.cross_entropy(logits, targets[keep], reduction="sum"))
+            acc["tokens"] += int(keep.sum())
+            acc["chars"] += len(_target_text(mixture.tokenizer, example))
+            acc["examples"] += 1
+            g = weights[row, :n].mean(dim=0)
+            gates[example.domain] = gates.get(example.domain, torch.zeros_like(g)) + g
+        for example in chunk:
+            for name, base in mixture.bases.items():
+                sums[example.domain][f"nll_base_{name}"] += base_target_nll(base, mixture, example)
+    report = {}
+    for domain, acc in sums.items():
+        chars = max(acc["chars"], 1.0)
+        report[domain] = {
+            "examples": int(acc["examples"]),
+            "target_tokens": int(acc["tokens"]),
+            "target_chars": int(acc["chars"]),
+            "loss_per_token": {
+                "anchor": acc["nll_anchor"] / max(acc["tokens"], 1),
+                "mixture": acc["nll_mixture"] / max(acc["tokens"], 1),
+            },
+            "nats_per_char": {
+                "anchor": acc["nll_anchor"] / chars,
+                "mixture": acc["nll_mixture"] / chars,
+                **{f"{name} alone": acc[f"nll_base_{name}"] / chars for name in mixture.bases},
+            },
+            "gate_mean": {
+                src: float(v)
+                for src, v in zip(
+                    mixture.carry_on.sources, gates[domain] / acc["examples"], strict=True
+                )
+            },
+        }
+    return report
+
+
+def _split_text(tokenizer: Any, example: Example) -> tuple[str, str]:
+    """(context text, target text) of an example, decoded from the anchor's tokens."""
+    first = next((i for i, label in enumerate(example.labels) if label != IGNORE), 0)
+    first = max(first, 1)  # the first token is never a target: nothing predicts it
+    decode = lambda ids: tokenizer.decode(  # noqa: E731
+        ids, skip_special_tokens=False, clean_up_tokenization_spaces=False
+    )
+    return decode(example.input_ids[:first]), decode(example.input_ids[first:])
+
+
+def _target_text(tokenizer: Any, example: Example) -> str:
+    return _split_text(tokenizer, example)[1]
+
+
+def base_target_nll(base: Any, mixture: Mixture, example: Example) -> float:
+    """A base's own summed NLL of the example's target text, in its own tokenization."""
+    context, target = _split_text(mixture.tokenizer, example)
+    encoded = base.tokenizer(context + target, add_special_tokens=True, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    # Targets: tokens that end inside the target text (a token straddling the boundary counts,
+    # so every target character is covered once).
+    wanted = [j for j in range(1, len(ids)) if offsets[j][1] > len(context)]
+    if not wanted:
+        return 0.0
+    states = base.forward(torch.tensor([ids]), None, [], need_final=True)
+    assert states.final is not None
+    logits = base.logits(states.final[0, [j - 1 for j in wanted]])
+    return float(F.cross_entropy(logits, torch.tensor([ids[j] for j in wanted]), reduction="sum"))
