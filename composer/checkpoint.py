@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -124,7 +125,7 @@ def load_training_state(
     try:
         optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
         return json.loads((checkpoint / "trainer.json").read_text())
-    except (OSError, RuntimeError, ValueError, KeyError) as exc:
+    except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as exc:
         raise CheckpointError(f"{checkpoint}: cannot resume from this checkpoint: {exc}") from exc
 
 

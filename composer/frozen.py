@@ -187,6 +187,12 @@ def load_base(name: str, spec: BaseSpec, *, fetch: bool = True) -> FrozenBase:
     from transformers.utils import logging as hf_logging
 
     folder = resolve_folder(spec, fetch=fetch)
+    if spec.trust_remote_code:
+        warnings.warn(
+            f"base '{name}' runs Python code shipped in {folder} (trust_remote_code is on)",
+            UserWarning,
+            stacklevel=2,
+        )
     hf_logging.disable_progress_bar()  # our own progress display is the one the user reads
     kwargs: dict[str, Any] = {"dtype": _DTYPES[spec.dtype]}
     quant = quantization_config(spec.quantization)
