@@ -156,6 +156,60 @@ def build(
 
 
 @app.command()
+def cache(recipe: RecipeArg, overrides: Overrides = None) -> None:
+    """Run the bases once over the data; store their states as checksummed shards (resumable)."""
+    from composer.cache import write_cache
+    from composer.recipe import load_recipe
+
+    result = _run(lambda: write_cache(load_recipe(recipe, overrides or []), console=err))
+    n = result.examples
+    how = "reused" if result.reused else f"written in {result.seconds:.1f}s"
+    out.print(
+        f"[green]cached[/] {n['train']} train + {n['eval']} eval examples "
+        f"({result.tokens:,} tokens, {result.manifest['dtype']}) at {result.folder} ({how})",
+        highlight=False,
+    )
+
+
+@app.command()
+def train(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    from_cache: Annotated[
+        bool,
+        typer.Option(
+            "--from-cache", help="Read the states `compose cache` stored; load no base weights."
+        ),
+    ] = False,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Output directory (default: the recipe's).")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="Train this many steps instead.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint.")] = False,
+) -> None:
+    """Train the carry-on (bases live, or --from-cache) and write the mixture directory."""
+    from composer.build import train_mixture
+    from composer.recipe import load_recipe
+
+    result = _run(
+        lambda: train_mixture(
+            load_recipe(recipe, overrides or []),
+            from_cache=from_cache,
+            out=out_dir,
+            steps=steps,
+            resume=resume,
+            console=err,
+        )
+    )
+    m = result.metrics
+    out.print(
+        f"[green]trained[/] {result.out_dir}: eval loss {m['eval_loss_mixture']:.4f} "
+        f"(anchor alone {m['eval_loss_anchor']:.4f}), {m['trainable_params']:,} trainable params",
+        highlight=False,
+    )
+
+
+@app.command()
 def generate(
     mixture_dir: Annotated[Path, typer.Argument(help="A directory written by `compose build`.")],
     prompt: Annotated[str, typer.Option(help="The user's message.")],

@@ -21,6 +21,13 @@ from typing import Any
 
 import torch
 
+from composer.errors import ComposeError
+
+
+class AlignmentError(ComposeError):
+    """A text an aligned base cannot read exactly."""
+
+
 DIVERGENT_BATCH = 32  # rows per batched forward of differing tails (bounds the cache copies)
 
 
@@ -89,6 +96,8 @@ def aligned_states(
     from transformers import DynamicCache
 
     alignment = align(tokenize(base.tokenizer, texts))
+    tails = [shared + len(tail) for shared, tail in alignment.tails.values()]
+    _check_window(base, max([len(alignment.full), *tails]))
     T = len(texts)
     cache = DynamicCache(config=base.model.config)
     out = {layer: torch.zeros(T, base.hidden_size) for layer in layers}
@@ -146,6 +155,25 @@ def _run_tails(
     ]
 
 
+def crop(cache: Any, length: int) -> None:
+    """Cut every filled layer of `cache` back to `length` tokens (layers a forward that stopped
+    early never filled stay empty; transformers' own crop trips over those)."""
+    for layer in cache.layers:
+        if getattr(layer, "is_initialized", False) and layer.keys is not None:
+            cached = layer.get_seq_length()
+            if cached > length:
+                layer.crop(length - cached)
+
+
+def _check_window(base: Any, n_tokens: int) -> None:
+    window = getattr(base.config, "sliding_window", None)
+    if window and n_tokens >= window:
+        raise AlignmentError(
+            f"base '{base.name}' would read {n_tokens} tokens, beyond its sliding window of "
+            f"{window}: cross-tokenizer alignment of such a base is limited to shorter texts"
+        )
+
+
 @dataclass
 class BaseStream:
     """One base's generation state: its tokens so far and its KV cache over them."""
@@ -167,9 +195,8 @@ def stream_step(
     shared = common_prefix(tokens, stream.tokens)
     if shared == len(tokens):  # nothing new: re-read the last token's state
         shared -= 1
-    cached = stream.cache.get_seq_length()
-    if cached > shared:
-        stream.cache.crop(shared - cached)
+    _check_window(base, len(tokens))
+    crop(stream.cache, shared)
     new = torch.tensor([tokens[shared:]])
     positions = torch.arange(shared, len(tokens))[None]
     states = base.forward(

@@ -1,4 +1,4 @@
-"""`compose build`: load bases, read data, train the carry-on, write the mixture directory.
+"""`compose build` and `compose train`: features (cached or live), training, the mixture directory.
 
 The output directory holds the resolved recipe, the carry-on weights, metrics.json, the loss
 plot and a README card. It is created only once everything before training has succeeded, so
@@ -18,12 +18,22 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from composer.cache import open_cache, write_cache
 from composer.checkpoint import WEIGHTS, atomic_write, save_weights, write_json, write_text
 from composer.data import load_examples, split
 from composer.errors import OutputError
+from composer.head import HeadMixture
 from composer.mixture import Mixture
 from composer.recipe import Recipe
-from composer.train import FeatureSource, TrainResult, evaluate, peak_rss_bytes, train
+from composer.train import (
+    FeatureSource,
+    Model,
+    Source,
+    TrainResult,
+    evaluate,
+    peak_rss_bytes,
+    train,
+)
 
 RECIPE_FILE = "recipe.yaml"
 
@@ -73,40 +83,56 @@ def build(
     resume: bool = False,
     console: Console | None = None,
 ) -> BuildResult:
+    """Cache the bases' states (or reuse a matching cache) and train from them; with
+    `train.cache.enabled` off, train with the bases running live. Then write the mixture."""
+    console = console or Console(stderr=True)
+    out_dir = out or recipe.output_dir()
+    check_output_dir(out_dir, recipe, resume)
+    if recipe.train.cache.enabled:
+        cache = write_cache(recipe, console=console)
+        how = "reused" if cache.reused else "written"
+        console.print(f"feature cache {how}: {cache.folder} ({cache.tokens:,} tokens)")
+    return train_mixture(
+        recipe,
+        from_cache=recipe.train.cache.enabled,
+        out=out_dir,
+        steps=steps,
+        resume=resume,
+        console=console,
+    )
+
+
+def train_mixture(
+    recipe: Recipe,
+    *,
+    from_cache: bool,
+    out: Path | None = None,
+    steps: int | None = None,
+    resume: bool = False,
+    console: Console | None = None,
+) -> BuildResult:
+    """Train the carry-on and write the mixture directory. From the recipe's feature cache, no
+    base weights are loaded but the anchor's LM head; otherwise the bases run live."""
     console = console or Console(stderr=True)
     out_dir = out or recipe.output_dir()
     check_output_dir(out_dir, recipe, resume)
     spec = recipe.train
-    with console.status("loading bases"):
-        mixture = Mixture.from_recipe(recipe, fetch=True, seed=spec.seed)
-    with console.status("reading data"):
-        examples = load_examples(spec.data, mixture.tokenizer, spec.seq_len)
-        train_examples, eval_examples = split(examples, spec.eval_fraction, spec.seed)
-    n_kept = len(eval_examples) + (len(train_examples) if spec.cache_features else 0)
-    with Progress(
-        TextColumn("[bold]bases"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("examples"),
-        TimeRemainingColumn(),
-        console=console,
-    ) as progress:
-        task = progress.add_task("bases", total=n_kept)
-
-        def advance(n: int) -> None:
-            progress.advance(task, n)
-
-        train_source = FeatureSource(mixture, train_examples, spec.cache_features, advance)
-        eval_source = FeatureSource(mixture, eval_examples, True, advance)
-    anchor_eval = evaluate(mixture, eval_source, spec.batch_size, use_carry_on=False)
-    console.print(
-        f"{len(train_examples)} train / {len(eval_examples)} eval examples; "
-        f"anchor eval loss {anchor_eval:.4f}"
-    )
+    model: Model
+    train_source: Source
+    eval_source: Source
+    if from_cache:
+        cache = open_cache(recipe)
+        model = HeadMixture.from_recipe(recipe, seed=spec.seed)
+        train_source, eval_source = cache.source("train"), cache.source("eval")
+    else:
+        model, train_source, eval_source = _live(recipe, console)
+    anchor_eval = evaluate(model, eval_source, spec.batch_size, use_carry_on=False)
+    n_train, n_eval = len(train_source.examples), len(eval_source.examples)
+    console.print(f"{n_train} train / {n_eval} eval examples; anchor eval loss {anchor_eval:.4f}")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text(out_dir / RECIPE_FILE, recipe.to_yaml())
     result = train(
-        mixture,
+        model,
         train_source,
         eval_source,
         spec,
@@ -115,19 +141,43 @@ def build(
         resume=resume,
         console=console,
     )
-    save_weights(out_dir / WEIGHTS, mixture.carry_on)
-    metrics = _metrics(
-        recipe, mixture, result, anchor_eval, len(train_examples), len(eval_examples)
-    )
+    save_weights(out_dir / WEIGHTS, model.carry_on)
+    metrics = _metrics(recipe, model, result, anchor_eval, n_train, n_eval)
+    metrics["features"] = "cache" if from_cache else "live"
     write_json(out_dir / "metrics.json", metrics)
     plot_losses(out_dir / "loss.png", result, anchor_eval)
     write_text(out_dir / "README.md", model_card(recipe, metrics))
     return BuildResult(out_dir=out_dir, metrics=metrics)
 
 
+def _live(recipe: Recipe, console: Console) -> tuple[Mixture, FeatureSource, FeatureSource]:
+    """The bases loaded; training batches computed per step, eval features once, in memory."""
+    spec = recipe.train
+    with console.status("loading bases"):
+        mixture = Mixture.from_recipe(recipe, fetch=True, seed=spec.seed)
+    with console.status("reading data"):
+        examples = load_examples(spec.data, mixture.tokenizer, spec.seq_len)
+        train_examples, eval_examples = split(examples, spec.eval_fraction, spec.seed)
+    with Progress(
+        TextColumn("[bold]bases"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("eval examples"),
+        TimeRemainingColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task("bases", total=len(eval_examples))
+
+        def advance(n: int) -> None:
+            progress.advance(task, n)
+
+        eval_source = FeatureSource(mixture, eval_examples, True, advance)
+    return mixture, FeatureSource(mixture, train_examples, False), eval_source
+
+
 def _metrics(
     recipe: Recipe,
-    mixture: Mixture,
+    mixture: Model,
     result: TrainResult,
     anchor_eval: float,
     n_train: int,

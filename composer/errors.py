@@ -23,3 +23,7 @@ class CheckpointError(ComposeError):
 
 class OutputError(ComposeError):
     """An output location that cannot be written."""
+
+
+class CacheError(ComposeError):
+    """A feature cache that is missing, incomplete, corrupt or made for another recipe."""

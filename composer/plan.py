@@ -169,12 +169,13 @@ def make_plan(recipe: Recipe, *, fetch: bool = False) -> Plan:
         "trainable_state": trainable * _ADAMW_BYTES,
         "activations": int(carry_act + head_act + base_act),
     }
-    size = getattr(recipe.train.data, "size", None)
-    if recipe.train.cache_features and size:
-        # Upper bound: every example at full length, every tap and the anchor state in fp32.
-        per_token = sum(tap_dims.values()) + anchor_dim
-        memory["feature_cache"] = int(size * T * per_token * 4)
     memory["total"] = sum(memory.values())
+    size = getattr(recipe.train.data, "size", None)
+    if recipe.train.cache.enabled and size:
+        # On disk, not in the total. Upper bound: every example at full length.
+        per_token = sum(tap_dims.values()) + anchor_dim
+        itemsize = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}[recipe.train.cache.dtype]
+        memory["feature_cache_on_disk"] = int(size * T * per_token * itemsize)
     return Plan(
         recipe=recipe.name,
         anchor=recipe.anchor,

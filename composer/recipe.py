@@ -194,10 +194,31 @@ class TrainSpec(BaseModel):
     seed: int = 0
     eval_every: int = Field(default=100, gt=0)
     checkpoint_every: int = Field(default=100, gt=0)
-    cache_features: bool = Field(
+    cache: CacheSpec = Field(default_factory=lambda: CacheSpec())
+
+
+class CacheSpec(BaseModel):
+    """Tapped states and the anchor's final state, computed once and stored on disk as shards."""
+
+    model_config = _FROZEN
+    enabled: bool = Field(
         default=True,
-        description="Run the frozen bases once per example and reuse their states across epochs.",
+        description="`compose build` runs the bases once into the cache (or reuses a matching "
+        "one) and trains from it; off: the bases run live at every step.",
     )
+    dtype: Literal["bfloat16", "float16", "int8", "float32"] = Field(
+        default="bfloat16", description="Storage dtype of the states; int8 has per-row scales."
+    )
+    dir: str | None = Field(
+        default=None,
+        description="The cache folder (`{name}`: the recipe's name). Default: a folder named by "
+        "the hash of what determines the states, under $COMPOSE_FEATURES_DIR "
+        "(or $COMPOSE_HOME/features).",
+    )
+    shard_examples: int = Field(
+        default=64, gt=0, description="Examples per shard: a killed run resumes per shard."
+    )
+    batch_size: int = Field(default=8, gt=0, description="Examples per forward of the bases.")
 
 
 class Recipe(BaseModel):

@@ -12,9 +12,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -25,10 +25,12 @@ from composer.checkpoint import (
     save_training_state,
 )
 from composer.data import IGNORE, Example, collate
+from composer.head import HeadMixture, head_loss, lm_head
 from composer.mixture import Features, Mixture, pad_features
 from composer.recipe import TrainSpec
 
-HEAD_CHUNK = 2048  # rows of hidden states sent through the LM head at once
+# What trains: a mixture with its bases, or only its carry-on and head (from cached features).
+Model = Mixture | HeadMixture
 
 
 @dataclass
@@ -40,6 +42,14 @@ class Batch:
     @property
     def n_targets(self) -> int:
         return int((self.labels[:, 1:] != IGNORE).sum())
+
+
+class Source(Protocol):
+    """Batches of features by example index: live (FeatureSource) or cached (shards)."""
+
+    examples: list[Example]
+
+    def batch(self, indices: list[int]) -> Batch: ...
 
 
 class FeatureSource:
@@ -100,8 +110,9 @@ def _slice(features: Features, row: int, n: int) -> Features:
     )
 
 
-def token_loss(mixture: Mixture, batch: Batch, use_carry_on: bool = True) -> torch.Tensor:
-    """Summed next-token cross-entropy over target positions; the head sees only those rows."""
+def token_loss(mixture: Model, batch: Batch, use_carry_on: bool = True) -> torch.Tensor:
+    """Summed next-token cross-entropy over target positions; the head sees only those rows,
+    a chunk at a time (composer.head.head_loss)."""
     if use_carry_on:
         hidden, _, _ = mixture.hidden(batch.features, batch.attention_mask)
     else:
@@ -110,17 +121,11 @@ def token_loss(mixture: Mixture, batch: Batch, use_carry_on: bool = True) -> tor
     selected = targets != IGNORE
     rows = hidden[:, :-1][selected]  # (N, D)
     wanted = targets[selected]  # (N,)
-    total = rows.new_zeros(())
-    for start in range(0, rows.shape[0], HEAD_CHUNK):
-        logits = mixture.logits(rows[start : start + HEAD_CHUNK])
-        total = total + F.cross_entropy(logits, wanted[start : start + HEAD_CHUNK], reduction="sum")
-    return total
+    return head_loss(lm_head(mixture), rows, wanted)
 
 
 @torch.no_grad()
-def evaluate(
-    mixture: Mixture, source: FeatureSource, batch_size: int, use_carry_on: bool = True
-) -> float:
+def evaluate(mixture: Model, source: Source, batch_size: int, use_carry_on: bool = True) -> float:
     """Mean next-token loss per target token over every example of `source`."""
     total, count = 0.0, 0
     for chunk in _chunks(list(range(len(source.examples))), batch_size):
@@ -162,9 +167,9 @@ def peak_rss_bytes() -> int:
 
 
 def train(
-    mixture: Mixture,
-    train_source: FeatureSource,
-    eval_source: FeatureSource,
+    mixture: Model,
+    train_source: Source,
+    eval_source: Source,
     spec: TrainSpec,
     checkpoints: Path,
     *,

@@ -154,3 +154,9 @@ def write_recipe(tmp_path: Path):
         return path
 
     return write
+
+
+@pytest.fixture(autouse=True)
+def _feature_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's feature caches in its own tmp folder, never in the user's $COMPOSE_HOME."""
+    monkeypatch.setenv("COMPOSE_FEATURES_DIR", str(tmp_path / "features"))

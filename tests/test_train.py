@@ -14,7 +14,7 @@ from composer.checkpoint import WEIGHTS, latest_checkpoint
 from composer.errors import CheckpointError, OutputError
 from composer.generate import load_mixture
 from composer.mixture import Mixture
-from composer.recipe import load_recipe
+from composer.recipe import CacheSpec, load_recipe
 
 
 @pytest.fixture()
@@ -44,7 +44,11 @@ def test_build_trains_carry_on_only(recipe, tmp_path, monkeypatch):
         return mixture
 
     monkeypatch.setattr(build_module.Mixture, "from_recipe", spy)
-    result = build(recipe, out=tmp_path / "out", steps=6)
+    # Live features: the bases and the training carry-on share the process.
+    live = recipe.model_copy(
+        update={"train": recipe.train.model_copy(update={"cache": CacheSpec(enabled=False)})}
+    )
+    result = build(live, out=tmp_path / "out", steps=6)
     mixture, before = seen[0], seen[1]
     after = _snapshot(mixture)
     assert before.keys() == after.keys()

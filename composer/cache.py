@@ -1,0 +1,332 @@
+"""`compose cache`: run the frozen bases once over the data and keep their states on disk.
+
+This is the part of training the paper hands to inference nodes: the bases never take
+gradients, so their states can be computed once, stored, and read back at every epoch by a
+process that holds no base at all (composer.head.HeadMixture).
+
+A cache folder holds `manifest.json` and shards (composer.shards). The manifest is keyed by a
+hash of everything that decides the states: each base's weights, config, dtype, quantization and
+tokenizer, the taps, the anchor's chat template, the data and its split, seq_len and the storage
+dtype. It lists every complete shard with its sha256; a shard is written atomically before it
+is listed, so a killed run resumes after the last listed shard, and a shard whose bytes do not
+match its checksum is refused.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors.torch import save_file
+
+from composer.checkpoint import atomic_write, write_json
+from composer.data import Example, collate, load_examples, split
+from composer.errors import CacheError
+from composer.frozen import resolve_folder, tokenizer_fingerprint
+from composer.mixture import Mixture
+from composer.plan import check_compatible
+from composer.recipe import Recipe
+from composer.registry import cache_home, get_card
+from composer.shards import CachedSource, Encoded, encode, pack
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+SPLITS = ("train", "eval")
+
+
+def features_root() -> Path:
+    """Where hash-named caches live: `$COMPOSE_FEATURES_DIR` or `$COMPOSE_HOME/features`."""
+    env = os.environ.get("COMPOSE_FEATURES_DIR")
+    return Path(env).expanduser() if env else cache_home() / "features"
+
+
+def _sha256_file(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _sha256_files(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(f"{path.name}:{_sha256_file(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def _weights_identity(spec_card: str | None, folder: Path) -> str:
+    """A card's pinned sha256 when it has one, else a hash of the folder's weight files."""
+    if spec_card is not None:
+        sha = getattr(get_card(spec_card).source, "sha256", None)
+        if sha:
+            return f"card {spec_card} sha256 {sha}"
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
+    return f"files sha256 {_sha256_files(files)}"
+
+
+def _data_identity(recipe: Recipe) -> dict[str, Any]:
+    data = recipe.train.data
+    identity: dict[str, Any] = data.model_dump(mode="json")
+    path = getattr(data, "path", None)
+    if path is not None:
+        identity["sha256"] = _sha256_file(Path(path)) if Path(path).is_file() else "missing"
+    elif data.kind == "gsm_symbolic":
+        identity["generator"] = f"reasoning-gym {importlib.metadata.version('reasoning-gym')}"
+    elif data.kind == "python_stdlib":
+        identity["python"] = platform.python_version()
+    return identity
+
+
+def cache_key(recipe: Recipe, folders: dict[str, Path]) -> tuple[str, dict[str, Any]]:
+    """The hash that names a cache, and the components it hashes (kept to explain a mismatch)."""
+    tapped = {t.base for t in recipe.tap_refs} | {recipe.anchor}
+    bases = {}
+    for name in sorted(tapped):
+        base, folder = recipe.bases[name], folders[name]
+        bases[name] = {
+            "weights": _weights_identity(base.card, folder),
+            "config": _sha256_file(folder / "config.json"),
+            "dtype": base.dtype,
+            "quantization": base.quantization,
+            "tokenizer": tokenizer_fingerprint(folder),
+        }
+    anchor = folders[recipe.anchor]
+    templates = [anchor / n for n in ("tokenizer_config.json", "chat_template.jinja")]
+    spec = recipe.train
+    components = {
+        "format": FORMAT,
+        "anchor": recipe.anchor,
+        "bases": bases,
+        "taps": sorted(str(t) for t in recipe.tap_refs),
+        "chat_template": _sha256_files([p for p in templates if p.is_file()]),
+        "data": _data_identity(recipe),
+        "seq_len": spec.seq_len,
+        "eval_fraction": spec.eval_fraction,
+        "split_seed": spec.seed,
+        "dtype": spec.cache.dtype,
+    }
+    text = json.dumps(components, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest(), components
+
+
+def cache_dir(recipe: Recipe, key: str) -> Path:
+    if recipe.train.cache.dir is not None:
+        return Path(recipe.train.cache.dir.format(name=recipe.name)).expanduser()
+    return features_root() / key[:16]
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def _read_manifest(folder: Path) -> dict[str, Any] | None:
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        if manifest.get("format") != FORMAT:
+            raise ValueError(f"format {manifest.get('format')}, expected {FORMAT}")
+        return manifest
+    except (OSError, ValueError) as exc:
+        raise CacheError(f"cache {folder}: unreadable {MANIFEST} ({exc})") from exc
+
+
+def _check_key(folder: Path, manifest: dict[str, Any], key: str, components: dict) -> None:
+    if manifest["key"] != key:
+        what = ", ".join(_differences(manifest["components"], components)[:4]) or "unknown"
+        raise CacheError(
+            f"cache {folder} holds the states of another recipe (they differ in: {what}); "
+            "remove it or set train.cache.dir to another folder"
+        )
+
+
+def _verify(folder: Path, manifest: dict[str, Any]) -> None:
+    """Every listed shard is there and its bytes match the manifest's sha256."""
+    for split_name in SPLITS:
+        for shard in manifest["shards"][split_name]:
+            path = folder / shard["file"]
+            if not path.is_file():
+                raise CacheError(f"cache {folder}: shard {shard['file']} is missing")
+            if path.stat().st_size != shard["bytes"] or _sha256_file(path) != shard["sha256"]:
+                raise CacheError(
+                    f"cache {folder}: shard {shard['file']} is corrupt (checksum mismatch); "
+                    "remove the cache folder and run `compose cache` again"
+                )
+
+
+@dataclass
+class FeatureCache:
+    """A complete, verified cache that matches its recipe."""
+
+    folder: Path
+    manifest: dict[str, Any]
+    reused: bool = True
+    seconds: float = 0.0  # spent running the bases, when this call wrote shards
+
+    def source(self, split_name: str) -> CachedSource:
+        return CachedSource([self.folder / s["file"] for s in self.manifest["shards"][split_name]])
+
+    @property
+    def examples(self) -> dict[str, int]:
+        return dict(self.manifest["examples"])
+
+    @property
+    def tokens(self) -> int:
+        return sum(s["tokens"] for name in SPLITS for s in self.manifest["shards"][name])
+
+
+def open_cache(recipe: Recipe) -> FeatureCache:
+    """The recipe's cache, checked (key, completeness, checksums); no base is loaded."""
+    folders = {name: resolve_folder(spec, fetch=False) for name, spec in recipe.bases.items()}
+    key, components = cache_key(recipe, folders)
+    folder = cache_dir(recipe, key)
+    manifest = _read_manifest(folder)
+    if manifest is None:
+        raise CacheError(f"no feature cache at {folder}: run `compose cache` on this recipe first")
+    _check_key(folder, manifest, key, components)
+    if not manifest["complete"]:
+        done = sum(len(manifest["shards"][s]) for s in SPLITS)
+        raise CacheError(
+            f"cache {folder} is incomplete ({done} of {sum(manifest['planned'].values())} "
+            "shards): run `compose cache` on this recipe to finish it"
+        )
+    _verify(folder, manifest)
+    return FeatureCache(folder, manifest)
+
+
+@contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CacheError(f"cache {folder} is being written by another process") from None
+        yield
+
+
+def write_cache(
+    recipe: Recipe, *, console: Console | None = None, mixture: Mixture | None = None
+) -> FeatureCache:
+    """Reuse the recipe's cache when complete, else compute it (resuming a partial one)."""
+    folders = {name: resolve_folder(spec, fetch=True) for name, spec in recipe.bases.items()}
+    check_compatible(recipe, folders)  # before anything is written
+    key, components = cache_key(recipe, folders)
+    folder = cache_dir(recipe, key)
+    manifest = _read_manifest(folder)
+    if manifest is not None:
+        _check_key(folder, manifest, key, components)
+        if manifest["complete"]:
+            _verify(folder, manifest)
+            return FeatureCache(folder, manifest)
+    console = console or Console(stderr=True)
+    spec = recipe.train
+    with _locked(folder):
+        manifest = _read_manifest(folder)  # again: another writer may have moved it on
+        if mixture is None:
+            with console.status("loading bases"):
+                mixture = Mixture.from_recipe(recipe, fetch=True, seed=spec.seed)
+        with console.status("reading data"):
+            examples = load_examples(spec.data, mixture.tokenizer, spec.seq_len)
+            parts = dict(zip(SPLITS, split(examples, spec.eval_fraction, spec.seed), strict=True))
+        per_shard = manifest["shard_examples"] if manifest else spec.cache.shard_examples
+        planned = {s: -(-len(parts[s]) // per_shard) for s in SPLITS}
+        if manifest is None or manifest["planned"] != planned:
+            manifest = {
+                "format": FORMAT,
+                "key": key,
+                "components": components,
+                "dtype": spec.cache.dtype,
+                "shard_examples": per_shard,
+                "examples": {s: len(parts[s]) for s in SPLITS},
+                "planned": planned,
+                "shards": {s: [] for s in SPLITS},
+                "complete": False,
+            }
+            write_json(folder / MANIFEST, manifest)
+        _verify(folder, manifest)
+        began = time.perf_counter()
+        _run_bases(recipe, mixture, parts, folder, manifest, console)
+        manifest["complete"] = True
+        write_json(folder / MANIFEST, manifest)
+    return FeatureCache(folder, manifest, reused=False, seconds=time.perf_counter() - began)
+
+
+def _run_bases(
+    recipe: Recipe,
+    mixture: Mixture,
+    parts: dict[str, list[Example]],
+    folder: Path,
+    manifest: dict[str, Any],
+    console: Console,
+) -> None:
+    """Write every shard the manifest does not list yet, listing each once it is on disk."""
+    cache = recipe.train.cache
+    tokenizer = mixture.tokenizer
+    pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+    per_shard = manifest["shard_examples"]
+    todo = sum(len(parts[s]) for s in SPLITS) - sum(
+        s["examples"] for name in SPLITS for s in manifest["shards"][name]
+    )
+    with Progress(
+        TextColumn("[bold]cache"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("examples  {task.fields[speed]} tok/s"),
+        TimeRemainingColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task("cache", total=todo, speed="-")
+        tokens, began = 0, time.perf_counter()
+        for split_name in SPLITS:
+            examples = parts[split_name]
+            # Similar lengths together, so little of each forward is spent on padding.
+            order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+            listed = manifest["shards"][split_name]
+            for k in range(len(listed), manifest["planned"][split_name]):
+                members = order[k * per_shard : (k + 1) * per_shard]
+                encoded: list[Encoded] = []
+                for start in range(0, len(members), cache.batch_size):
+                    chunk = members[start : start + cache.batch_size]
+                    batch = collate([examples[i] for i in chunk], pad_id)
+                    features = mixture.features(batch["input_ids"], batch["attention_mask"])
+                    for row, i in enumerate(chunk):
+                        encoded.append(encode(i, examples[i], features, row, cache.dtype))
+                    tokens += int(batch["attention_mask"].sum())
+                    speed = tokens / max(time.perf_counter() - began, 1e-9)
+                    progress.update(task, advance=len(chunk), speed=f"{speed:,.0f}")
+                name = f"{split_name}-{k:05d}.safetensors"
+                _write_shard(folder / name, pack(encoded))
+                listed.append(
+                    {
+                        "file": name,
+                        "examples": len(members),
+                        "tokens": sum(len(e.example.input_ids) for e in encoded),
+                        "bytes": (folder / name).stat().st_size,
+                        "sha256": _sha256_file(folder / name),
+                    }
+                )
+                write_json(folder / MANIFEST, manifest)
+
+
+def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), {"format": "compose-features"}))
