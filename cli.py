@@ -274,6 +274,37 @@ def bases_pull(
     out.print(f"[green]pulled[/] {name}: {folder}", highlight=False)
 
 
+@app.command()
+def export(
+    mixture_dir: Annotated[Path, typer.Argument(help="A directory written by `compose build`.")],
+    out_dir: Annotated[Path, typer.Argument(help="The folder to create.", show_default=False)],
+    include_bases: Annotated[
+        bool, typer.Option(help="Store the bases' weights too, so OUT needs no other file.")
+    ] = False,
+    shard_mb: Annotated[int, typer.Option(min=1, help="Largest base weight shard, in MiB.")] = 1024,
+    verify: Annotated[
+        bool, typer.Option(help="Load the export back and require identical logits.")
+    ] = True,
+) -> None:
+    """Write a self-contained, checked mixture checkpoint with a model card."""
+    from composer.export import export as run_export
+
+    result = _run(
+        lambda: run_export(
+            mixture_dir,
+            out_dir,
+            include_bases=include_bases,
+            shard_bytes=shard_mb * 2**20,
+            verify=verify,
+            console=err,
+        )
+    )
+    out.print(
+        f"[green]exported[/] {result.out_dir}: {result.files} files, {_mib(result.bytes)}",
+        highlight=False,
+    )
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app(prog_name="compose")

@@ -11,6 +11,7 @@ from composer.build import RECIPE_FILE
 from composer.checkpoint import WEIGHTS, load_weights
 from composer.data import format_prompt
 from composer.errors import CheckpointError
+from composer.manifest import resolve_export
 from composer.mixture import Mixture
 from composer.recipe import recipe_from_dict
 
@@ -22,7 +23,9 @@ def load_mixture(folder: str | Path, *, fetch: bool = True) -> Mixture:
     for needed in (recipe_path, weights):
         if not needed.is_file():
             raise CheckpointError(f"{folder} is not a mixture directory: {needed.name} is missing")
-    recipe = recipe_from_dict(yaml.safe_load(recipe_path.read_text()), str(recipe_path))
+    # An export checks its files and names its bases by paths relative to itself.
+    data = resolve_export(folder, yaml.safe_load(recipe_path.read_text()))
+    recipe = recipe_from_dict(data, str(recipe_path))
     mixture = Mixture.from_recipe(recipe, fetch=fetch)
     load_weights(weights, mixture.carry_on)
     mixture.carry_on.eval()

@@ -1,0 +1,341 @@
+"""`compose export`: a built mixture as one self-contained, checked folder.
+
+    OUT/recipe.yaml            the resolved recipe (bases by relative path with --include-bases)
+    OUT/carry_on.safetensors   the carry-on's keys, byte for byte
+    OUT/tokenizers/<base>/     each base's tokenizer files
+    OUT/bases/<base>/          with --include-bases: config, tokenizer, sharded safetensors
+    OUT/metrics.json           the build's training metrics, when it has them
+    OUT/README.md              the model card
+    OUT/export.json            sizes and sha256 of every file; `load_mixture` checks them
+
+Base weights are copied tensor by tensor from the folder the base loads from, so a quantized
+base is stored as its original weights plus the recipe's `quantization` setting and quantizes
+the same way on load. OUT is assembled under a temporary name and renamed into place only after
+the export has been loaded back and gave the same logits as the source.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+
+from composer.build import RECIPE_FILE
+from composer.checkpoint import WEIGHTS, write_json, write_text
+from composer.errors import CheckpointError, OutputError
+from composer.frozen import resolve_folder
+from composer.manifest import FORMAT, MANIFEST, file_entries, resolve_export, sha256_file
+from composer.recipe import Recipe, recipe_from_dict
+
+DEFAULT_SHARD_BYTES = 1 << 30
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
+PROBE = "Tom has 3 apples and buys 4 more. How many apples does he have now?"
+VERSIONED = ("compose-carry-on", "torch", "transformers", "safetensors", "tokenizers")
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    files: int
+    bytes: int
+
+
+def export(
+    mixture_dir: Path,
+    out: Path,
+    *,
+    include_bases: bool = False,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    verify: bool = True,
+    console: Console | None = None,
+) -> ExportResult:
+    """Write `out` from the built mixture `mixture_dir`; see the module docstring for the layout."""
+    console = console or Console(stderr=True)
+    recipe = _read_recipe(mixture_dir)
+    _check_out(out)
+    with console.status("resolving bases"):
+        folders = {name: resolve_folder(spec, fetch=False) for name, spec in recipe.bases.items()}
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        shutil.copyfile(mixture_dir / WEIGHTS, staging / WEIGHTS)
+        sources = {}
+        for name, folder in folders.items():
+            _copy_files(folder, staging / "tokenizers" / name, TOKENIZER_FILES)
+            with console.status(f"hashing base '{name}'"):
+                sources[name] = _source(recipe, name, folder)
+            if include_bases:
+                with console.status(f"writing base '{name}'"):
+                    _copy_base(folder, staging / "bases" / name, shard_bytes)
+        exported = _exported_recipe(recipe, folders, include_bases)
+        write_text(staging / RECIPE_FILE, exported.to_yaml())
+        metrics = _read_metrics(mixture_dir)
+        if metrics is not None:
+            write_json(staging / "metrics.json", metrics)
+        versions = _versions()
+        write_text(
+            staging / "README.md", model_card(exported, sources, metrics, versions, include_bases)
+        )
+        files = file_entries(staging)
+        manifest = {
+            "format": FORMAT,
+            "version": 1,
+            "recipe": recipe.name,
+            "include_bases": include_bases,
+            "bases": sources,
+            "versions": versions,
+            "files": files,
+        }
+        write_json(staging / MANIFEST, manifest)
+        if verify:
+            with console.status("loading the export back and comparing logits"):
+                check_same_logits(mixture_dir, staging)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ExportResult(out, len(files), sum(f["bytes"] for f in files.values()))
+
+
+def _read_recipe(mixture_dir: Path) -> Recipe:
+    recipe_path = mixture_dir / RECIPE_FILE
+    for needed in (recipe_path, mixture_dir / WEIGHTS):
+        if not needed.is_file():
+            raise CheckpointError(
+                f"{mixture_dir} is not a mixture directory: {needed.name} is missing"
+            )
+    data = resolve_export(mixture_dir, yaml.safe_load(recipe_path.read_text()))
+    return recipe_from_dict(data, str(recipe_path))
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise OutputError(f"output {out} already exists and is not empty; choose another")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise OutputError(f"output {out} is not writable ({out.parent} denies writing)")
+
+
+def _copy_files(src: Path, dst: Path, names: tuple[str, ...]) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files a base loads from; other weight formats are refused."""
+    found = sorted(folder.glob("*.safetensors"))
+    if not found:
+        other = [p.name for p in folder.iterdir() if p.name.endswith(_WEIGHT_SUFFIXES)]
+        what = f"only {', '.join(other)}" if other else "no weight files"
+        raise CheckpointError(f"base folder {folder} has {what}; export needs safetensors")
+    return found
+
+
+def _copy_base(folder: Path, dst: Path, shard_bytes: int) -> None:
+    """Config, tokenizer and other small files as they are; the weights re-sharded exactly."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for path in folder.iterdir():
+        if (
+            path.is_file()
+            and not path.name.startswith(".")
+            and not path.name.endswith(_WEIGHT_SUFFIXES)
+            and path.name != "model.safetensors.index.json"
+        ):
+            shutil.copyfile(path, dst / path.name)
+    plan: list[list[tuple[Path, str, int]]] = [[]]
+    size = 0
+    for file in weight_files(folder):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                tensor = handle.get_slice(key)
+                n = _nbytes(tensor.get_shape(), tensor.get_dtype())
+                if plan[-1] and size + n > shard_bytes:
+                    plan.append([])
+                    size = 0
+                plan[-1].append((file, key, n))
+                size += n
+    weight_map: dict[str, str] = {}
+    for i, shard in enumerate(plan, start=1):
+        name = f"model-{i:05d}-of-{len(plan):05d}.safetensors"
+        tensors = {}
+        for file in dict.fromkeys(f for f, _, _ in shard):
+            with safe_open(str(file), framework="pt") as handle:
+                for f, key, _ in shard:
+                    if f == file:
+                        tensors[key] = handle.get_tensor(key)
+                        weight_map[key] = name
+        save_file(tensors, str(dst / name), metadata={"format": "pt"})
+    total = sum(n for shard in plan for _, _, n in shard)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2}
+
+
+def _nbytes(shape: list[int], dtype: str) -> int:
+    n = _DTYPE_BYTES.get(dtype, 1)
+    for dim in shape:
+        n *= dim
+    return n
+
+
+def _source(recipe: Recipe, name: str, folder: Path) -> dict[str, Any]:
+    """Where a base came from and the sha256 of the weights it loads."""
+    spec = recipe.bases[name]
+    entry: dict[str, Any] = {
+        "card": spec.card,
+        "path": str(folder),
+        "dtype": spec.dtype,
+        "quantization": spec.quantization,
+        "weights": {p.name: sha256_file(p) for p in weight_files(folder)},
+    }
+    if spec.card is not None:
+        from composer import registry
+
+        card = registry.get_card(spec.card)
+        entry["card_sha256"] = getattr(card.source, "sha256", None)
+        entry["source_kind"] = card.source.kind
+    return entry
+
+
+def _exported_recipe(recipe: Recipe, folders: dict[str, Path], include_bases: bool) -> Recipe:
+    """Included bases by path inside OUT; local folders by absolute path; cards unchanged."""
+    data = recipe.model_dump(mode="json")
+    for name, spec in data["bases"].items():
+        if include_bases:
+            spec["card"], spec["path"] = None, f"bases/{name}"
+        elif spec["path"] is not None:
+            spec["path"] = str(folders[name].resolve())
+    return recipe_from_dict(data, "exported recipe")
+
+
+def _read_metrics(mixture_dir: Path) -> dict[str, Any] | None:
+    path = mixture_dir / "metrics.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: cannot read: {exc}") from exc
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in VERSIONED:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def check_same_logits(source: Path, exported: Path) -> None:
+    """Load both folders and require bit-identical logits on a probe text."""
+    import torch
+
+    from composer.generate import load_mixture
+
+    logits = []
+    for folder in (source, exported):
+        mixture = load_mixture(folder, fetch=False)
+        ids = torch.tensor([mixture.tokenizer(PROBE, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            logits.append(mixture(ids))
+        del mixture
+    if not torch.equal(logits[0], logits[1]):
+        gap = float((logits[0] - logits[1]).abs().max())
+        raise CheckpointError(
+            f"the export does not reproduce {source}: logits differ by up to {gap:.3g}"
+        )
+
+
+def model_card(
+    recipe: Recipe,
+    sources: dict[str, dict[str, Any]],
+    metrics: dict[str, Any] | None,
+    versions: dict[str, str],
+    include_bases: bool,
+) -> str:
+    rows = []
+    for name, src in sources.items():
+        origin = f"card `{src['card']}`" if src["card"] else f"folder `{src['path']}`"
+        if src.get("card_sha256"):
+            origin += f" ({src.get('source_kind')} sha256 `{src['card_sha256']}`)"
+        weights = "<br>".join(f"`{f}` sha256 `{h}`" for f, h in src["weights"].items())
+        role = " (anchor)" if name == recipe.anchor else ""
+        rows.append(
+            f"| `{name}`{role} | {origin} | {src['dtype']} | {src['quantization']} | {weights} |"
+        )
+    if include_bases:
+        where = "The bases' weights are in `bases/` (sharded safetensors); nothing else is read."
+    else:
+        where = "The bases are not included: they load from their cards or paths as listed."
+    table = ["| metric | value |", "|---|---|"]
+    for key in ("steps", "tokens", "train_loss_last", "eval_loss_anchor", "eval_loss_mixture"):
+        value = (metrics or {}).get(key)
+        if isinstance(value, float):
+            table.append(f"| {key} | {value:.4f} |")
+        elif isinstance(value, int):
+            table.append(f"| {key} | {value:,} |")
+    training = "\n".join(table) if len(table) > 2 else "No training metrics were found."
+    libs = ", ".join(f"{k} {v}" for k, v in versions.items())
+    return f"""# {recipe.name} (exported mixture)
+
+A carry-on mixture exported by `compose export`: frozen bases, a trained carry-on writing a
+gated correction into the anchor `{recipe.anchor}`'s final hidden state, read by its LM head.
+{where} Every file's size and sha256 is in `{MANIFEST}` and is checked on load.
+
+## Bases
+
+| base | source | dtype | quantization | weights loaded |
+|---|---|---|---|---|
+{chr(10).join(rows)}
+
+Quantized bases are stored as their original weights; the recipe's `quantization` setting
+quantizes them on load.
+
+## Training
+
+{training}
+
+## Recipe
+
+```yaml
+{recipe.to_yaml().rstrip()}
+```
+
+## Use
+
+    compose generate <this folder> --prompt "..."
+
+or in Python: `composer.load_mixture("<this folder>")`.
+
+Exported with {libs}.
+"""

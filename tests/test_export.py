@@ -1,0 +1,118 @@
+"""`compose export`: the exported folder reloads to identical logits and refuses tampering."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import recipe_yaml
+from typer.testing import CliRunner
+
+from cli import app
+from composer.build import build
+from composer.errors import CheckpointError, OutputError
+from composer.export import export
+from composer.generate import load_mixture
+from composer.recipe import load_recipe
+
+TEXT = "He works 6 * 2 = 12 days a month, so he earns 195 * 12 = 2340 a month."
+
+
+def _logits(folder: Path) -> torch.Tensor:
+    mixture = load_mixture(folder, fetch=False)
+    ids = torch.tensor([mixture.tokenizer(TEXT)["input_ids"]])
+    with torch.no_grad():
+        return mixture(ids)
+
+
+def _built(tmp_path: Path, tiny, overrides: tuple[str, ...] = ()) -> Path:
+    """A mixture built over private copies of the tiny bases (so a test may move them)."""
+    bases = {}
+    for name, family in (("a", "llama"), ("b", "qwen2")):
+        bases[name] = tmp_path / "bases" / family
+        shutil.copytree(tiny[family], bases[name])
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe_yaml(bases, "a", ["a@1", "b@2"]))
+    out = tmp_path / "mix"
+    build(load_recipe(path, overrides), out=out, steps=2)
+    return out
+
+
+def test_export_without_bases_gives_identical_logits(tiny, tmp_path):
+    mix = _built(tmp_path, tiny)
+    out = tmp_path / "export"
+    result = export(mix, out)
+    assert result.out_dir == out and result.files >= 4
+    for name in ("recipe.yaml", "carry_on.safetensors", "README.md", "metrics.json"):
+        assert (out / name).is_file()
+    assert (out / "tokenizers" / "a" / "tokenizer.json").is_file()
+    assert not (out / "bases").exists()
+    assert torch.equal(_logits(out), _logits(mix))
+    card = (out / "README.md").read_text()
+    manifest = json.loads((out / "export.json").read_text())
+    weights_sha = next(iter(manifest["bases"]["a"]["weights"].values()))
+    assert weights_sha in card and "eval_loss_mixture" in card and "transformers" in card
+
+
+def test_export_with_bases_loads_without_the_originals(tiny, tmp_path):
+    mix = _built(tmp_path, tiny)
+    before = _logits(mix)
+    out = tmp_path / "export"
+    export(mix, out, include_bases=True, shard_bytes=64 * 1024)
+    shards = sorted((out / "bases" / "b").glob("model-*.safetensors"))
+    assert len(shards) > 1  # sharded, and loaded through the index
+    recipe = (out / "recipe.yaml").read_text()
+    assert "path: bases/a" in recipe and str(tmp_path / "bases") not in recipe
+    shutil.move(tmp_path / "bases", tmp_path / "moved-away")
+    assert torch.equal(_logits(out), before)
+
+
+def test_quantized_base_is_exported_as_original_weights(tiny, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    mix = _built(tmp_path, tiny, ("bases.b.quantization=nf4",))
+    before = _logits(mix)
+    out = tmp_path / "export"
+    export(mix, out, include_bases=True)
+    original = sum(p.stat().st_size for p in (tmp_path / "bases" / "qwen2").glob("*.safetensors"))
+    stored = sum(p.stat().st_size for p in (out / "bases" / "b").glob("*.safetensors"))
+    assert stored == pytest.approx(original, rel=0.01)  # not packed 4-bit tensors
+    assert "quantization: nf4" in (out / "recipe.yaml").read_text()
+    assert torch.equal(_logits(out), before)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_export_is_refused(tiny, tmp_path, damage):
+    mix = _built(tmp_path, tiny)
+    out = tmp_path / "export"
+    export(mix, out, include_bases=True, verify=False)
+    shard = sorted((out / "bases" / "a").glob("model-*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    if damage == "truncate":
+        shard.write_bytes(data[: len(data) // 2])
+        message = "truncated or replaced"
+    else:
+        data[-10] ^= 0xFF
+        shard.write_bytes(data)
+        message = "sha256 differs"
+    with pytest.raises(CheckpointError, match=message):
+        load_mixture(out)
+
+
+def test_export_refuses_a_non_empty_output(tiny, tmp_path):
+    mix = _built(tmp_path, tiny)
+    with pytest.raises(OutputError, match="already exists and is not empty"):
+        export(mix, mix)
+
+
+def test_export_cli(tiny, tmp_path):
+    mix = _built(tmp_path, tiny)
+    out = tmp_path / "cli-export"
+    result = CliRunner().invoke(app, ["export", str(mix), str(out), "--include-bases"])
+    assert result.exit_code == 0, result.output
+    assert "exported" in result.stdout and (out / "bases" / "a" / "config.json").is_file()
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "nothing"), str(out)])
+    assert result.exit_code == 1
+    assert "is not a mixture directory" in result.output
