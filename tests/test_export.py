@@ -28,14 +28,14 @@ def _logits(folder: Path) -> torch.Tensor:
         return mixture(ids)
 
 
-def _built(tmp_path: Path, tiny, overrides: tuple[str, ...] = ()) -> Path:
+def _built(tmp_path: Path, tiny, overrides: tuple[str, ...] = (), second: str = "qwen2") -> Path:
     """A mixture built over private copies of the tiny bases (so a test may move them)."""
     bases = {}
-    for name, family in (("a", "llama"), ("b", "qwen2")):
+    for name, family in (("a", "llama"), ("b", second)):
         bases[name] = tmp_path / "bases" / family
         shutil.copytree(tiny[family], bases[name])
     path = tmp_path / "recipe.yaml"
-    path.write_text(recipe_yaml(bases, "a", ["a@1", "b@2"]))
+    path.write_text(recipe_yaml(bases, "a", ["a@1", "b@2" if second == "qwen2" else "b@1"]))
     out = tmp_path / "mix"
     build(load_recipe(path, overrides), out=out, steps=2)
     return out
@@ -66,6 +66,16 @@ def test_export_with_bases_loads_without_the_originals(tiny, tmp_path):
     assert len(shards) > 1  # sharded, and loaded through the index
     recipe = (out / "recipe.yaml").read_text()
     assert "path: bases/a" in recipe and str(tmp_path / "bases") not in recipe
+    shutil.move(tmp_path / "bases", tmp_path / "moved-away")
+    assert torch.equal(_logits(out), before)
+
+
+def test_cross_tokenizer_export_gives_identical_logits(tiny, tmp_path):
+    mix = _built(tmp_path, tiny, second="other")  # "other" has its own tokenizer: aligned
+    before = _logits(mix)
+    out = tmp_path / "export"
+    export(mix, out, include_bases=True)
+    assert (out / "tokenizers" / "b" / "tokenizer.json").is_file()
     shutil.move(tmp_path / "bases", tmp_path / "moved-away")
     assert torch.equal(_logits(out), before)
 
