@@ -19,10 +19,18 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from composer.cache import open_cache, write_cache
-from composer.checkpoint import WEIGHTS, atomic_write, save_weights, write_json, write_text
+from composer.checkpoint import (
+    WEIGHTS,
+    atomic_write,
+    load_weights,
+    save_weights,
+    write_json,
+    write_text,
+)
 from composer.data import load_examples, split
 from composer.errors import OutputError
 from composer.head import HeadMixture
+from composer.metrics import domain_metrics
 from composer.mixture import Mixture
 from composer.recipe import Recipe
 from composer.train import (
@@ -92,7 +100,7 @@ def build(
         cache = write_cache(recipe, console=console)
         how = "reused" if cache.reused else "written"
         console.print(f"feature cache {how}: {cache.folder} ({cache.tokens:,} tokens)")
-    return train_mixture(
+    result = train_mixture(
         recipe,
         from_cache=recipe.train.cache.enabled,
         out=out_dir,
@@ -100,6 +108,23 @@ def build(
         resume=resume,
         console=console,
     )
+    with console.status("held-out metrics per domain, the bases alone included"):
+        result.metrics["domains"] = domain_report(recipe, out_dir)
+    write_json(out_dir / "metrics.json", result.metrics)
+    write_text(out_dir / "README.md", model_card(recipe, result.metrics))
+    return result
+
+
+def domain_report(recipe: Recipe, out_dir: Path) -> dict[str, Any]:
+    """Per data domain, on the held-out split: loss of the anchor, of the mixture and of each
+    base alone (per character, so tokenizers compare), and the router's mean weight per source."""
+    mixture = Mixture.from_recipe(recipe, fetch=True, seed=recipe.train.seed)
+    load_weights(out_dir / WEIGHTS, mixture.carry_on)
+    mixture.carry_on.eval()
+    spec = recipe.train
+    examples = load_examples(spec.data, mixture.tokenizer, spec.seq_len)
+    _, eval_examples = split(examples, spec.eval_fraction, spec.seed)
+    return domain_metrics(mixture, eval_examples, spec.batch_size)
 
 
 def train_mixture(
@@ -227,6 +252,26 @@ def plot_losses(path: Path, result: TrainResult, anchor_eval: float) -> None:
         atomic_write(path, lambda dst: dst.write_bytes(png.read_bytes()))
 
 
+def _domain_table(domains: dict[str, Any] | None) -> str:
+    if not domains:
+        return ""
+    first = next(iter(domains.values()))
+    losses = list(first["nats_per_char"])
+    sources = list(first["gate_mean"])
+    head = ["domain", *(f"{k} (nats/char)" for k in losses), *(f"gate {s}" for s in sources)]
+    rows = [
+        [
+            domain,
+            *(f"{d['nats_per_char'][k]:.4f}" for k in losses),
+            *(f"{d['gate_mean'][s]:.3f}" for s in sources),
+        ]
+        for domain, d in domains.items()
+    ]
+    lines = [head, ["---"] * len(head), *rows]
+    table = "\n".join("| " + " | ".join(row) + " |" for row in lines)
+    return f"\nPer domain, held out (loss per character of the target text):\n\n{table}\n"
+
+
 def model_card(recipe: Recipe, metrics: dict[str, Any]) -> str:
     bases = "\n".join(
         f"- `{name}`: {spec.card or spec.path} ({spec.dtype}, quantization {spec.quantization})"
@@ -252,7 +297,7 @@ Taps: {", ".join(recipe.taps)}. Carry-on: {len(recipe.carry_on.blocks)} blocks o
 |---|---|
 | anchor alone | {anchor:.4f} |
 | mixture | {mixture:.4f} |
-
+{_domain_table(metrics.get("domains"))}
 ## Use
     compose generate <this folder> --prompt "..."
 

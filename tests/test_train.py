@@ -62,6 +62,13 @@ def test_build_trains_carry_on_only(recipe, tmp_path, monkeypatch):
     assert m["eval_loss_mixture"] < m["eval_loss_anchor"]
     for name in ("recipe.yaml", WEIGHTS, "metrics.json", "loss.png", "README.md"):
         assert (tmp_path / "out" / name).is_file(), name
+    domain = m["domains"]["gsm_symbolic"]
+    assert domain["examples"] == m["eval_examples"]
+    per_char = domain["nats_per_char"]
+    assert per_char["mixture"] < per_char["anchor"]
+    assert per_char["a alone"] == pytest.approx(per_char["anchor"], rel=1e-3)
+    assert set(domain["gate_mean"]) == {"a@1", "a@2", "b@3"}
+    assert "gate b@3" in (tmp_path / "out" / "README.md").read_text()
 
 
 def test_saved_weights_hold_carry_on_keys_only(recipe, tmp_path):
