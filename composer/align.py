@@ -37,13 +37,13 @@ def anchor_texts(tokenizer: Any, ids: list[int]) -> list[str]:
     A trailing partial UTF-8 character (decoded as U+FFFD) is dropped: its bytes are not text
     yet, so the other bases do not see them until the character completes.
     """
-    texts = []
-    for t in range(1, len(ids) + 1):
-        text = tokenizer.decode(
-            ids[:t], skip_special_tokens=False, clean_up_tokenization_spaces=False
-        )
-        texts.append(text.rstrip("\ufffd"))
-    return texts
+    return [anchor_text(tokenizer, ids[:t]) for t in range(1, len(ids) + 1)]
+
+
+def anchor_text(tokenizer: Any, ids: list[int]) -> str:
+    """The decoded text of `ids`, without a trailing partial character."""
+    text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return text.rstrip("\ufffd")
 
 
 def tokenize(tokenizer: Any, texts: list[str]) -> list[list[int]]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from composer.align import BaseStream, aligned_states, anchor_texts, stream_step
+from composer.align import BaseStream, aligned_states, anchor_text, anchor_texts, stream_step
 from composer.carry_on import CarryOn, KVCache
 from composer.frozen import FrozenBase, load_base
 from composer.plan import aligned_bases, check_compatible
@@ -127,7 +127,7 @@ class Mixture:
             has_token = []
             start = len(state.anchor_ids) - T
             for t in range(start, len(state.anchor_ids)):
-                text = anchor_texts(self.tokenizer, state.anchor_ids[: t + 1])[-1]
+                text = anchor_text(self.tokenizer, state.anchor_ids[: t + 1])
                 step, ok = stream_step(base, state.streams[name], text, layers)
                 for layer in layers:
                     per_layer[layer].append(step[layer])
