@@ -130,6 +130,9 @@ def build(
     ] = None,
     steps: Annotated[int | None, typer.Option(help="Train this many steps instead.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint.")] = False,
+    force: Annotated[
+        bool, typer.Option(help="Run even if the plan's memory estimate exceeds what is free.")
+    ] = False,
 ) -> None:
     """Load the bases, train the carry-on, write the mixture directory."""
     from composer.build import build as run_build
@@ -144,6 +147,7 @@ def build(
             out=out_dir,
             steps=steps,
             resume=resume,
+            force=force,
             console=err,
         )
     )

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -28,10 +29,11 @@ from composer.checkpoint import (
     write_text,
 )
 from composer.data import load_examples, split
-from composer.errors import OutputError
+from composer.errors import OutputError, ResourceError
 from composer.head import HeadMixture
 from composer.metrics import domain_metrics
 from composer.mixture import Mixture
+from composer.plan import Plan, make_plan
 from composer.recipe import Recipe
 from composer.train import (
     FeatureSource,
@@ -89,13 +91,17 @@ def build(
     out: Path | None = None,
     steps: int | None = None,
     resume: bool = False,
+    force: bool = False,
     console: Console | None = None,
 ) -> BuildResult:
     """Cache the bases' states (or reuse a matching cache) and train from them; with
-    `train.cache.enabled` off, train with the bases running live. Then write the mixture."""
+    `train.cache.enabled` off, train with the bases running live. Then write the mixture.
+
+    A plan whose memory estimate exceeds the available memory is refused unless `force`."""
     console = console or Console(stderr=True)
     out_dir = out or recipe.output_dir()
     check_output_dir(out_dir, recipe, resume)
+    check_memory(make_plan(recipe, fetch=True), force)
     if recipe.train.cache.enabled:
         cache = write_cache(recipe, console=console)
         how = "reused" if cache.reused else "written"
@@ -113,6 +119,16 @@ def build(
     write_json(out_dir / "metrics.json", result.metrics)
     write_text(out_dir / "README.md", model_card(recipe, result.metrics))
     return result
+
+
+def check_memory(plan: Plan, force: bool) -> None:
+    need = plan.memory_bytes["total"]
+    available = psutil.virtual_memory().available
+    if need > available and not force:
+        raise ResourceError(
+            f"the plan needs about {need / 2**30:.1f} GiB of memory but {available / 2**30:.1f} "
+            "GiB is available (see `compose plan`); pass --force to run anyway"
+        )
 
 
 def domain_report(recipe: Recipe, out_dir: Path) -> dict[str, Any]:

@@ -21,9 +21,17 @@ class CheckpointError(ComposeError):
     """A checkpoint or mixture directory that is missing, corrupt or does not match."""
 
 
+class ResourceError(ComposeError):
+    """A run that would not fit the machine."""
+
+
 class OutputError(ComposeError):
     """An output location that cannot be written."""
 
 
 class CacheError(ComposeError):
     """A feature cache that is missing, incomplete, corrupt or made for another recipe."""
+
+
+class CompareError(ComposeError):
+    """An A/B comparison that cannot run: an unknown side or suite, or an unbuilt recipe."""
