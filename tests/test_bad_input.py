@@ -29,13 +29,25 @@ def _one_line_error(args: list[str]) -> str:
 @pytest.mark.parametrize(
     ("edit", "overrides", "message"),
     [
-        (lambda t: t.replace("bases:\n", "bases:\n  a: {path: /x}\n"), [], "key 'a' is given twice"),
+        (
+            lambda t: t.replace("bases:\n", "bases:\n  a: {path: /x}\n"),
+            [],
+            "key 'a' is given twice",
+        ),
         (lambda t: t, ["bases.a.bogus=1"], "bases.a.bogus: Extra inputs are not permitted"),
         (lambda t: t, ["train.data.bogus=1"], "train.data.gsm_symbolic.bogus: Extra inputs"),
         (lambda t: t, ["carry_on.blocks.0.bogus=1"], "carry_on.blocks.0.bogus: Extra inputs"),
-        (lambda t: t, ["train.seq_len=4096"], "train.seq_len: 4096 exceeds the anchor's context of 512"),
+        (
+            lambda t: t,
+            ["train.seq_len=4096"],
+            "train.seq_len: 4096 exceeds the anchor's context of 512",
+        ),
         (lambda t: t, ["train.seq_len=8"], "no examples from gsm_symbolic"),
-        (lambda t: t, ["train.data={kind: text, path: /no/such/file.txt}"], "cannot read /no/such/file.txt"),
+        (
+            lambda t: t,
+            ["train.data={kind: text, path: /no/such/file.txt}"],
+            "cannot read /no/such/file.txt",
+        ),
         (lambda t: t, ["train.batch_size=2000000"], "pass --force to run anyway"),
         (lambda t: t, ["anchor=zz"], "anchor 'zz' is not among the bases (a, b)"),
         (lambda t: t, ["bases.b.path=/no/base"], "base folder /no/base does not exist"),
@@ -62,7 +74,13 @@ def test_empty_data_file(recipe_text, write_recipe, tmp_path):
     data.write_text("\n\n")
     out = tmp_path / "out"
     line = _one_line_error(
-        ["build", write_recipe(recipe_text), "--out", out, f"train.data={{kind: text, path: {data}}}"]
+        [
+            "build",
+            write_recipe(recipe_text),
+            "--out",
+            out,
+            f"train.data={{kind: text, path: {data}}}",
+        ]
     )
     assert "no examples from text" in line
     assert not out.exists()
