@@ -309,6 +309,65 @@ def export(
     )
 
 
+@app.command()
+def port(
+    mixture_dir: Annotated[
+        Path | None,
+        typer.Argument(help="A built or exported mixture; not with --lora.", show_default=False),
+    ] = None,
+    base: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="NAME=NEW_SOURCE: the new version of base NAME, a local HF folder or a base card "
+            "(repeat for several bases). With --lora: NEW_SOURCE alone.",
+            metavar="NAME=SOURCE",
+            show_default=False,
+        ),
+    ] = None,
+    lora: Annotated[
+        Path | None,
+        typer.Option(
+            help="Port this PEFT LoRA adapter folder instead: merge it into NEW_SOURCE and write "
+            "the patched base as an HF folder to --out.",
+            show_default=False,
+        ),
+    ] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", help="Folder to create (mixture default: MIXTURE_DIR-ported)."),
+    ] = None,
+    verify: Annotated[bool, typer.Option(help="Load the ported mixture back first.")] = True,
+) -> None:
+    """Re-attach a trained carry-on (or a LoRA) to an evolved version of its base, untrained.
+
+    `compose port MIXTURE_DIR --base NAME=NEW_SOURCE [--out DIR]` writes a mixture that reads the
+    new base; `compose port --lora ADAPTER_DIR --base NEW_SOURCE --out DIR` writes the new base
+    with the adapter merged in. Both record the old and new versions in port.json.
+    """
+    from composer import port as porting
+
+    sources = base or []
+    if lora is not None:
+        if mixture_dir is not None or len(sources) != 1 or out_dir is None:
+            err.print("[bold red]error:[/] with --lora give one --base NEW_SOURCE and --out only")
+            raise typer.Exit(1)
+        target = out_dir
+        done = _run(lambda: porting.port_lora(lora, sources[0], target, console=err))
+        out.print(f"[green]ported[/] {lora} onto {sources[0]}: {done.out_dir}", highlight=False)
+        return
+    if mixture_dir is None:
+        err.print("[bold red]error:[/] give MIXTURE_DIR, or --lora ADAPTER_DIR")
+        raise typer.Exit(1)
+    folder = mixture_dir
+    result = _run(
+        lambda: porting.port_mixture(
+            folder, porting.parse_assignments(sources), out_dir, verify=verify, console=err
+        )
+    )
+    names = ", ".join(result.bases)
+    out.print(f"[green]ported[/] {folder} → {result.out_dir} (new {names})", highlight=False)
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app(prog_name="compose")

@@ -36,6 +36,7 @@ from composer.checkpoint import atomic_write, write_json
 from composer.data import Example, collate, load_examples, split
 from composer.errors import CacheError
 from composer.frozen import resolve_folder, tokenizer_fingerprint
+from composer.lora import adapter_identity
 from composer.mixture import Mixture
 from composer.plan import check_compatible
 from composer.recipe import Recipe
@@ -101,6 +102,8 @@ def cache_key(recipe: Recipe, folders: dict[str, Path]) -> tuple[str, dict[str, 
             "quantization": base.quantization,
             "tokenizer": tokenizer_fingerprint(folder),
         }
+        if base.lora is not None:
+            bases[name]["lora"] = adapter_identity(base.lora)
     anchor = folders[recipe.anchor]
     templates = [anchor / n for n in ("tokenizer_config.json", "chat_template.jinja")]
     spec = recipe.train

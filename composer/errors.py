@@ -35,3 +35,7 @@ class CacheError(ComposeError):
 
 class CompareError(ComposeError):
     """An A/B comparison that cannot run: an unknown side or suite, or an unbuilt recipe."""
+
+
+class PortError(ComposeError):
+    """A patch (carry-on or LoRA) that cannot be ported to, or merged into, a base."""

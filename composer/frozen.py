@@ -213,6 +213,10 @@ def load_base(name: str, spec: BaseSpec, *, fetch: bool = True) -> FrozenBase:
     except (OSError, ValueError, ImportError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BaseSourceError(f"base '{name}' ({folder}): cannot load: {first}") from exc
+    if spec.lora is not None:
+        from composer.lora import apply_lora
+
+        apply_lora(model, spec.lora, base=name)
     model.requires_grad_(False)
     model.eval()
     return FrozenBase(name, model, tokenizer, folder)

@@ -57,11 +57,25 @@ class BaseSpec(BaseModel):
     trust_remote_code: bool = Field(
         default=False, description="Run code shipped with the base; off unless you trust it."
     )
+    lora: str | None = Field(
+        default=None,
+        description="A PEFT LoRA adapter folder merged into the weights as the base loads "
+        "(W + lora_alpha/r · BA), e.g. one trained on an earlier version of this base.",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> BaseSpec:
         if (self.card is None) == (self.path is None):
             raise ValueError("give exactly one of `card` or `path`")
+        return self
+
+    @model_validator(mode="after")
+    def _lora_unquantized(self) -> BaseSpec:
+        if self.lora is not None and self.quantization != "none":
+            raise ValueError(
+                "lora: cannot be merged into a quantized base; write the patched base with "
+                "`compose port --lora` and quantize that"
+            )
         return self
 
 
