@@ -19,7 +19,7 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from composer.cache import open_cache, write_cache
+from composer.cache import FeatureCache, open_cache, write_cache
 from composer.checkpoint import (
     WEIGHTS,
     atomic_write,
@@ -102,17 +102,19 @@ def build(
     out_dir = out or recipe.output_dir()
     check_output_dir(out_dir, recipe, resume)
     check_memory(make_plan(recipe, fetch=True), force)
+    cache = None
     if recipe.train.cache.enabled:
         cache = write_cache(recipe, console=console)
         how = "reused" if cache.reused else "written"
         console.print(f"feature cache {how}: {cache.folder} ({cache.tokens:,} tokens)")
     result = train_mixture(
         recipe,
-        from_cache=recipe.train.cache.enabled,
+        from_cache=cache is not None,
         out=out_dir,
         steps=steps,
         resume=resume,
         console=console,
+        cache=cache,
     )
     with console.status("held-out metrics per domain, the bases alone included"):
         result.metrics["domains"] = domain_report(recipe, out_dir)
@@ -151,9 +153,11 @@ def train_mixture(
     steps: int | None = None,
     resume: bool = False,
     console: Console | None = None,
+    cache: FeatureCache | None = None,
 ) -> BuildResult:
-    """Train the carry-on and write the mixture directory. From the recipe's feature cache, no
-    base weights are loaded but the anchor's LM head; otherwise the bases run live."""
+    """Train the carry-on and write the mixture directory. From the recipe's feature cache
+    (`cache`, when already opened), no base weights are loaded but the anchor's LM head;
+    otherwise the bases run live."""
     console = console or Console(stderr=True)
     out_dir = out or recipe.output_dir()
     check_output_dir(out_dir, recipe, resume)
@@ -162,7 +166,7 @@ def train_mixture(
     train_source: Source
     eval_source: Source
     if from_cache:
-        cache = open_cache(recipe)
+        cache = cache or open_cache(recipe)
         model = HeadMixture.from_recipe(recipe, seed=spec.seed)
         train_source, eval_source = cache.source("train"), cache.source("eval")
     else:

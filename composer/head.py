@@ -2,18 +2,21 @@
 
 Training from cached features needs nothing of the bases but the anchor's output path: its LM
 head matrix (and Gemma's final logit soft-capping, from config.json). `LMHead.from_folder` reads
-only that tensor from the base's safetensors files; the cached anchor states are already past
-the final norm, so the norm is not needed either.
+only that tensor from the base's safetensors files, and keeps it in the file's dtype when the
+recipe's dtype holds those values exactly (bf16 on disk, float32 compute): half the memory, the
+same numbers. The cached anchor states are already past the final norm.
 
-`head_loss` runs the head over row chunks. The head is frozen, so the gradient with respect to
-the rows is computed chunk by chunk inside the forward and kept (N × D): no chunk's
-(rows × vocab) logits outlive their chunk, and the head's matmul runs twice per chunk (logits,
-gradient) instead of three times as it would with recomputation in the backward.
+`head_loss` is one pass over blocks of the vocabulary with an online softmax (as flash
+attention does over keys): per block, the logits of all rows, the running max and normalizer,
+and, because the head is frozen, the gradient with respect to the rows, rescaled as the max
+moves. No (rows × vocab) logits are ever held, the head's matmul runs twice (logits, gradient)
+rather than three times as with recomputation in the backward, and the head is read once.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,22 +32,24 @@ from composer.mixture import Features, Mixture
 from composer.plan import aligned_bases, check_compatible
 from composer.recipe import Recipe
 
-HEAD_CHUNK_BYTES = 64 * 2**20  # float32 logits of one chunk of rows
+HEAD_CHUNK_BYTES = 64 * 2**20  # float32 logits (or upcast head rows) of one vocabulary block
+ROW_CHUNK = 4096  # rows per pass over the vocabulary
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
 class LMHead:
-    weight: torch.Tensor  # (vocab, D), frozen
+    weight: torch.Tensor  # (vocab, D), frozen, stored in its own dtype
     bias: torch.Tensor | None  # (vocab,)
     softcap: float | None
+    dtype: torch.dtype  # the dtype the base computes its logits in
     loaded: tuple[str, ...] = ()  # the tensor names read from disk, nothing else
 
     @classmethod
     def from_base(cls, base: FrozenBase) -> LMHead:
         head = base.model.get_output_embeddings()
         cap = getattr(base.config, "final_logit_softcapping", None)
-        return cls(head.weight, head.bias, cap or None)
+        return cls(head.weight, head.bias, cap or None, head.weight.dtype)
 
     @classmethod
     def from_folder(cls, folder: Path, dtype: torch.dtype) -> LMHead:
@@ -66,14 +71,33 @@ class LMHead:
         tensors = {}
         for name in names:
             with safe_open(str(files[name]), framework="pt") as handle:
-                tensors[name] = handle.get_tensor(name).to(dtype)
+                tensor = handle.get_tensor(name)
+            exact = dtype == torch.float32 and tensor.dtype in (torch.bfloat16, torch.float16)
+            tensors[name] = tensor if exact else tensor.to(dtype)
         cap = config.get("final_logit_softcapping")
         bias = tensors.get(bias_key) if len(names) > 1 else None
-        return cls(tensors[key], bias, float(cap) if cap else None, tuple(names))
+        return cls(tensors[key], bias, float(cap) if cap else None, dtype, tuple(names))
+
+    def block(self, start: int, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Head rows start:start+size (and bias) in the compute dtype."""
+        bias = self.bias[start : start + size].to(self.dtype) if self.bias is not None else None
+        return self.weight[start : start + size].to(self.dtype), bias
+
+    def block_size(self, rows: int) -> int:
+        width = max(rows, self.weight.shape[1])
+        return max(1, min(self.weight.shape[0], HEAD_CHUNK_BYTES // (4 * width)))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full logits of `hidden` (..., D), as the base's own head computes them."""
-        logits = F.linear(hidden.to(self.weight.dtype), self.weight, self.bias).float()
+        x = hidden.to(self.dtype)
+        if self.weight.dtype == self.dtype:
+            logits = F.linear(x, self.weight, self.bias).float()
+        else:
+            logits = x.new_empty((*x.shape[:-1], self.weight.shape[0]), dtype=torch.float32)
+            size = self.block_size(x[..., 0].numel())
+            for start in range(0, self.weight.shape[0], size):
+                w, b = self.block(start, size)
+                logits[..., start : start + size] = F.linear(x, w, b).float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
@@ -102,28 +126,15 @@ class _HeadCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, rows: torch.Tensor, targets: torch.Tensor, head: LMHead) -> torch.Tensor:
-        chunk = max(1, HEAD_CHUNK_BYTES // (head.weight.shape[0] * 4))
         want_grad = ctx.needs_input_grad[0]
         grad = torch.empty_like(rows) if want_grad else None
         total = torch.zeros((), dtype=torch.float32, device=rows.device)
-        for start in range(0, rows.shape[0], chunk):
-            x = rows[start : start + chunk].to(head.weight.dtype)
-            y = targets[start : start + chunk]
-            logits = F.linear(x, head.weight, head.bias).float()  # (c, vocab)
-            capped = None
-            if head.softcap:
-                capped = torch.tanh(logits / head.softcap)
-                logits = capped * head.softcap
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
-            if grad is not None:
-                probs = (logits - lse[:, None]).exp_()  # d loss / d logits = p - onehot
-                probs[torch.arange(len(y), device=y.device), y] -= 1
-                if capped is not None:
-                    probs *= 1 - capped * capped
-                grad[start : start + chunk] = (probs.to(head.weight.dtype) @ head.weight).to(
-                    rows.dtype
-                )
+        for start in range(0, rows.shape[0], ROW_CHUNK):
+            stop = start + ROW_CHUNK
+            loss, g = _online_cross_entropy(head, rows[start:stop], targets[start:stop], want_grad)
+            total += loss
+            if grad is not None and g is not None:
+                grad[start:stop] = g.to(rows.dtype)
         ctx.save_for_backward(grad if grad is not None else rows.new_empty(0))
         return total
 
@@ -131,6 +142,47 @@ class _HeadCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (grad,) = ctx.saved_tensors
         return grad * grad_output, None, None
+
+
+def _online_cross_entropy(
+    head: LMHead, rows: torch.Tensor, targets: torch.Tensor, want_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Summed loss of rows (n, D), and its gradient (n, D): softmax(z) @ W - d z_y / d rows."""
+    n, vocab = rows.shape[0], head.weight.shape[0]
+    x = rows.to(head.dtype)
+    # Probabilities below e^floor / vocab would be subnormal floats, which slow exp and the
+    # matmuls ~40x on x86; raising them to e^floor changes the loss by < vocab·e^floor.
+    floor = math.log(torch.finfo(torch.float32).tiny) + math.log(vocab) + 1
+    top = torch.full((n,), -math.inf, device=rows.device)
+    norm = torch.zeros(n, device=rows.device)
+    target = torch.zeros(n, device=rows.device)
+    acc = torch.zeros(n, rows.shape[1], device=rows.device) if want_grad else None
+    size = head.block_size(n)
+    for start in range(0, vocab, size):
+        w, b = head.block(start, size)
+        logits = F.linear(x, w, b).float()  # (n, block)
+        capped = None
+        if head.softcap:
+            capped = torch.tanh(logits / head.softcap)
+            logits = capped * head.softcap
+        here = (targets >= start) & (targets < start + w.shape[0])
+        target[here] = logits[here, targets[here] - start]
+        new_top = torch.maximum(top, logits.amax(dim=-1))
+        rescale = (top - new_top).clamp_min_(floor).exp_()  # (n,): earlier blocks' share
+        probs = logits.sub_(new_top[:, None]).clamp_min_(floor).exp_()  # in place, unnormalized
+        norm = norm * rescale + probs.sum(dim=-1)
+        if acc is not None:
+            if capped is not None:
+                probs *= 1 - capped * capped  # through the soft-cap
+            acc = acc * rescale[:, None] + (probs.to(head.dtype) @ w).float()
+        top = new_top
+    loss = (top + norm.log() - target).sum()
+    if acc is None:
+        return loss, None
+    w_target = head.weight[targets].to(head.dtype).float()  # (n, D): d z_y / d rows
+    if head.softcap:
+        w_target *= 1 - (target / head.softcap).square()[:, None]
+    return loss, acc / norm[:, None] - w_target
 
 
 def head_loss(head: LMHead, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

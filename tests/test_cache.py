@@ -133,19 +133,37 @@ def test_head_from_folder_equals_the_base_head(tiny, family):
 
 
 @pytest.mark.parametrize("softcap", [None, 3.0])
-def test_chunked_head_loss_matches_full_logits(monkeypatch, softcap):
-    monkeypatch.setattr(head_module, "HEAD_CHUNK_BYTES", 50 * 4 * 7)  # chunks of 7 rows
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
+def test_blocked_head_loss_matches_full_logits(monkeypatch, softcap, stored):
+    monkeypatch.setattr(head_module, "HEAD_CHUNK_BYTES", 4 * 12 * 7)  # vocab blocks of 7
+    monkeypatch.setattr(head_module, "ROW_CHUNK", 12)
     torch.manual_seed(0)
-    head = LMHead(torch.randn(50, 8), torch.randn(50), softcap)
+    weight = torch.randn(50, 8).to(stored)
+    head = LMHead(weight, torch.randn(50), softcap, torch.float32)
+    full_head = LMHead(weight.float(), head.bias, softcap, torch.float32)
     rows = torch.randn(30, 8, requires_grad=True)
     targets = torch.randint(0, 50, (30,))
     (2 * head_loss(head, rows, targets)).backward()
-    chunked = rows.grad.clone()
+    blocked = rows.grad.clone()
     rows.grad = None
-    full = F.cross_entropy(head.logits(rows), targets, reduction="sum")
+    full = F.cross_entropy(full_head.logits(rows), targets, reduction="sum")
     (2 * full).backward()
     torch.testing.assert_close(head_loss(head, rows.detach(), targets), full.detach())
-    torch.testing.assert_close(chunked, rows.grad)
+    torch.testing.assert_close(blocked, rows.grad)
+    torch.testing.assert_close(head.logits(rows.detach()), full_head.logits(rows.detach()))
+
+
+def test_head_kept_in_its_file_dtype_when_exact(tmp_path):
+    from safetensors.torch import save_file
+
+    (tmp_path / "config.json").write_text('{"tie_word_embeddings": true}')
+    weight = torch.randn(20, 4).to(torch.bfloat16)
+    save_file({"model.embed_tokens.weight": weight}, str(tmp_path / "model.safetensors"))
+    exact = LMHead.from_folder(tmp_path, torch.float32)
+    assert exact.weight.dtype == torch.bfloat16 and exact.dtype == torch.float32
+    assert LMHead.from_folder(tmp_path, torch.float16).weight.dtype == torch.float16
+    hidden = torch.randn(3, 4)
+    torch.testing.assert_close(exact.logits(hidden), hidden @ weight.float().T, rtol=0, atol=0)
 
 
 def test_killed_cache_run_resumes_after_its_last_shard(recipe_path, tmp_path, monkeypatch):
