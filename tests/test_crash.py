@@ -64,3 +64,31 @@ def test_sigkill_during_training_then_resume(tiny, write_recipe, tmp_path):
     for key, value in straight.items():
         torch.testing.assert_close(resumed[key], value, rtol=0, atol=0)
     assert not list((tmp_path / "killed").rglob("*.tmp"))
+
+
+def test_sigkill_during_caching_then_resume(tiny, write_recipe, tmp_path, monkeypatch):
+    text = recipe_yaml({"a": tiny["llama"], "b": tiny["qwen2"]}, "a", ["a@1", "b@2"])
+    recipe = write_recipe(text)
+    overrides = ["train.cache.shard_examples=2", "train.cache.batch_size=1"]
+
+    monkeypatch.setenv("COMPOSE_FEATURES_DIR", str(tmp_path / "straight"))
+    _finish(_compose("cache", recipe, *overrides))
+
+    monkeypatch.setenv("COMPOSE_FEATURES_DIR", str(tmp_path / "killed"))
+    victim = _compose("cache", recipe, *overrides)
+    deadline = time.time() + 300
+    while time.time() < deadline and victim.poll() is None:
+        if len(list((tmp_path / "killed").rglob("train-*.safetensors"))) >= 2:
+            break
+        time.sleep(0.05)
+    assert victim.poll() is None, "the cache run finished before it could be killed"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    _finish(_compose("cache", recipe, *overrides))
+
+    straight = sorted((tmp_path / "straight").rglob("*.safetensors"))
+    resumed = sorted((tmp_path / "killed").rglob("*.safetensors"))
+    assert [p.name for p in straight] == [p.name for p in resumed]
+    for a, b in zip(straight, resumed, strict=True):
+        assert a.read_bytes() == b.read_bytes(), a.name
+    assert not list((tmp_path / "killed").rglob("*.tmp"))
