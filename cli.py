@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, cast
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -307,6 +309,85 @@ def export(
         f"[green]exported[/] {result.out_dir}: {result.files} files, {_mib(result.bytes)}",
         highlight=False,
     )
+
+
+def _suite_choices() -> type[enum.Enum]:
+    from composer.suites import SUITES
+
+    return enum.Enum("Suite", {name: name for name in SUITES.names()}, type=str)  # type: ignore[return-value]
+
+
+def _suite_help() -> str:
+    from composer.suites import SUITES
+
+    return "Suite to run; repeat for several (default: all). " + "; ".join(
+        f"{s.name}: {s.description}" for s in SUITES
+    )
+
+
+SuiteChoice = _suite_choices()
+
+
+@app.command()
+def compare(
+    a: Annotated[
+        str,
+        typer.Argument(
+            help="Side A: a built mixture directory, a built recipe, or a base card (the base "
+            "alone).",
+            show_default=False,
+        ),
+    ],
+    b: Annotated[str, typer.Argument(help="Side B, the same kinds as A.", show_default=False)],
+    suite: Annotated[
+        list[SuiteChoice] | None,  # type: ignore[valid-type]
+        typer.Option(help=_suite_help(), show_default=False),
+    ] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", help="Report folder (default: runs/compare-<A>-vs-<B>)."),
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="At most this many items per suite.")
+    ] = None,
+    level: Annotated[float, typer.Option(help="Confidence level of the verdicts.")] = 0.95,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap and of every item.")] = 0,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(help="Per-item result cache (default: $COMPOSE_HOME/compare)."),
+    ] = None,
+) -> None:
+    """A/B compare two mixtures (or a base alone) on the same items, with paired statistics."""
+    from composer.compare import compare as run_compare
+    from composer.report import summary_rows
+
+    target = out_dir or Path("runs") / f"compare-{_slug(a)}-vs-{_slug(b)}"
+    names = [choice.value for choice in cast(list[enum.Enum], suite or [])]
+    result = _run(
+        lambda: run_compare(
+            a, b, suites=names, limit=limit, level=level, seed=seed, out=target,
+            cache_dir=cache_dir, console=err,
+        )
+    )  # fmt: skip
+    table = Table(title=f"A = {a}   B = {b}   ({level:.0%} level)", box=box.SIMPLE_HEAD)
+    table.add_column("suite", no_wrap=True)
+    for col in ("n", "A", "B", "B − A"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column(f"{level:.0%} interval", justify="right")
+    table.add_column("p", justify="right", no_wrap=True)
+    table.add_column("verdict", min_width=11)
+    for name, metric, n, a_mean, b_mean, diff, ci, _test, p, verdict in summary_rows(result, 3):
+        style = {"A better": "red", "B better": "green"}.get(verdict)
+        row = (f"{name}\n[dim]{metric}", n, a_mean, b_mean, diff, ci, p, verdict)
+        table.add_row(*row, style=style)
+    out.print(table)
+    reused = ", ".join(f"{side} ran {n} item(s)" for side, n in result.computed.items())
+    out.print(f"reports in {target} ({reused}; the rest came from the cache)", highlight=False)
+
+
+def _slug(text: str) -> str:
+    name = Path(text.rstrip("/")).name or text
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name).removesuffix(".yaml")
 
 
 @app.command()

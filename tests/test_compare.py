@@ -1,0 +1,287 @@
+"""`compose compare`: statistics on hand-checkable inputs, the code sandbox against hostile
+programs, and whole comparisons of tiny mixtures with known answers."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import recipe_yaml
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from cli import app
+from composer import scoring
+from composer.build import build
+from composer.compare import compare, resolve_side
+from composer.errors import CompareError
+from composer.recipe import load_recipe
+from composer.sandbox import Limits, namespaces_available, run_untrusted
+from composer.stats import (
+    A_BETTER,
+    B_BETTER,
+    NO_DIFFERENCE,
+    bootstrap_ci,
+    compare_paired,
+    mcnemar_exact,
+)
+from composer.suites import SUITES, Item, Suite, SuiteRegistry, humaneval_items
+
+# --- statistics -----------------------------------------------------------------------------------
+
+
+def test_mcnemar_exact_by_hand():
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(0, 5) == pytest.approx(2 / 32)  # 2 * (1/2)^5
+    assert mcnemar_exact(9, 1) == pytest.approx(2 * (1 + 10) / 1024)  # 2 * P(X <= 1), X ~ B(10, .5)
+    assert mcnemar_exact(3, 3) == 1.0
+
+
+def test_bootstrap_interval():
+    assert bootstrap_ci([0.25] * 7) == (0.25, 0.25)
+    diffs = [0.0, 1.0] * 50
+    low, high = bootstrap_ci(diffs, seed=3)
+    assert low < 0.5 < high and high - low < 0.3
+    assert bootstrap_ci(diffs, seed=3) == (low, high)  # seeded: the same interval again
+
+
+def test_verdicts():
+    passes = compare_paired([1] * 10, [0] * 10, higher_is_better=True, binary=True)
+    assert passes.verdict == A_BETTER and passes.p_value == pytest.approx(2 / 1024)
+    assert (passes.a_only, passes.b_only) == (10, 0)
+    few = compare_paired([1, 0, 0], [0, 1, 1], higher_is_better=True, binary=True)
+    assert few.verdict == NO_DIFFERENCE  # 1 vs 2 discordant pairs is no evidence
+    losses = compare_paired(
+        [2.0, 3.0, 2.5, 2.2], [1.0, 2.1, 1.4, 1.3], higher_is_better=False, binary=False
+    )
+    assert losses.verdict == B_BETTER and losses.ci[1] < 0
+    same = compare_paired([1.5, 2.5], [1.5, 2.5], higher_is_better=False, binary=False)
+    assert same.verdict == NO_DIFFERENCE and same.ci == (0.0, 0.0)
+
+
+def test_registry_rejects_a_taken_name():
+    registry = SuiteRegistry()
+    registry.register(SUITES.get("gsm"))
+    with pytest.raises(ValueError, match="registered twice"):
+        registry.register(SUITES.get("gsm"))
+    with pytest.raises(CompareError, match="unknown suite 'nope'"):
+        registry.get("nope")
+
+
+def test_final_number():
+    assert scoring.final_number("so 12 * 3 = 36\n#### 1,036\nmore 7") == "1036"
+    assert scoring.final_number("He has 4 apples, then 9.5 pears.") == "9.5"
+    assert scoring.final_number("no digits") is None
+    assert scoring.same_number("36.0", "36") and not scoring.same_number("35", "36")
+
+
+# --- the sandbox ----------------------------------------------------------------------------------
+
+
+def test_humaneval_harness_passes_the_reference_and_fails_a_wrong_answer():
+    problem = humaneval_items(1, [])[0].data
+    good = run_untrusted(scoring.humaneval_program(problem, problem["canonical_solution"]))
+    assert good.passed, good.status
+    bad = run_untrusted(scoring.humaneval_program(problem, "    return True\n"))
+    assert not bad.passed and "AssertionError" in bad.status
+
+
+def test_sandbox_kills_an_infinite_loop_and_its_children(tmp_path):
+    marker = tmp_path / "child-still-running"
+    program = f"import os, time\nif os.fork() == 0:\n    time.sleep(1.5)\n    open({str(marker)!r}, 'w')\nwhile True:\n    pass\n"
+    began = time.perf_counter()
+    result = run_untrusted(program, Limits(timeout_s=1))
+    assert not result.passed and result.status == "timed out"
+    assert time.perf_counter() - began < 5
+    time.sleep(1.5)
+    assert not marker.exists()  # the forked child died with the group
+
+
+def test_sandbox_caps_memory():
+    result = run_untrusted("block = bytearray(4 << 30)\n", Limits(memory_bytes=512 << 20))
+    assert not result.passed and "MemoryError" in result.status
+
+
+def test_sandbox_refuses_network():
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    attempts = [f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\n"]
+    if namespaces_available():  # the kernel's barrier also stops code that bypasses `socket`
+        attempts.append(
+            f"import _socket\ns = _socket.socket()\ns.settimeout(2)\ns.connect(('127.0.0.1', {port}))\n"
+        )
+    for program in attempts:
+        result = run_untrusted(program, Limits(timeout_s=5))
+        assert not result.passed and "OSError" in result.status, result.status
+    server.settimeout(0.2)  # a connection that got through would be waiting in the backlog
+    with pytest.raises(TimeoutError):
+        server.accept()
+    server.close()
+
+
+def test_sandbox_runs_in_an_empty_temp_dir_with_a_bare_environment():
+    assert os.environ["HF_HUB_OFFLINE"] == "1"  # set by conftest; must not leak into the sandbox
+    program = (
+        "import os\nassert sorted(os.listdir('.')) == ['program.py', 'stderr.txt']\n"
+        "assert 'HF_HUB_OFFLINE' not in os.environ\n"
+    )
+    result = run_untrusted(program)
+    assert result.passed, result.status
+
+
+# --- whole comparisons on tiny mixtures -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mixtures(tiny, tmp_path_factory) -> dict[str, Path]:
+    """A built mixture, and a copy whose correction is large random noise: strictly worse."""
+    root = tmp_path_factory.mktemp("compare")
+    recipe = root / "recipe.yaml"
+    recipe.write_text(recipe_yaml({"a": tiny["llama"], "b": tiny["qwen2"]}, "a", ["a@1", "b@2"]))
+    good = root / "good"
+    build(load_recipe(recipe), out=good, steps=2)
+    bad = root / "bad"
+    shutil.copytree(good, bad)
+    weights = load_file(str(bad / "carry_on.safetensors"))
+    generator = torch.Generator().manual_seed(0)
+    weights["up.weight"] = torch.randn(weights["up.weight"].shape, generator=generator) * 3
+    save_file(weights, str(bad / "carry_on.safetensors"))
+    return {"good": good, "bad": bad, "recipe": recipe}
+
+
+def test_strictly_worse_side_loses(mixtures, tmp_path):
+    out = tmp_path / "report"
+    result = compare(
+        str(mixtures["good"]), str(mixtures["bad"]), suites=["loss-math", "loss-code"],
+        limit=5, out=out, cache_dir=tmp_path / "cache",
+    )  # fmt: skip
+    for suite in result.suites:
+        assert suite.comparison is not None
+        assert suite.comparison.verdict == A_BETTER, suite.suite.name
+        assert all(row["b_score"] > row["a_score"] for row in suite.items)
+        assert suite.unit == "token" and len(suite.items) == 5
+        assert set(suite.gates["A"]) == {"a@1", "b@2"}
+    report = json.loads((out / "report.json").read_text())
+    rows = report["suites"]["loss-math"]["items"]
+    assert len(rows) == 5 and {"nll", "tokens", "bytes"} <= set(rows[0]["a"])
+    assert report["suites"]["loss-math"]["comparison"]["verdict"] == A_BETTER
+    markdown = (out / "report.md").read_text()
+    assert "(the recipes are identical)" in markdown and "A better" in markdown
+    assert markdown.count("| gsm/") == 5
+    assert (out / "chart.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_mixture_against_itself_and_the_result_cache(mixtures, tmp_path):
+    cache = tmp_path / "cache"
+    run = lambda: compare(  # noqa: E731
+        str(mixtures["good"]), str(mixtures["good"]), suites=["loss-chat"], limit=4, cache_dir=cache
+    )
+    first = run()
+    assert first.suites[0].comparison.verdict == NO_DIFFERENCE
+    assert first.computed == {"A": 4, "B": 0}  # same mixture key: B reads A's results
+    assert run().computed == {"A": 0, "B": 0}
+    finished = sorted(cache.rglob("*.json"))
+    assert len(finished) == 4
+    finished[0].unlink()  # as if the run had crashed before this item
+    assert run().computed == {"A": 1, "B": 0}
+
+
+def test_base_alone_generation_suites_and_recipe_sides(mixtures, tiny, tmp_path, monkeypatch):
+    cards = tmp_path / "cards"
+    cards.mkdir()
+    (cards / "tiny.yaml").write_text(
+        f"name: tiny-llama\nrole: chat\nfamily: llama\nsource: {{kind: folder, path: {tiny['llama']}}}\n"
+    )
+    monkeypatch.setenv("COMPOSE_BASES_DIR", str(cards))
+    prompts = [Item("p/1", {"category": "writing", "prompt": "Write a line."}),
+               Item("p/2", {"category": "math", "prompt": "What is 6 * 2?"})]  # fmt: skip
+    registry = SuiteRegistry()
+    registry.register(dataclasses.replace(SUITES.get("gsm"), settings={"max_new_tokens": 8}))
+    registry.register(dataclasses.replace(
+        SUITES.get("humaneval"), settings={"max_new_tokens": 8, "timeout_s": 5, "memory_mb": 512},
+    ))  # fmt: skip
+    registry.register(Suite(
+        name="prompts", description="side by side", kind="generations", metric="",
+        higher_is_better=True, size=2, load=lambda n, recipes: prompts[:n],
+        run=scoring.run_generation, settings={"max_new_tokens": 6},
+    ))  # fmt: skip
+    out = tmp_path / "report"
+    result = compare(
+        "tiny-llama", str(mixtures["good"]), limit=2, out=out, cache_dir=tmp_path / "cache",
+        registry=registry,
+    )  # fmt: skip
+    assert result.a.kind == "base" and result.b.kind == "mixture"
+    gsm, humaneval, side_by_side = result.suites
+    assert gsm.comparison.test == "mcnemar" and len(gsm.items) == 2
+    assert "A" not in gsm.gates  # the base alone has no router to report
+    assert all(row["a"]["status"] for row in humaneval.items)
+    assert side_by_side.comparison is None
+    markdown = (out / "report.md").read_text()
+    assert "### writing" in markdown and "### math" in markdown
+    assert "# the base alone, no carry-on" in markdown
+    # The same base alone again, through a recipe and its build directory as side B:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CompareError, match="is not built"):
+        resolve_side("B", str(mixtures["recipe"]))
+    shutil.copytree(mixtures["good"], tmp_path / "runs" / "tiny")
+    side = resolve_side("B", str(mixtures["recipe"]))
+    assert side.folder == Path("runs/tiny") and side.key == result.b.key
+
+
+def test_compare_cli(mixtures, tmp_path):
+    runner = CliRunner()
+    args = ["compare", str(mixtures["good"]), str(mixtures["bad"]), "--suite", "loss-code",
+            "--limit", "3", "--out", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c")]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "A better" in result.stdout and "loss-code" in result.stdout
+    assert (tmp_path / "r" / "report.md").is_file()
+    result = runner.invoke(app, ["compare", str(tmp_path / "missing"), str(mixtures["good"])])
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert (
+        len(lines) == 1 and "is not a mixture directory, a built recipe or a base card" in lines[0]
+    )
+
+
+def test_held_out_suites_skip_what_a_recipe_trained_on(tiny, write_recipe):
+    from transformers import AutoTokenizer
+
+    from composer.data import encode_qa, load_chatterbot
+    from composer.suites import chat_items, gsm_items, trained_chat_pairs
+
+    mix = """
+        train:
+          data:
+            kind: mix
+            parts:
+              - {domain: chat, data: {kind: chatterbot, size: 40, seed: 3}}
+              - {domain: math, data: {kind: gsm_symbolic, size: 30, seed: 0}}
+        """
+    recipe = load_recipe(write_recipe(recipe_yaml({"a": tiny["llama"]}, "a", ["a@1"], train=mix)))
+    spec = recipe.train.data.parts[0].data
+    # The pairs we exclude are exactly the ones training reads.
+    tokenizer = AutoTokenizer.from_pretrained(tiny["llama"])
+    ours = sorted(
+        encode_qa(tokenizer, [{"role": "user", "content": q}], a, 320).input_ids
+        for q, a in trained_chat_pairs([recipe])
+    )
+    theirs = sorted({tuple(e.input_ids) for e in load_chatterbot(spec, tokenizer, 320)})
+    assert [tuple(x) for x in ours] == theirs
+    trained = trained_chat_pairs([recipe])
+    for item in chat_items(10_000, [recipe]):
+        first, second = item.data["messages"][:2]
+        assert (first["content"], second["content"]) not in trained
+    import reasoning_gym
+
+    questions = {
+        e["question"] for e in reasoning_gym.create_dataset("gsm_symbolic", size=30, seed=0)
+    }
+    assert not questions & {item.data["question"] for item in gsm_items(200, [recipe])}
