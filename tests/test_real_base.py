@@ -28,7 +28,7 @@ def smollm2() -> Path:
 
 def test_untrained_demo_mixture_equals_smollm2(smollm2):
     mixture = Mixture.from_recipe(load_recipe(DEMO))
-    reference = AutoModelForCausalLM.from_pretrained(smollm2)
+    reference = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
     text = "Natalia sold clips to 48 of her friends in April."
     ids = torch.tensor([mixture.tokenizer(text)["input_ids"]])
     with torch.no_grad():
