@@ -34,7 +34,7 @@ from composer.registry import cache_home
 from composer.stats import Comparison, compare_paired
 from composer.suites import SUITES, Item, Suite, SuiteRegistry
 
-SCORING_VERSION = 1  # bump when a suite's scoring changes, so old cached results are not reused
+SCORING_VERSION = 2  # bump when a suite's scoring changes, so old cached results are not reused
 
 
 @dataclass

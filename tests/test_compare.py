@@ -80,6 +80,9 @@ def test_final_number():
     assert scoring.final_number("He has 4 apples, then 9.5 pears.") == "9.5"
     assert scoring.final_number("no digits") is None
     assert scoring.same_number("36.0", "36") and not scoring.same_number("35", "36")
+    # A chat model that closes an imagined code fence has finished its code.
+    assert scoring.truncate_completion("    return 1\n```\nThis returns one.") == "    return 1\n"
+    assert scoring.truncate_completion("    x = 1\n\ndef helper():\n") == "    x = 1\n"
 
 
 # --- the sandbox ----------------------------------------------------------------------------------
