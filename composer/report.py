@@ -199,7 +199,8 @@ def plot(result: CompareResult, path: Path) -> None:
         ax.errorbar([centre], [0], xerr=[[centre - low], [high - centre]], fmt="o", color=color,
                     capsize=5)  # fmt: skip
         ax.axvline(0, color="black", lw=0.8)
-        span = max(abs(low), abs(high), 1e-9) * 1.3
+        # An all-zero difference still gets a readable axis: ±1 for rates, ±0.1 for losses.
+        span = max(abs(low), abs(high)) * 1.3 or (1.0 if s.suite.kind == "pass" else 0.1)
         ax.set_xlim(-span, span)
         ax.set_yticks([0], [f"{s.suite.name}\n{metric_name(s)}"])
         ax.set_title(c.verdict, fontsize=9, loc="right")
