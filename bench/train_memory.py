@@ -230,6 +230,8 @@ def spawn(arm: str, recipe_path: Path, args: argparse.Namespace, **extra: Any) -
     for key, value in extra.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode == -9 and arm == "d":
+        return {}  # killed, as the kernel does when memory runs out: full FT does not fit
     if done.returncode != 0:
         raise SystemExit(f"arm {arm} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -247,8 +249,10 @@ def bench_base(card: str, args: argparse.Namespace, tmp: Path) -> None:
     arms = {"a": spawn("a", path, args)}
     arms["b"] = spawn("b", path, args)
     arms["c"] = spawn("c", path, args, lora_params=arms["a"]["trainable"])
-    if args.full:
-        arms["d"] = spawn("d", path, args)
+    if args.full and (full := spawn("d", path, args)):
+        arms["d"] = full
+    elif args.full:
+        print(f"{card}: (d) full fine-tuning was killed (out of memory?)")
     names = {
         "a": "carry-on, from cache",
         "b": "carry-on, live",

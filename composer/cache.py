@@ -227,9 +227,7 @@ def _locked(folder: Path) -> Iterator[None]:
         yield
 
 
-def write_cache(
-    recipe: Recipe, *, console: Console | None = None, mixture: Mixture | None = None
-) -> FeatureCache:
+def write_cache(recipe: Recipe, *, console: Console | None = None) -> FeatureCache:
     """Reuse the recipe's cache when complete, else compute it (resuming a partial one)."""
     folders = {name: resolve_folder(spec, fetch=True) for name, spec in recipe.bases.items()}
     check_compatible(recipe, folders)  # before anything is written
@@ -244,10 +242,12 @@ def write_cache(
     console = console or Console(stderr=True)
     spec = recipe.train
     with _locked(folder):
-        manifest = _read_manifest(folder)  # again: another writer may have moved it on
-        if mixture is None:
-            with console.status("loading bases"):
-                mixture = Mixture.from_recipe(recipe, fetch=True, seed=spec.seed)
+        manifest = _read_manifest(folder)  # again: another writer may have finished it
+        if manifest is not None and manifest["complete"]:
+            _verify(folder, manifest)
+            return FeatureCache(folder, manifest)
+        with console.status("loading bases"):
+            mixture = Mixture.from_recipe(recipe, fetch=True, seed=spec.seed)
         with console.status("reading data"):
             examples = load_examples(spec.data, mixture.tokenizer, spec.seq_len)
             parts = dict(zip(SPLITS, split(examples, spec.eval_fraction, spec.seed), strict=True))

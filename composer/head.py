@@ -32,7 +32,7 @@ from composer.mixture import Features, Mixture
 from composer.plan import aligned_bases, check_compatible
 from composer.recipe import Recipe
 
-HEAD_CHUNK_BYTES = 64 * 2**20  # float32 logits (or upcast head rows) of one vocabulary block
+HEAD_CHUNK_BYTES = 16 * 2**20  # float32 logits (or upcast head rows) of one vocabulary block
 ROW_CHUNK = 4096  # rows per pass over the vocabulary
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
