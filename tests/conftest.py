@@ -156,7 +156,15 @@ def write_recipe(tmp_path: Path):
     return write
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_feature_caches(tmp_path_factory: pytest.TempPathFactory):
+    """Module and session fixtures' feature caches in tmp, never in the user's $COMPOSE_HOME."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("COMPOSE_FEATURES_DIR", str(tmp_path_factory.mktemp("features")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _feature_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test's feature caches in its own tmp folder, never in the user's $COMPOSE_HOME."""
+    """Each test's feature caches in its own tmp folder."""
     monkeypatch.setenv("COMPOSE_FEATURES_DIR", str(tmp_path / "features"))
