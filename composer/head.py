@@ -28,8 +28,8 @@ from safetensors import safe_open
 from composer.carry_on import CarryOn, KVCache
 from composer.errors import BaseSourceError
 from composer.frozen import FrozenBase, read_config, resolve_folder
-from composer.mixture import Features, Mixture
-from composer.plan import aligned_bases, check_compatible
+from composer.mixture import Features, Mixture, corrected
+from composer.plan import check_compatible, new_carry_on
 from composer.recipe import Recipe
 
 HEAD_CHUNK_BYTES = 16 * 2**20  # float32 logits (or upcast head rows) of one vocabulary block
@@ -203,14 +203,11 @@ class HeadMixture:
         """The carry-on a `Mixture.from_recipe` with this seed would make, from configs alone."""
         folders = {name: resolve_folder(spec, fetch=False) for name, spec in recipe.bases.items()}
         configs = check_compatible(recipe, folders)
-        aligned = aligned_bases(recipe, folders)
         dtype = _DTYPES[recipe.bases[recipe.anchor].dtype]
         head = LMHead.from_folder(folders[recipe.anchor], dtype)
         torch.manual_seed(seed)
-        tap_dims = {str(t): int(configs[t.base]["hidden_size"]) for t in recipe.tap_refs}
-        optional = {str(t) for t in recipe.tap_refs if t.base in aligned}
-        anchor_dim = int(configs[recipe.anchor]["hidden_size"])
-        return cls(recipe, CarryOn(recipe.carry_on, tap_dims, anchor_dim, optional), head)
+        carry_on, _ = new_carry_on(recipe, folders, configs)
+        return cls(recipe, carry_on, head)
 
     def hidden(
         self,
@@ -219,10 +216,7 @@ class HeadMixture:
         past: KVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, KVCache]:
         """As `Mixture.hidden`: the corrected anchor state, router weights, carry-on cache."""
-        out = self.carry_on(
-            features.taps, features.anchor_hidden, attention_mask, past, features.present
-        )
-        return out.hidden, out.source_weights, out.cache
+        return corrected(self.carry_on, features, attention_mask, past)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head.logits(hidden)

@@ -20,7 +20,7 @@ import torch
 from composer.align import BaseStream, aligned_states, anchor_text, anchor_texts, stream_step
 from composer.carry_on import CarryOn, KVCache
 from composer.frozen import FrozenBase, load_base
-from composer.plan import aligned_bases, check_compatible
+from composer.plan import check_compatible, new_carry_on
 from composer.recipe import Recipe
 
 
@@ -63,13 +63,9 @@ class Mixture:
         """Load every base frozen, check they fit the recipe, and make a fresh carry-on."""
         bases = {name: load_base(name, spec, fetch=fetch) for name, spec in recipe.bases.items()}
         folders = {name: b.folder for name, b in bases.items()}
-        check_compatible(recipe, folders)
-        aligned = aligned_bases(recipe, folders)
+        configs = check_compatible(recipe, folders)
         torch.manual_seed(seed)
-        tap_dims = {str(t): bases[t.base].hidden_size for t in recipe.tap_refs}
-        optional = {str(t) for t in recipe.tap_refs if t.base in aligned}
-        anchor_dim = bases[recipe.anchor].hidden_size
-        carry_on = CarryOn(recipe.carry_on, tap_dims, anchor_dim, optional)
+        carry_on, aligned = new_carry_on(recipe, folders, configs)
         return cls(recipe, bases, carry_on, aligned)
 
     @property
@@ -155,10 +151,7 @@ class Mixture:
         past: KVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, KVCache]:
         """The corrected anchor state, the router's source weights and the carry-on's cache."""
-        out = self.carry_on(
-            features.taps, features.anchor_hidden, attention_mask, past, features.present
-        )
-        return out.hidden, out.source_weights, out.cache
+        return corrected(self.carry_on, features, attention_mask, past)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.anchor.logits(hidden)
@@ -192,6 +185,17 @@ class Mixture:
         hidden, weights, cache = self.hidden(features, None, state.carry_on_past)
         state.carry_on_past = cache
         return self.logits(hidden[:, -1]), weights
+
+
+def corrected(
+    carry_on: CarryOn,
+    features: Features,
+    attention_mask: torch.Tensor | None = None,
+    past: KVCache | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, KVCache]:
+    """The carry-on applied to `features`: (x + α g ⊙ Δx, router weights, carry-on cache)."""
+    out = carry_on(features.taps, features.anchor_hidden, attention_mask, past, features.present)
+    return out.hidden, out.source_weights, out.cache
 
 
 def pad_features(items: list[Features], width: int) -> Features:

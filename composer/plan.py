@@ -66,6 +66,19 @@ def aligned_bases(recipe: Recipe, folders: dict[str, Path]) -> set[str]:
     return {name for name, f in folders.items() if tokenizer_fingerprint(f) != anchor_fp}
 
 
+def new_carry_on(
+    recipe: Recipe, folders: dict[str, Path], configs: dict[str, dict[str, Any]]
+) -> tuple[CarryOn, set[str]]:
+    """A fresh carry-on for the recipe (from configs alone) and the bases that need alignment.
+
+    Taps of aligned bases get a learned null vector for positions where they have no token."""
+    aligned = aligned_bases(recipe, folders)
+    tap_dims = {str(t): int(configs[t.base]["hidden_size"]) for t in recipe.tap_refs}
+    optional = {str(t) for t in recipe.tap_refs if t.base in aligned}
+    anchor_dim = int(configs[recipe.anchor]["hidden_size"])
+    return CarryOn(recipe.carry_on, tap_dims, anchor_dim, optional), aligned
+
+
 def check_compatible(recipe: Recipe, folders: dict[str, Path]) -> dict[str, dict[str, Any]]:
     """Rules that need the bases' configs: layers in range, context length."""
     configs = {name: read_config(folder) for name, folder in folders.items()}
@@ -136,7 +149,7 @@ def make_plan(recipe: Recipe, *, fetch: bool = False) -> Plan:
     tap_dims = {str(t): dims[t.base] for t in recipe.tap_refs}
     anchor_dim = dims[recipe.anchor]
     with torch.device("meta"):
-        carry_on = CarryOn(recipe.carry_on, tap_dims, anchor_dim)
+        carry_on, _ = new_carry_on(recipe, folders, configs)
     trainable = sum(p.numel() for p in carry_on.parameters() if p.requires_grad)
     B, T = recipe.train.batch_size, recipe.train.seq_len
     taps = []
