@@ -193,7 +193,11 @@ def train(
     steps: Annotated[int | None, typer.Option(min=1, help="Train this many steps instead.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint.")] = False,
 ) -> None:
-    """Train the carry-on (bases live, or --from-cache) and write the mixture directory."""
+    """Train the carry-on (bases live, or --from-cache) and write the mixture directory.
+
+    From the cache it also trains data-parallel on several processes: `accelerate launch
+    --multi_gpu --num_processes N -m composer train RECIPE --from-cache` (GPUs, or gloo on CPU).
+    """
     from composer.build import train_mixture
     from composer.recipe import load_recipe
 
@@ -207,6 +211,10 @@ def train(
             console=err,
         )
     )
+    from composer.distributed import Ranks
+
+    if not Ranks.current().is_main:  # launched on several processes: rank 0 reports
+        return
     m = result.metrics
     out.print(
         f"[green]trained[/] {result.out_dir}: eval loss {m['eval_loss_mixture']:.4f} "

@@ -29,7 +29,8 @@ from composer.checkpoint import (
     write_text,
 )
 from composer.data import load_examples, split
-from composer.errors import OutputError, ResourceError
+from composer.distributed import Ranks
+from composer.errors import OutputError, ResourceError, TrainError
 from composer.head import HeadMixture
 from composer.metrics import domain_metrics
 from composer.mixture import Mixture
@@ -160,22 +161,33 @@ def train_mixture(
     otherwise the bases run live."""
     console = console or Console(stderr=True)
     out_dir = out or recipe.output_dir()
+    ranks = Ranks.current()
+    if ranks.world > 1 and not from_cache:
+        raise TrainError(
+            f"training on {ranks.world} processes reads the feature cache: run `compose cache` "
+            "first, then launch `compose train --from-cache`"
+        )
     check_output_dir(out_dir, recipe, resume)
+    ranks.barrier()  # every process has checked the output before the first one writes there
     spec = recipe.train
     model: Model
     train_source: Source
     eval_source: Source
     if from_cache:
         cache = cache or open_cache(recipe)
-        model = HeadMixture.from_recipe(recipe, seed=spec.seed)
+        model = HeadMixture.from_recipe(recipe, seed=spec.seed).to(ranks.device)
         train_source, eval_source = cache.source("train"), cache.source("eval")
     else:
         model, train_source, eval_source = _live(recipe, console)
-    anchor_eval = evaluate(model, eval_source, spec.batch_size, use_carry_on=False)
+    anchor_eval = evaluate(model, eval_source, spec.batch_size, use_carry_on=False, ranks=ranks)
     n_train, n_eval = len(train_source.examples), len(eval_source.examples)
-    console.print(f"{n_train} train / {n_eval} eval examples; anchor eval loss {anchor_eval:.4f}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text(out_dir / RECIPE_FILE, recipe.to_yaml())
+    if ranks.is_main:
+        console.print(
+            f"{n_train} train / {n_eval} eval examples; anchor eval loss {anchor_eval:.4f}"
+            + (f"; {ranks.world} processes" if ranks.world > 1 else "")
+        )
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_text(out_dir / RECIPE_FILE, recipe.to_yaml())
     result = train(
         model,
         train_source,
@@ -185,13 +197,17 @@ def train_mixture(
         steps=steps,
         resume=resume,
         console=console,
+        ranks=ranks,
     )
-    save_weights(out_dir / WEIGHTS, model.carry_on)
     metrics = _metrics(recipe, model, result, anchor_eval, n_train, n_eval)
     metrics["features"] = "cache" if from_cache else "live"
-    write_json(out_dir / "metrics.json", metrics)
-    plot_losses(out_dir / "loss.png", result, anchor_eval)
-    write_text(out_dir / "README.md", model_card(recipe, metrics))
+    metrics["processes"] = ranks.world
+    if ranks.is_main:
+        save_weights(out_dir / WEIGHTS, model.carry_on)
+        write_json(out_dir / "metrics.json", metrics)
+        plot_losses(out_dir / "loss.png", result, anchor_eval)
+        write_text(out_dir / "README.md", model_card(recipe, metrics))
+    ranks.barrier()
     return BuildResult(out_dir=out_dir, metrics=metrics)
 
 

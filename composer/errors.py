@@ -39,3 +39,7 @@ class CompareError(ComposeError):
 
 class PortError(ComposeError):
     """A patch (carry-on or LoRA) that cannot be ported to, or merged into, a base."""
+
+
+class TrainError(ComposeError):
+    """A training setting that cannot work (e.g. more processes than examples per step)."""

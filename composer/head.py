@@ -221,6 +221,14 @@ class HeadMixture:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head.logits(hidden)
 
+    def to(self, device: torch.device) -> HeadMixture:
+        """Carry-on and head on `device` (a training process's GPU)."""
+        self.carry_on.to(device)
+        head = self.head
+        bias = head.bias.to(device) if head.bias is not None else None
+        self.head = LMHead(head.weight.to(device), bias, head.softcap, head.dtype, head.loaded)
+        return self
+
 
 def lm_head(model: Mixture | HeadMixture) -> LMHead:
     if isinstance(model, HeadMixture):

@@ -25,6 +25,8 @@ from composer.checkpoint import (
     save_training_state,
 )
 from composer.data import IGNORE, Example, collate
+from composer.distributed import Ranks
+from composer.errors import TrainError
 from composer.head import HeadMixture, head_loss, lm_head
 from composer.mixture import Features, Mixture, pad_features
 from composer.recipe import TrainSpec
@@ -42,6 +44,16 @@ class Batch:
     @property
     def n_targets(self) -> int:
         return int((self.labels[:, 1:] != IGNORE).sum())
+
+    def to(self, device: torch.device) -> Batch:
+        if device.type == "cpu":
+            return self
+        f = self.features
+        present = {k: v.to(device) for k, v in f.present.items()} if f.present else None
+        features = Features(
+            {k: v.to(device) for k, v in f.taps.items()}, f.anchor_hidden.to(device), present
+        )
+        return Batch(features, self.attention_mask.to(device), self.labels.to(device))
 
 
 class Source(Protocol):
@@ -125,14 +137,23 @@ def token_loss(mixture: Model, batch: Batch, use_carry_on: bool = True) -> torch
 
 
 @torch.no_grad()
-def evaluate(mixture: Model, source: Source, batch_size: int, use_carry_on: bool = True) -> float:
-    """Mean next-token loss per target token over every example of `source`."""
+def evaluate(
+    mixture: Model,
+    source: Source,
+    batch_size: int,
+    use_carry_on: bool = True,
+    ranks: Ranks | None = None,
+) -> float:
+    """Mean next-token loss per target token over every example of `source` (with `ranks`,
+    each process scores its share of the batches and the sums are combined)."""
+    ranks = ranks or Ranks()
     total, count = 0.0, 0
-    for chunk in _chunks(list(range(len(source.examples))), batch_size):
-        batch = source.batch(chunk)
+    for chunk in ranks.share(list(_chunks(list(range(len(source.examples))), batch_size))):
+        batch = source.batch(chunk).to(ranks.device)
         total += float(token_loss(mixture, batch, use_carry_on))
         count += batch.n_targets
-    return total / max(count, 1)
+    sums = ranks.sum(torch.tensor([total, count], dtype=torch.float64))
+    return float(sums[0] / max(float(sums[1]), 1.0))
 
 
 def lr_at(step: int, spec: TrainSpec, total_steps: int) -> float:
@@ -176,8 +197,18 @@ def train(
     steps: int | None = None,
     resume: bool = False,
     console: Console | None = None,
+    ranks: Ranks | None = None,
 ) -> TrainResult:
-    """Train the carry-on; checkpoints every `spec.checkpoint_every` steps and at the end."""
+    """Train the carry-on; checkpoints every `spec.checkpoint_every` steps and at the end.
+
+    With `ranks` of several processes, each computes its share of every step's batch and the
+    gradients are summed (composer.distributed); rank 0 alone writes checkpoints."""
+    ranks = ranks or Ranks()
+    if spec.batch_size < ranks.world:
+        raise TrainError(
+            f"train.batch_size {spec.batch_size} is smaller than the {ranks.world} training "
+            "processes: every process needs at least one example per step"
+        )
     total_steps = steps or spec.steps
     carry_on = mixture.carry_on
     params = [p for p in carry_on.parameters() if p.requires_grad]
@@ -202,21 +233,24 @@ def train(
         TimeRemainingColumn(),
         console=console,
         transient=False,
+        disable=not ranks.is_main,
     ) as progress:
         task = progress.add_task("train", total=total_steps, completed=start, loss="-", speed="-")
         for step in range(start, total_steps):
             t0 = time.perf_counter()
-            batch = train_source.batch(batch_indices(step, n, spec.batch_size, spec.seed))
+            indices = ranks.share(batch_indices(step, n, spec.batch_size, spec.seed))
+            batch = train_source.batch(indices).to(ranks.device)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, spec, total_steps)
-            n_targets = max(batch.n_targets, 1)
-            loss = token_loss(mixture, batch) / n_targets
+            counts = ranks.sum(torch.tensor([batch.n_targets, int(batch.attention_mask.sum())]))
+            loss = token_loss(mixture, batch) / max(int(counts[0]), 1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            ranks.sum_grads(params)
             torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
             optimizer.step()
-            value = float(loss.detach())
-            tokens = int(batch.attention_mask.sum())
+            value = float(ranks.sum(loss.detach()))
+            tokens = int(counts[1])
             result.tokens += tokens
             result.train_loss.append((step + 1, value))
             speed = tokens / max(time.perf_counter() - t0, 1e-9)
@@ -224,7 +258,8 @@ def train(
             done = step + 1
             if done % spec.eval_every == 0 or done == total_steps:
                 carry_on.eval()
-                result.eval_loss.append((done, evaluate(mixture, eval_source, spec.batch_size)))
+                loss_now = evaluate(mixture, eval_source, spec.batch_size, ranks=ranks)
+                result.eval_loss.append((done, loss_now))
                 carry_on.train()
             if done % spec.checkpoint_every == 0 or done == total_steps:
                 trainer = {
@@ -232,8 +267,10 @@ def train(
                     "train_loss": result.train_loss,
                     "eval_loss": result.eval_loss,
                 }
-                save_training_state(checkpoints, done, carry_on, optimizer, trainer)
-                prune_checkpoints(checkpoints, keep=2)
+                if ranks.is_main:
+                    save_training_state(checkpoints, done, carry_on, optimizer, trainer)
+                    prune_checkpoints(checkpoints, keep=2)
+                ranks.barrier()
     carry_on.eval()
     result.steps = total_steps
     result.seconds = time.perf_counter() - began
