@@ -71,8 +71,18 @@ def tokenizer_fingerprint(folder: Path) -> str:
                     digest.update(json.dumps(data.get(key), sort_keys=True).encode())
             else:
                 digest.update(path.read_bytes())
-    if not found:
-        raise BaseSourceError(f"base folder {folder} has no tokenizer files")
+    if not found:  # a tokenizer without a vocabulary file (byte-level, e.g. ByT5): its class
+        config = folder / "tokenizer_config.json"
+        if not config.is_file():
+            raise BaseSourceError(f"base folder {folder} has no tokenizer files")
+        try:
+            tokenizer_class = json.loads(config.read_text()).get("tokenizer_class")
+        except json.JSONDecodeError as exc:
+            raise BaseSourceError(f"{config}: cannot read: {exc}") from exc
+        digest.update(f"class {tokenizer_class}".encode())
+        added = folder / "added_tokens.json"
+        if added.is_file():
+            digest.update(added.read_bytes())
     return digest.hexdigest()
 
 

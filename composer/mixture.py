@@ -19,6 +19,7 @@ import torch
 
 from composer.align import BaseStream, aligned_states, anchor_text, anchor_texts, stream_step
 from composer.carry_on import CarryOn, KVCache
+from composer.errors import BaseSourceError
 from composer.frozen import FrozenBase, load_base
 from composer.plan import check_compatible, new_carry_on
 from composer.recipe import Recipe
@@ -61,7 +62,10 @@ class Mixture:
     @classmethod
     def from_recipe(cls, recipe: Recipe, *, fetch: bool = True, seed: int = 0) -> Mixture:
         """Load every base frozen, check they fit the recipe, and make a fresh carry-on."""
-        bases = {name: load_base(name, spec, fetch=fetch) for name, spec in recipe.bases.items()}
+        bases = {}
+        for name, spec in recipe.bases.items():
+            bases[name] = load_base(name, spec, fetch=fetch)
+            _need_offsets(bases[name])
         folders = {name: b.folder for name, b in bases.items()}
         configs = check_compatible(recipe, folders)
         torch.manual_seed(seed)
@@ -185,6 +189,17 @@ class Mixture:
         hidden, weights, cache = self.hidden(features, None, state.carry_on_past)
         state.carry_on_past = cache
         return self.logits(hidden[:, -1]), weights
+
+
+def _need_offsets(base: FrozenBase) -> None:
+    """Scoring per character of text (held-out metrics across tokenizers, compare's loss
+    suites) needs each token's character offsets, which only fast tokenizers give."""
+    if not getattr(base.tokenizer, "is_fast", False):
+        raise BaseSourceError(
+            f"base '{base.name}': its tokenizer ({type(base.tokenizer).__name__}) is a slow "
+            "Python tokenizer without character offsets, which scoring across tokenizers "
+            "needs; give its folder a fast tokenizer (tokenizer.json)"
+        )
 
 
 def corrected(

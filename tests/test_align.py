@@ -153,3 +153,24 @@ def test_gates_per_generated_token(tiny, write_recipe):
     assert "".join(p for p, _, _ in pieces) == generate(mixture, "How many days?", 10)
     assert {s for _, s, _ in pieces} <= set(mixture.carry_on.sources)
     assert all(1 / len(mixture.carry_on.sources) <= w <= 1 for _, _, w in pieces)
+
+
+def test_a_base_with_a_slow_tokenizer_is_refused_in_one_line(tiny, write_recipe, tmp_path):
+    """ByT5's tokenizer is pure Python: no character offsets, which per-character scoring of a
+    base read through another tokenizer needs. The build stops before training, in one line."""
+    from conftest import make_base
+    from transformers import AutoTokenizer, ByT5Tokenizer
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    ByT5Tokenizer().save_pretrained(tmp_path / "tok-byt5")
+    assert not AutoTokenizer.from_pretrained(tmp_path / "tok-byt5").is_fast
+    slow = make_base(tmp_path / "byt5", "llama", tmp_path / "tok-byt5", 32, 2)
+    path = write_recipe(recipe_yaml({"a": tiny["llama"], "s": slow}, "a", ["a@1", "s@1"]))
+    result = CliRunner().invoke(app, ["build", str(path), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    message = result.output.strip()
+    assert "base 's'" in message and "slow Python tokenizer" in message
+    assert len(message.splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -33,7 +33,14 @@ def _launch(processes: int, *args: str) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "composer"]
     if processes > 1:
         launcher = [
-            *("accelerate", "launch", "--multi_gpu", "--num_processes", str(processes)),
+            *(
+                sys.executable,
+                "-m",
+                "accelerate.commands.launch",
+                "--multi_gpu",
+                "--num_processes",
+                str(processes),
+            ),
             *("--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"),
             *("--main_process_port", str(_free_port()), "-m", "composer"),
         ]
