@@ -30,12 +30,12 @@ from composer.checkpoint import (
 )
 from composer.data import load_examples, split
 from composer.distributed import Ranks
-from composer.errors import OutputError, ResourceError, TrainError
+from composer.errors import ComposeError, OutputError, ResourceError, TrainError
 from composer.head import HeadMixture
 from composer.metrics import domain_metrics
 from composer.mixture import Mixture
 from composer.plan import Plan, make_plan
-from composer.recipe import Recipe
+from composer.recipe import Recipe, recipe_from_dict
 from composer.train import (
     FeatureSource,
     Model,
@@ -72,10 +72,19 @@ def check_output_dir(out_dir: Path, recipe: Recipe, resume: bool) -> None:
             f"output {out_dir} already holds a build: pass --resume to continue it, "
             "or choose another --out"
         )
-    if saved.is_file() and _comparable(yaml.safe_load(saved.read_text())) != _comparable(
+    if saved.is_file() and _comparable(_saved_recipe(saved)) != _comparable(
         recipe.model_dump(mode="json")
     ):
         raise OutputError(f"output {out_dir} was built from a different recipe; cannot resume")
+
+
+def _saved_recipe(path: Path) -> dict[str, Any]:
+    """A build's resolved recipe, validated again: fields added since it was written take
+    their defaults, so they do not read as a difference."""
+    try:
+        return recipe_from_dict(yaml.safe_load(path.read_text()), str(path)).model_dump(mode="json")
+    except (ComposeError, yaml.YAMLError) as exc:
+        raise OutputError(f"output {path.parent}: its {path.name} is unreadable ({exc})") from exc
 
 
 def _comparable(data: dict[str, Any]) -> dict[str, Any]:

@@ -6,10 +6,11 @@ import json
 
 import pytest
 import torch
+import yaml
 from conftest import recipe_yaml
 from safetensors.torch import load_file
 
-from composer.build import build
+from composer.build import build, check_output_dir
 from composer.checkpoint import WEIGHTS, latest_checkpoint
 from composer.errors import CheckpointError, OutputError
 from composer.generate import load_mixture
@@ -142,3 +143,18 @@ def test_truncated_weights_are_refused(recipe, tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         load_mixture(tmp_path / "out")
+
+
+def test_resume_accepts_a_build_written_before_a_field_existed(recipe, tmp_path):
+    """A field added to the recipe schema later (here: one the saved recipe lacks) takes its
+    default and is no difference; a changed setting still is."""
+    out = tmp_path / "out"
+    out.mkdir()
+    saved = recipe.model_dump(mode="json")
+    del saved["train"]["cache"]["shard_examples"]
+    (out / "recipe.yaml").write_text(yaml.safe_dump(saved))
+    check_output_dir(out, recipe, resume=True)
+    saved["train"]["lr"] = recipe.train.lr * 2
+    (out / "recipe.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(OutputError, match="built from a different recipe"):
+        check_output_dir(out, recipe, resume=True)
