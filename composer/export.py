@@ -4,6 +4,7 @@
     OUT/carry_on.safetensors   the carry-on's keys, byte for byte
     OUT/tokenizers/<base>/     each base's tokenizer files
     OUT/bases/<base>/          with --include-bases: config, tokenizer, sharded safetensors
+    OUT/adapters/<base>/       a base's `lora:` patch, when it has one
     OUT/metrics.json           the build's training metrics, when it has them
     OUT/README.md              the model card
     OUT/export.json            sizes and sha256 of every file; `load_mixture` checks them
@@ -33,6 +34,8 @@ from composer.build import RECIPE_FILE
 from composer.checkpoint import WEIGHTS, write_json, write_text
 from composer.errors import CheckpointError, OutputError
 from composer.frozen import resolve_folder
+from composer.lora import CONFIG as LORA_CONFIG
+from composer.lora import WEIGHTS as LORA_WEIGHTS
 from composer.manifest import FORMAT, MANIFEST, file_entries, resolve_export, sha256_file
 from composer.recipe import Recipe, recipe_from_dict
 
@@ -86,6 +89,9 @@ def export(
             if include_bases:
                 with console.status(f"writing base '{name}'"):
                     _copy_base(folder, staging / "bases" / name, shard_bytes)
+            lora = recipe.bases[name].lora
+            if lora is not None:  # the patch travels with the export
+                _copy_files(Path(lora), staging / "adapters" / name, (LORA_CONFIG, LORA_WEIGHTS))
         exported = _exported_recipe(recipe, folders, include_bases)
         write_text(staging / RECIPE_FILE, exported.to_yaml())
         metrics = _read_metrics(mixture_dir)
@@ -226,9 +232,12 @@ def _source(recipe: Recipe, name: str, folder: Path) -> dict[str, Any]:
 
 
 def _exported_recipe(recipe: Recipe, folders: dict[str, Path], include_bases: bool) -> Recipe:
-    """Included bases by path inside OUT; local folders by absolute path; cards unchanged."""
+    """Included bases by path inside OUT; local folders by absolute path; cards unchanged;
+    LoRA patches by their copy inside OUT."""
     data = recipe.model_dump(mode="json")
     for name, spec in data["bases"].items():
+        if spec["lora"] is not None:
+            spec["lora"] = f"adapters/{name}"
         if include_bases:
             spec["card"], spec["path"] = None, f"bases/{name}"
         elif spec["path"] is not None:

@@ -68,7 +68,8 @@ def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
 
 
 def resolve_export(folder: Path, recipe_data: Any) -> Any:
-    """For an export: verify its files and make its bases' relative paths absolute.
+    """For an export: verify its files and make its bases' (and patches') relative paths
+    absolute.
 
     Any other folder's recipe is returned unchanged: a build's relative paths keep meaning
     "relative to where you run".
@@ -80,7 +81,8 @@ def resolve_export(folder: Path, recipe_data: Any) -> Any:
     bases = recipe_data.get("bases")
     if isinstance(bases, dict):
         for spec in bases.values():
-            path = spec.get("path") if isinstance(spec, dict) else None
-            if isinstance(path, str) and not Path(path).is_absolute():
-                spec["path"] = str((folder / path).resolve())
+            for key in ("path", "lora"):
+                path = spec.get(key) if isinstance(spec, dict) else None
+                if isinstance(path, str) and not Path(path).is_absolute():
+                    spec[key] = str((folder / path).resolve())
     return recipe_data

@@ -126,3 +126,25 @@ def test_export_cli(tiny, tmp_path):
     result = CliRunner().invoke(app, ["export", str(tmp_path / "nothing"), str(out)])
     assert result.exit_code == 1
     assert "is not a mixture directory" in result.output
+
+
+def test_export_carries_a_lora_patch(tiny, tmp_path):
+    """A base patched by `lora:` is exported with its adapter: OUT loads with the adapter's
+    original folder gone, and gives the same logits."""
+    from test_port import _peft_adapter
+
+    _peft_adapter(tiny["llama"], tmp_path / "adapter")
+    bases = {"a": tmp_path / "bases" / "llama"}
+    shutil.copytree(tiny["llama"], bases["a"])
+    text = recipe_yaml(bases, "a", ["a@1"]).replace(
+        f"{{path: {bases['a']}}}", f"{{path: {bases['a']}, lora: {tmp_path / 'adapter'}}}"
+    )
+    (tmp_path / "recipe.yaml").write_text(text)
+    build(load_recipe(tmp_path / "recipe.yaml"), out=tmp_path / "mix", steps=2)
+    before = _logits(tmp_path / "mix")
+    out = tmp_path / "export"
+    export(tmp_path / "mix", out, include_bases=True)
+    assert "lora: adapters/a" in (out / "recipe.yaml").read_text()
+    shutil.move(tmp_path / "adapter", tmp_path / "adapter-moved")
+    shutil.move(tmp_path / "bases", tmp_path / "bases-moved")
+    assert torch.equal(_logits(out), before)
