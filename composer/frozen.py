@@ -172,7 +172,7 @@ class FrozenBase:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The base's own LM head on `hidden` (with Gemma's final soft-capping where set)."""
         head = self.model.get_output_embeddings()
-        logits = head(hidden.to(head.weight.dtype)).float()
+        logits = head(hidden.to(head.weight.device, head.weight.dtype)).float()
         cap = getattr(self.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap

@@ -186,8 +186,11 @@ def _online_cross_entropy(
 
 
 def head_loss(head: LMHead, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy of `rows` (N, D) against `targets` (N,)."""
-    return _HeadCrossEntropy.apply(rows, targets, head)
+    """Summed next-token cross-entropy of `rows` (N, D) against `targets` (N,), computed where
+    the head is (an anchor spread over devices keeps its head on its last one)."""
+    device = head.weight.device
+    loss = _HeadCrossEntropy.apply(rows.to(device), targets.to(device), head)
+    return loss.to(rows.device)
 
 
 class HeadMixture:

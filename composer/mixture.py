@@ -86,29 +86,32 @@ class Mixture:
         state: GenerationState | None = None,
     ) -> Features:
         """Run every base (no grad) on the anchor's ids (B, T); with `state`, continue caches.
+        The states come back in float32 on the carry-on's device.
 
         Padding must be on the right: aligned bases read each row's text up to its length.
         """
         taps: dict[str, torch.Tensor] = {}
         present: dict[str, torch.Tensor] = {}
         anchor_hidden = None
+        # Where the carry-on is: bases spread over devices (device_map) hand their states there.
+        device = next(self.carry_on.parameters(), torch.empty(0)).device
         for name in self._active():
             base, layers = self.bases[name], self._layers[name]
             if name in self.aligned:
                 states, mask = self._aligned(name, input_ids, attention_mask, state)
                 for layer in layers:
-                    taps[f"{name}@{layer}"] = states[layer]
-                    present[f"{name}@{layer}"] = mask
+                    taps[f"{name}@{layer}"] = states[layer].to(device)
+                    present[f"{name}@{layer}"] = mask.to(device)
                 continue
             is_anchor = name == self.recipe.anchor
             past = state.base_past.get(name) if state is not None else None
             out = base.forward(input_ids, attention_mask, layers, is_anchor, past)
             for layer, hidden in out.taps.items():
-                taps[f"{name}@{layer}"] = hidden.float()
+                taps[f"{name}@{layer}"] = hidden.to(device, torch.float32)
             if is_anchor:
                 anchor_hidden = out.final
         assert anchor_hidden is not None
-        return Features(taps, anchor_hidden.float(), present or None)
+        return Features(taps, anchor_hidden.to(device, torch.float32), present or None)
 
     def _aligned(
         self,

@@ -73,12 +73,13 @@ def encode(index: int, example: Example, features: Features, row: int, dtype: st
     states = {"anchor": features.anchor_hidden[row, :n]}
     states.update({f"tap/{s}": v[row, :n] for s, v in features.taps.items()})
     tensors: dict[str, torch.Tensor] = {}
-    for name, values in states.items():
-        tensors[name], scale = quantize(values, dtype)
+    for name, values in states.items():  # on the CPU: bases may sit on other devices
+        stored, scale = quantize(values, dtype)
+        tensors[name] = stored.cpu()
         if scale is not None:
-            tensors[f"{name}.scale"] = scale
+            tensors[f"{name}.scale"] = scale.cpu()
     for source, mask in (features.present or {}).items():
-        tensors[f"present/{source}"] = mask[row, :n].to(torch.bool, copy=True)
+        tensors[f"present/{source}"] = mask[row, :n].to("cpu", torch.bool, copy=True)
     return Encoded(index, example, tensors)
 
 
