@@ -161,13 +161,47 @@ def build(
     )
 
 
+class Engine(enum.StrEnum):
+    local = "local"
+    ray = "ray"
+
+
 @app.command()
-def cache(recipe: RecipeArg, overrides: Overrides = None) -> None:
+def cache(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    engine: Annotated[
+        Engine,
+        typer.Option(
+            help="Where the bases run: local (this process) or ray (Ray actors, "
+            "train.cache.ray); both write the same shards."
+        ),
+    ] = Engine.local,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="A Ray cluster to run on (with --engine ray; default: a local Ray instance). "
+            "Its nodes must share the cache folder's filesystem.",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
     """Run the bases once over the data; store their states as checksummed shards (resumable)."""
-    from composer.cache import write_cache
     from composer.recipe import load_recipe
 
-    result = _run(lambda: write_cache(load_recipe(recipe, overrides or []), console=err))
+    if address is not None and engine is not Engine.ray:
+        err.print("[bold red]error:[/] --address names a Ray cluster: use it with --engine ray")
+        raise typer.Exit(1)
+    if engine is Engine.ray:
+        from composer.ray_engine import write_cache as write_ray
+
+        result = _run(
+            lambda: write_ray(load_recipe(recipe, overrides or []), address=address, console=err)
+        )
+    else:
+        from composer.cache import write_cache
+
+        result = _run(lambda: write_cache(load_recipe(recipe, overrides or []), console=err))
     n = result.examples
     how = "reused" if result.reused else f"written in {result.seconds:.1f}s"
     out.print(

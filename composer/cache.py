@@ -8,8 +8,14 @@ A cache folder holds `manifest.json` and shards (composer.shards). The manifest 
 hash of everything that decides the states: each base's weights, config, dtype, quantization and
 tokenizer, the taps, the anchor's chat template, the data and its split, seq_len and the storage
 dtype. It lists every complete shard with its sha256; a shard is written atomically before it
-is listed, so a killed run resumes after the last listed shard, and a shard whose bytes do not
-match its checksum is refused.
+is listed, so a killed run writes only the shards the manifest does not list, and a shard whose
+bytes do not match its checksum is refused.
+
+Shard k of a split holds the k-th run of `shard_examples` examples in order of length, and is
+computed by one function (`shard_tensors`) whichever engine runs the bases: this process, one
+shard after another, or Ray actors (composer.ray_engine), which finish shards in any order. Each
+split's list in the manifest is kept sorted by file name, so the finished manifest is the same
+either way. How the shards are computed is not part of the key.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +41,7 @@ from safetensors.torch import save_file
 from composer.checkpoint import atomic_write, write_json
 from composer.data import Example, collate, load_examples, split
 from composer.errors import CacheError
-from composer.frozen import resolve_folder, tokenizer_fingerprint
+from composer.frozen import load_tokenizer, resolve_folder, tokenizer_fingerprint
 from composer.lora import adapter_identity
 from composer.mixture import Mixture
 from composer.plan import check_compatible
@@ -183,7 +189,7 @@ class FeatureCache:
     folder: Path
     manifest: dict[str, Any]
     reused: bool = True
-    seconds: float = 0.0  # spent running the bases, when this call wrote shards
+    seconds: float = 0.0  # the engine's time writing shards, when this call wrote some
 
     def source(self, split_name: str) -> CachedSource:
         return CachedSource([self.folder / s["file"] for s in self.manifest["shards"][split_name]])
@@ -227,8 +233,141 @@ def _locked(folder: Path) -> Iterator[None]:
         yield
 
 
-def write_cache(recipe: Recipe, *, console: Console | None = None) -> FeatureCache:
-    """Reuse the recipe's cache when complete, else compute it (resuming a partial one)."""
+@dataclass(frozen=True)
+class ShardJob:
+    """Shard k of a split: the examples at positions `members` of the split, shortest first."""
+
+    split: str
+    k: int
+    members: list[int]
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-{self.k:05d}.safetensors"
+
+
+def plan_shards(parts: dict[str, list[Example]], per_shard: int) -> list[ShardJob]:
+    """Every shard of a cache, train then eval, each split cut into runs of `per_shard`."""
+    jobs = []
+    for split_name in SPLITS:
+        examples = parts[split_name]
+        # Similar lengths together, so little of each forward is spent on padding.
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+        starts = range(0, len(order), per_shard)
+        jobs += [ShardJob(split_name, k, order[s : s + per_shard]) for k, s in enumerate(starts)]
+    return jobs
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    return next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+
+
+def shard_tensors(
+    mixture: Mixture,
+    examples: Sequence[Example],
+    members: Sequence[int],
+    batch_size: int,
+    dtype: str,
+    pad_id: int,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> tuple[dict[str, torch.Tensor], list[Encoded]]:
+    """One shard's tensors: `examples` (at positions `members` of their split) through the bases.
+
+    The forwards take `batch_size` examples at a time in the given order; every engine computes
+    shards with this function, so every engine stores the same floats. `on_batch(examples,
+    tokens)` is called after each forward.
+    """
+    encoded: list[Encoded] = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        batch = collate(list(chunk), pad_id)
+        features = mixture.features(batch["input_ids"], batch["attention_mask"])
+        indices = members[start : start + batch_size]
+        for row, (i, example) in enumerate(zip(indices, chunk, strict=True)):
+            encoded.append(encode(i, example, features, row, dtype))
+        if on_batch is not None:
+            on_batch(len(chunk), int(batch["attention_mask"].sum()))
+    return pack(encoded), encoded
+
+
+def write_shard(
+    folder: Path, name: str, tensors: dict[str, torch.Tensor], encoded: list[Encoded]
+) -> dict[str, Any]:
+    """Write a shard atomically into `folder`; its manifest record."""
+    path = folder / name
+    _write_shard(path, tensors)
+    return {
+        "file": name,
+        "examples": len(encoded),
+        "tokens": sum(len(e.example.input_ids) for e in encoded),
+        "bytes": path.stat().st_size,
+        "sha256": _sha256_file(path),
+    }
+
+
+def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), {"format": "compose-features"}))
+
+
+@dataclass
+class CacheRun:
+    """An incomplete cache, and what an engine needs to write the shards it does not list."""
+
+    recipe: Recipe
+    folders: dict[str, Path]  # each base's resolved folder
+    parts: dict[str, list[Example]]
+    folder: Path
+    manifest: dict[str, Any]
+    pad_id: int
+
+    def pending(self) -> list[ShardJob]:
+        """The planned shards not listed yet: after a run killed midway, any subset of them."""
+        listed = {s["file"] for name in SPLITS for s in self.manifest["shards"][name]}
+        jobs = plan_shards(self.parts, self.manifest["shard_examples"])
+        return [job for job in jobs if job.name not in listed]
+
+    def list_shard(self, split_name: str, record: dict[str, Any]) -> None:
+        """List a shard that is on disk; sorted by file name, so shards may finish in any order."""
+        listed = self.manifest["shards"][split_name]
+        listed.append(record)
+        listed.sort(key=lambda s: (len(s["file"]), s["file"]))  # index order past 99999 too
+        write_json(self.folder / MANIFEST, self.manifest)
+
+
+Engine = Callable[[CacheRun, Console], float]
+
+
+@contextmanager
+def cache_progress(console: Console, total: int) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar of examples done out of `total`; yields advance(examples, tokens)."""
+    with Progress(
+        TextColumn("[bold]cache"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("examples  {task.fields[speed]} tok/s"),
+        TimeRemainingColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task("cache", total=total, speed="-")
+        done, began = 0, time.perf_counter()
+
+        def advance(examples: int, tokens: int) -> None:
+            nonlocal done
+            done += tokens
+            speed = done / max(time.perf_counter() - began, 1e-9)
+            progress.update(task, advance=examples, speed=f"{speed:,.0f}")
+
+        yield advance
+
+
+def write_cache(
+    recipe: Recipe, *, console: Console | None = None, engine: Engine | None = None
+) -> FeatureCache:
+    """Reuse the recipe's cache when complete, else compute it (resuming a partial one).
+
+    `engine(run, console)` writes the missing shards and returns the seconds it spent on them;
+    by default the bases run here, one shard after another (composer.ray_engine has another).
+    """
     folders = {name: resolve_folder(spec, fetch=True) for name, spec in recipe.bases.items()}
     check_compatible(recipe, folders)  # before anything is written
     key, components = cache_key(recipe, folders)
@@ -246,10 +385,12 @@ def write_cache(recipe: Recipe, *, console: Console | None = None) -> FeatureCac
         if manifest is not None and manifest["complete"]:
             _verify(folder, manifest)
             return FeatureCache(folder, manifest)
-        with console.status("loading bases"):
-            mixture = Mixture.from_recipe(recipe, fetch=True, seed=spec.seed)
+        for stale in folder.glob(".*.tmp"):  # half-written files of a killed run
+            stale.unlink()
         with console.status("reading data"):
-            examples = load_examples(spec.data, mixture.tokenizer, spec.seq_len)
+            anchor = recipe.anchor
+            tokenizer = load_tokenizer(anchor, recipe.bases[anchor], folders[anchor])
+            examples = load_examples(spec.data, tokenizer, spec.seq_len)
             parts = dict(zip(SPLITS, split(examples, spec.eval_fraction, spec.seed), strict=True))
         per_shard = manifest["shard_examples"] if manifest else spec.cache.shard_examples
         planned = {s: -(-len(parts[s]) // per_shard) for s in SPLITS}
@@ -267,69 +408,25 @@ def write_cache(recipe: Recipe, *, console: Console | None = None) -> FeatureCac
             }
             write_json(folder / MANIFEST, manifest)
         _verify(folder, manifest)
-        began = time.perf_counter()
-        _run_bases(recipe, mixture, parts, folder, manifest, console)
+        run = CacheRun(recipe, folders, parts, folder, manifest, pad_id_of(tokenizer))
+        seconds = (engine or _run_bases)(run, console) if run.pending() else 0.0
         manifest["complete"] = True
         write_json(folder / MANIFEST, manifest)
-    return FeatureCache(folder, manifest, reused=False, seconds=time.perf_counter() - began)
+    return FeatureCache(folder, manifest, reused=False, seconds=seconds)
 
 
-def _run_bases(
-    recipe: Recipe,
-    mixture: Mixture,
-    parts: dict[str, list[Example]],
-    folder: Path,
-    manifest: dict[str, Any],
-    console: Console,
-) -> None:
-    """Write every shard the manifest does not list yet, listing each once it is on disk."""
-    cache = recipe.train.cache
-    tokenizer = mixture.tokenizer
-    pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
-    per_shard = manifest["shard_examples"]
-    todo = sum(len(parts[s]) for s in SPLITS) - sum(
-        s["examples"] for name in SPLITS for s in manifest["shards"][name]
-    )
-    with Progress(
-        TextColumn("[bold]cache"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("examples  {task.fields[speed]} tok/s"),
-        TimeRemainingColumn(),
-        console=console,
-    ) as progress:
-        task = progress.add_task("cache", total=todo, speed="-")
-        tokens, began = 0, time.perf_counter()
-        for split_name in SPLITS:
-            examples = parts[split_name]
-            # Similar lengths together, so little of each forward is spent on padding.
-            order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-            listed = manifest["shards"][split_name]
-            for k in range(len(listed), manifest["planned"][split_name]):
-                members = order[k * per_shard : (k + 1) * per_shard]
-                encoded: list[Encoded] = []
-                for start in range(0, len(members), cache.batch_size):
-                    chunk = members[start : start + cache.batch_size]
-                    batch = collate([examples[i] for i in chunk], pad_id)
-                    features = mixture.features(batch["input_ids"], batch["attention_mask"])
-                    for row, i in enumerate(chunk):
-                        encoded.append(encode(i, examples[i], features, row, cache.dtype))
-                    tokens += int(batch["attention_mask"].sum())
-                    speed = tokens / max(time.perf_counter() - began, 1e-9)
-                    progress.update(task, advance=len(chunk), speed=f"{speed:,.0f}")
-                name = f"{split_name}-{k:05d}.safetensors"
-                _write_shard(folder / name, pack(encoded))
-                listed.append(
-                    {
-                        "file": name,
-                        "examples": len(members),
-                        "tokens": sum(len(e.example.input_ids) for e in encoded),
-                        "bytes": (folder / name).stat().st_size,
-                        "sha256": _sha256_file(folder / name),
-                    }
-                )
-                write_json(folder / MANIFEST, manifest)
-
-
-def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), {"format": "compose-features"}))
+def _run_bases(run: CacheRun, console: Console) -> float:
+    """The local engine: load the bases in this process, write the pending shards in order."""
+    cache = run.recipe.train.cache
+    with console.status("loading bases"):
+        mixture = Mixture.from_recipe(run.recipe, fetch=True, seed=run.recipe.train.seed)
+    jobs = run.pending()
+    began = time.perf_counter()
+    with cache_progress(console, sum(len(job.members) for job in jobs)) as advance:
+        for job in jobs:
+            examples = [run.parts[job.split][i] for i in job.members]
+            tensors, encoded = shard_tensors(
+                mixture, examples, job.members, cache.batch_size, cache.dtype, run.pad_id, advance
+            )
+            run.list_shard(job.split, write_shard(run.folder, job.name, tensors, encoded))
+    return time.perf_counter() - began

@@ -191,9 +191,26 @@ def quantization_config(kind: str) -> Any:
     )
 
 
+def _cannot_load(name: str, folder: Path, exc: Exception) -> BaseSourceError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return BaseSourceError(f"base '{name}' ({folder}): cannot load: {first}")
+
+
+def load_tokenizer(name: str, spec: BaseSpec, folder: Path) -> Any:
+    """A base's tokenizer alone, as `load_base` loads it (no weights are read)."""
+    from transformers import AutoTokenizer
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoTokenizer.from_pretrained(folder, trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError, ImportError) as exc:
+        raise _cannot_load(name, folder, exc) from exc
+
+
 def load_base(name: str, spec: BaseSpec, *, fetch: bool = True) -> FrozenBase:
     """Load a base frozen (no grads, eval mode) in its dtype, optionally 8/4-bit quantized."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     folder = resolve_folder(spec, fetch=fetch)
@@ -217,12 +234,9 @@ def load_base(name: str, spec: BaseSpec, *, fetch: bool = True) -> FrozenBase:
             model = AutoModelForCausalLM.from_pretrained(
                 folder, trust_remote_code=spec.trust_remote_code, **kwargs
             )
-            tokenizer = AutoTokenizer.from_pretrained(
-                folder, trust_remote_code=spec.trust_remote_code
-            )
     except (OSError, ValueError, ImportError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BaseSourceError(f"base '{name}' ({folder}): cannot load: {first}") from exc
+        raise _cannot_load(name, folder, exc) from exc
+    tokenizer = load_tokenizer(name, spec, folder)
     if spec.lora is not None:
         from composer.lora import apply_lora
 

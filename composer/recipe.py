@@ -211,6 +211,24 @@ class TrainSpec(BaseModel):
     cache: CacheSpec = Field(default_factory=lambda: CacheSpec())
 
 
+class RaySpec(BaseModel):
+    """How `compose cache --engine ray` runs the bases: a fixed pool of Ray actors."""
+
+    model_config = _FROZEN
+    actors: int = Field(
+        default=2, gt=0, description="Actors; each loads the bases once and writes whole shards."
+    )
+    cpus_per_actor: float = Field(
+        default=1, gt=0, description="CPUs Ray reserves per actor; also its torch threads (≥ 1)."
+    )
+    gpus_per_actor: float = Field(
+        default=0,
+        ge=0,
+        description="GPUs Ray reserves per actor (a fraction shares one); the bases go where "
+        "their `device_map` puts them.",
+    )
+
+
 class CacheSpec(BaseModel):
     """Tapped states and the anchor's final state, computed once and stored on disk as shards."""
 
@@ -233,6 +251,11 @@ class CacheSpec(BaseModel):
         default=64, gt=0, description="Examples per shard: a killed run resumes per shard."
     )
     batch_size: int = Field(default=8, gt=0, description="Examples per forward of the bases.")
+    ray: RaySpec = Field(
+        default_factory=RaySpec,
+        description="The Ray engine's actors (`compose cache --engine ray`); not part of the "
+        "cache key: both engines write the same shards.",
+    )
 
 
 class Recipe(BaseModel):
