@@ -119,6 +119,14 @@ def _render_plan(result: Any) -> None:
     out.print(mem)
 
 
+# Options of both `build` and `train`.
+OutDir = Annotated[
+    Path | None, typer.Option("--out", help="Output directory (default: the recipe's).")
+]
+Steps = Annotated[int | None, typer.Option(min=1, help="Train this many steps instead.")]
+Resume = Annotated[bool, typer.Option(help="Continue from the last checkpoint.")]
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
@@ -127,11 +135,9 @@ def _mib(n: int) -> str:
 def build(
     recipe: RecipeArg,
     overrides: Overrides = None,
-    out_dir: Annotated[
-        Path | None, typer.Option("--out", help="Output directory (default: the recipe's).")
-    ] = None,
-    steps: Annotated[int | None, typer.Option(help="Train this many steps instead.")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint.")] = False,
+    out_dir: OutDir = None,
+    steps: Steps = None,
+    resume: Resume = False,
     force: Annotated[
         bool, typer.Option(help="Run even if the plan's memory estimate exceeds what is free.")
     ] = False,
@@ -140,9 +146,6 @@ def build(
     from composer.build import build as run_build
     from composer.recipe import load_recipe
 
-    if steps is not None and steps <= 0:
-        err.print("[bold red]error:[/] --steps must be positive")
-        raise typer.Exit(1)
     result = _run(
         lambda: run_build(
             load_recipe(recipe, overrides or []),
@@ -221,11 +224,9 @@ def train(
             "--from-cache", help="Read the states `compose cache` stored; load no base weights."
         ),
     ] = False,
-    out_dir: Annotated[
-        Path | None, typer.Option("--out", help="Output directory (default: the recipe's).")
-    ] = None,
-    steps: Annotated[int | None, typer.Option(min=1, help="Train this many steps instead.")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint.")] = False,
+    out_dir: OutDir = None,
+    steps: Steps = None,
+    resume: Resume = False,
 ) -> None:
     """Train the carry-on (bases live, or --from-cache) and write the mixture directory.
 

@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from composer.cache import FeatureCache, open_cache, write_cache
 from composer.checkpoint import (
+    RECIPE_FILE,
     WEIGHTS,
     atomic_write,
     load_weights,
@@ -45,8 +46,6 @@ from composer.train import (
     peak_rss_bytes,
     train,
 )
-
-RECIPE_FILE = "recipe.yaml"
 
 
 @dataclass

@@ -14,14 +14,19 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from composer.errors import CheckpointError
+from composer.errors import CheckpointError, OutputError
+
+if TYPE_CHECKING:
+    from composer.recipe import Recipe
+
+RECIPE_FILE = "recipe.yaml"  # a mixture directory's resolved recipe
 
 WEIGHTS = "carry_on.safetensors"
 
@@ -135,3 +140,45 @@ def prune_checkpoints(folder: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
     for stale in folder.glob(".step-*"):
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def read_mixture_recipe(mixture_dir: Path) -> Recipe:
+    """The resolved recipe of a mixture directory (a build or an export, whose files are
+    checked and whose relative paths are resolved); refused if the folder is not one."""
+    import yaml
+
+    from composer.manifest import resolve_export
+    from composer.recipe import recipe_from_dict
+
+    recipe_path = mixture_dir / RECIPE_FILE
+    for needed in (recipe_path, mixture_dir / WEIGHTS):
+        if not needed.is_file():
+            raise CheckpointError(
+                f"{mixture_dir} is not a mixture directory: {needed.name} is missing"
+            )
+    data = resolve_export(mixture_dir, yaml.safe_load(recipe_path.read_text()))
+    return recipe_from_dict(data, str(recipe_path))
+
+
+def check_new_output(out: Path) -> None:
+    """A folder to create: absent or empty, in a writable place (created up to its parent)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise OutputError(f"output {out} already exists and is not empty; choose another")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise OutputError(f"output {out} is not writable ({out.parent} denies writing)")
+
+
+def staged_output(out: Path, fill: Callable[[Path], None]) -> None:
+    """Run `fill` on a temporary folder beside `out`, then rename it to `out`: a failure (or
+    an interrupt) leaves no `out` and no half-written folder."""
+    check_new_output(out)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        fill(staging)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

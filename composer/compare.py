@@ -25,8 +25,7 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from composer.build import RECIPE_FILE
-from composer.checkpoint import WEIGHTS, write_json
+from composer.checkpoint import RECIPE_FILE, WEIGHTS, write_json
 from composer.errors import CompareError, ComposeError
 from composer.manifest import resolve_export, sha256_file
 from composer.recipe import Recipe, load_recipe, recipe_from_dict

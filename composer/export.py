@@ -19,24 +19,28 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 import platform
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from rich.console import Console
 
-from composer.build import RECIPE_FILE
-from composer.checkpoint import WEIGHTS, write_json, write_text
-from composer.errors import CheckpointError, OutputError
+from composer.checkpoint import (
+    RECIPE_FILE,
+    WEIGHTS,
+    check_new_output,
+    read_mixture_recipe,
+    staged_output,
+    write_json,
+    write_text,
+)
+from composer.errors import CheckpointError
 from composer.frozen import resolve_folder
 from composer.lora import CONFIG as LORA_CONFIG
 from composer.lora import WEIGHTS as LORA_WEIGHTS
-from composer.manifest import FORMAT, MANIFEST, file_entries, resolve_export, sha256_file
+from composer.manifest import FORMAT, MANIFEST, file_entries, sha256_file
 from composer.recipe import Recipe, recipe_from_dict
 
 DEFAULT_SHARD_BYTES = 1 << 30
@@ -74,12 +78,13 @@ def export(
 ) -> ExportResult:
     """Write `out` from the built mixture `mixture_dir`; see the module docstring for the layout."""
     console = console or Console(stderr=True)
-    recipe = _read_recipe(mixture_dir)
-    _check_out(out)
+    recipe = read_mixture_recipe(mixture_dir)
+    check_new_output(out)
     with console.status("resolving bases"):
         folders = {name: resolve_folder(spec, fetch=False) for name, spec in recipe.bases.items()}
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    files: dict[str, Any] = {}
+
+    def fill(staging: Path) -> None:
         shutil.copyfile(mixture_dir / WEIGHTS, staging / WEIGHTS)
         sources = {}
         for name, folder in folders.items():
@@ -101,7 +106,7 @@ def export(
         write_text(
             staging / "README.md", model_card(exported, sources, metrics, versions, include_bases)
         )
-        files = file_entries(staging)
+        files.update(file_entries(staging))
         manifest = {
             "format": FORMAT,
             "version": 1,
@@ -115,32 +120,9 @@ def export(
         if verify:
             with console.status("loading the export back and comparing logits"):
                 check_same_logits(mixture_dir, staging)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    staged_output(out, fill)
     return ExportResult(out, len(files), sum(f["bytes"] for f in files.values()))
-
-
-def _read_recipe(mixture_dir: Path) -> Recipe:
-    recipe_path = mixture_dir / RECIPE_FILE
-    for needed in (recipe_path, mixture_dir / WEIGHTS):
-        if not needed.is_file():
-            raise CheckpointError(
-                f"{mixture_dir} is not a mixture directory: {needed.name} is missing"
-            )
-    data = resolve_export(mixture_dir, yaml.safe_load(recipe_path.read_text()))
-    return recipe_from_dict(data, str(recipe_path))
-
-
-def _check_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise OutputError(f"output {out} already exists and is not empty; choose another")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise OutputError(f"output {out} is not writable ({out.parent} denies writing)")
 
 
 def _copy_files(src: Path, dst: Path, names: tuple[str, ...]) -> None:

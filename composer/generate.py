@@ -5,29 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import yaml
 
-from composer.build import RECIPE_FILE
-from composer.checkpoint import WEIGHTS, load_weights
+from composer.checkpoint import WEIGHTS, load_weights, read_mixture_recipe
 from composer.data import format_prompt
-from composer.errors import CheckpointError
-from composer.manifest import resolve_export
 from composer.mixture import Mixture
-from composer.recipe import recipe_from_dict
 
 
 def load_mixture(folder: str | Path, *, fetch: bool = True) -> Mixture:
     """A mixture directory (resolved recipe + carry-on weights) back as a Mixture."""
     folder = Path(folder)
-    recipe_path, weights = folder / RECIPE_FILE, folder / WEIGHTS
-    for needed in (recipe_path, weights):
-        if not needed.is_file():
-            raise CheckpointError(f"{folder} is not a mixture directory: {needed.name} is missing")
     # An export checks its files and names its bases by paths relative to itself.
-    data = resolve_export(folder, yaml.safe_load(recipe_path.read_text()))
-    recipe = recipe_from_dict(data, str(recipe_path))
+    recipe = read_mixture_recipe(folder)
     mixture = Mixture.from_recipe(recipe, fetch=fetch)
-    load_weights(weights, mixture.carry_on)
+    load_weights(folder / WEIGHTS, mixture.carry_on)
     mixture.carry_on.eval()
     return mixture
 

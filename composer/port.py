@@ -21,23 +21,26 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 import shutil
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from rich.console import Console
 from safetensors import safe_open
 
-from composer.build import RECIPE_FILE
-from composer.checkpoint import WEIGHTS, write_json, write_text
-from composer.errors import CheckpointError, OutputError, PortError
+from composer.checkpoint import (
+    RECIPE_FILE,
+    WEIGHTS,
+    check_new_output,
+    read_mixture_recipe,
+    staged_output,
+    write_json,
+    write_text,
+)
+from composer.errors import PortError
 from composer.frozen import read_config, resolve_folder, tokenizer_fingerprint
-from composer.manifest import resolve_export, sha256_file
+from composer.manifest import sha256_file
 from composer.plan import aligned_bases
 from composer.recipe import BaseSpec, Recipe, recipe_from_dict
 
@@ -129,39 +132,6 @@ def check_same_shape(name: str, old: Path, new: Path, *, anchor: bool) -> None:
         )
 
 
-def read_mixture(mixture_dir: Path) -> Recipe:
-    recipe_path = mixture_dir / RECIPE_FILE
-    for needed in (recipe_path, mixture_dir / WEIGHTS):
-        if not needed.is_file():
-            raise CheckpointError(
-                f"{mixture_dir} is not a mixture directory: {needed.name} is missing"
-            )
-    data = resolve_export(mixture_dir, yaml.safe_load(recipe_path.read_text()))
-    return recipe_from_dict(data, str(recipe_path))
-
-
-def _check_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise OutputError(f"output {out} already exists and is not empty; choose another")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise OutputError(f"output {out} is not writable ({out.parent} denies writing)")
-
-
-def _staged(out: Path, fill: Callable[[Path], None]) -> None:
-    """Run `fill` on a temporary folder beside `out`, then rename it to `out`."""
-    _check_out(out)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        fill(staging)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
 def _absolute(spec: dict[str, Any]) -> dict[str, Any]:
     """Local paths made absolute, so the ported folder loads from any working directory."""
     for key in ("path", "lora"):
@@ -181,7 +151,7 @@ def port_mixture(
     """Write a copy of the mixture whose bases `new_sources` names (base -> folder or card) are
     replaced by their new versions; the carry-on's weights are copied byte for byte."""
     console = console or Console(stderr=True)
-    recipe = read_mixture(mixture_dir)
+    recipe = read_mixture_recipe(mixture_dir)
     if not new_sources:
         raise PortError("name a base to port: --base NAME=NEW_SOURCE")
     for name in new_sources:
@@ -189,7 +159,7 @@ def port_mixture(
             known = ", ".join(recipe.bases)
             raise PortError(f"--base {name}: not a base of {mixture_dir} (its bases: {known})")
     out = out or mixture_dir.with_name(f"{mixture_dir.name}-ported")
-    _check_out(out)
+    check_new_output(out)
     with console.status("resolving bases"):
         old_folders = {n: resolve_folder(s, fetch=False) for n, s in recipe.bases.items()}
         new_specs = {n: spec_for(src, recipe.bases[n]) for n, src in new_sources.items()}
@@ -240,7 +210,7 @@ def port_mixture(
             with console.status("loading the ported mixture back"):
                 _check_loads(staging)
 
-    _staged(out, fill)
+    staged_output(out, fill)
     return PortResult(out, versions)
 
 
@@ -288,7 +258,7 @@ def port_lora(
 
     console = console or Console(stderr=True)
     config = read_adapter_config(adapter_dir)
-    _check_out(out)
+    check_new_output(out)
     spec = spec_for(new_source).model_copy(update={"lora": str(adapter_dir.resolve())})
     folder = resolve_folder(spec, fetch=True)
     stored = read_config(folder).get("dtype") or read_config(folder).get("torch_dtype")
@@ -326,7 +296,7 @@ def port_lora(
         write_json(staging / PORT_FILE, record)
         write_text(staging / "README.md", lora_card(record))
 
-    _staged(out, fill)
+    staged_output(out, fill)
     return PortResult(out, versions)
 
 
