@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,10 +22,10 @@ from composer.cache import FeatureCache, open_cache, write_cache
 from composer.checkpoint import (
     RECIPE_FILE,
     WEIGHTS,
-    atomic_write,
     load_weights,
     save_weights,
     write_json,
+    write_png,
     write_text,
 )
 from composer.data import load_examples, split
@@ -289,11 +288,7 @@ def plot_losses(path: Path, result: TrainResult, anchor_eval: float) -> None:
     ax.set_ylabel("next-token loss")
     ax.legend()
     fig.tight_layout()
-    with tempfile.TemporaryDirectory() as tmp:
-        png = Path(tmp) / "loss.png"
-        fig.savefig(png, dpi=110)
-        plt.close(fig)
-        atomic_write(path, lambda dst: dst.write_bytes(png.read_bytes()))
+    write_png(path, fig)
 
 
 def _domain_table(domains: dict[str, Any] | None) -> str:

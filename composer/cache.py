@@ -43,6 +43,7 @@ from composer.data import Example, collate, load_examples, split
 from composer.errors import CacheError
 from composer.frozen import load_tokenizer, resolve_folder, tokenizer_fingerprint
 from composer.lora import adapter_identity
+from composer.manifest import sha256_file
 from composer.mixture import Mixture
 from composer.plan import check_compatible
 from composer.recipe import Recipe
@@ -60,15 +61,10 @@ def features_root() -> Path:
     return Path(env).expanduser() if env else cache_home() / "features"
 
 
-def _sha256_file(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 def _sha256_files(paths: list[Path]) -> str:
     digest = hashlib.sha256()
     for path in paths:
-        digest.update(f"{path.name}:{_sha256_file(path)}\n".encode())
+        digest.update(f"{path.name}:{sha256_file(path)}\n".encode())
     return digest.hexdigest()
 
 
@@ -87,7 +83,7 @@ def _data_identity(recipe: Recipe) -> dict[str, Any]:
     identity: dict[str, Any] = data.model_dump(mode="json")
     path = getattr(data, "path", None)
     if path is not None:
-        identity["sha256"] = _sha256_file(Path(path)) if Path(path).is_file() else "missing"
+        identity["sha256"] = sha256_file(Path(path)) if Path(path).is_file() else "missing"
     elif data.kind == "gsm_symbolic":
         identity["generator"] = f"reasoning-gym {importlib.metadata.version('reasoning-gym')}"
     elif data.kind == "python_stdlib":
@@ -103,7 +99,7 @@ def cache_key(recipe: Recipe, folders: dict[str, Path]) -> tuple[str, dict[str, 
         base, folder = recipe.bases[name], folders[name]
         bases[name] = {
             "weights": _weights_identity(base.card, folder),
-            "config": _sha256_file(folder / "config.json"),
+            "config": sha256_file(folder / "config.json"),
             "dtype": base.dtype,
             "quantization": base.quantization,
             "tokenizer": tokenizer_fingerprint(folder),
@@ -175,7 +171,7 @@ def _verify(folder: Path, manifest: dict[str, Any]) -> None:
             path = folder / shard["file"]
             if not path.is_file():
                 raise CacheError(f"cache {folder}: shard {shard['file']} is missing")
-            if path.stat().st_size != shard["bytes"] or _sha256_file(path) != shard["sha256"]:
+            if path.stat().st_size != shard["bytes"] or sha256_file(path) != shard["sha256"]:
                 raise CacheError(
                     f"cache {folder}: shard {shard['file']} is corrupt (checksum mismatch); "
                     "remove the cache folder and run `compose cache` again"
@@ -301,7 +297,7 @@ def write_shard(
         "examples": len(encoded),
         "tokens": sum(len(e.example.input_ids) for e in encoded),
         "bytes": path.stat().st_size,
-        "sha256": _sha256_file(path),
+        "sha256": sha256_file(path),
     }
 
 

@@ -48,6 +48,15 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     _fsync_dir(path.parent)
 
 
+def write_png(path: Path, fig: Any) -> None:
+    """Save a matplotlib figure as `path` atomically, and close it."""
+    import matplotlib.pyplot as plt
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+
+    plt.close(fig)
+
+
 def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:

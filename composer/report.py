@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import difflib
 import math
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from composer.checkpoint import atomic_write, write_json, write_text
+from composer.checkpoint import write_json, write_png, write_text
 
 if TYPE_CHECKING:
     from composer.compare import CompareResult, Side, SuiteResult
@@ -213,8 +212,4 @@ def plot(result: CompareResult, path: Path) -> None:
         fontsize=9,
     )
     fig.tight_layout()
-    with tempfile.TemporaryDirectory() as tmp:
-        png = Path(tmp) / "chart.png"
-        fig.savefig(png, dpi=110)
-        plt.close(fig)
-        atomic_write(path, lambda dst: dst.write_bytes(png.read_bytes()))
+    write_png(path, fig)
