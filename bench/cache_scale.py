@@ -37,13 +37,13 @@ def child(args: argparse.Namespace) -> None:
     overrides = [*args.overrides, f"train.cache.dir={args.dir}"]
     if args.arm == "local":
         torch.set_num_threads(args.cores)
-        from composer.cache import write_cache
+        from composer.features.cache import write_cache
     else:
         overrides += [
             f"train.cache.ray.actors={args.actors_n}",
             f"train.cache.ray.cpus_per_actor={max(1, args.cores // args.actors_n)}",
         ]
-        from composer.ray_engine import write_cache
+        from composer.features.ray_engine import write_cache
     recipe = load_recipe(args.recipe, overrides)
     began = time.perf_counter()
     cache = write_cache(recipe)

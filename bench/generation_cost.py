@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from composer.generate import generate_ids
-from composer.mixture import Mixture
+from composer.artifacts.generate import generate_ids
+from composer.model.mixture import Mixture
 from composer.recipe import load_recipe
 
 TEXT = (

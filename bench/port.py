@@ -8,7 +8,7 @@ Most of the time goes to v2's continued pretraining and the two LoRA runs. On a 
 other jobs, `--threads 1` keeps torch's threads from waiting on each other.
 
 1. v1 is the base. On GSM-style math (`gsm_symbolic`), train (i) a carry-on with
-   `composer.build` on recipes/demo.yaml plus overrides and (ii) a PEFT LoRA.
+   `composer.training.build` on recipes/demo.yaml plus overrides and (ii) a PEFT LoRA.
 2. v2 is v1 after `--v2-steps` steps of continued pretraining (all weights) on stdlib code.
 3. On the same held-out math split, the next-token loss of: v1 alone, v1 + each patch, v2 alone,
    v2 + the ported carry-on (`port_mixture`), v2 + the ported LoRA (a `lora:` base, merged at
@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from composer.data import IGNORE, Example, collate, load_examples, split
+from composer.features.data import IGNORE, Example, collate, load_examples, split
 from composer.recipe import Recipe, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def v1_folder(args: argparse.Namespace) -> Path:
-    from composer.frozen import resolve_folder
+    from composer.bases.frozen import resolve_folder
     from composer.recipe import BaseSpec
 
     if args.base_path:
@@ -53,7 +53,7 @@ def v1_folder(args: argparse.Namespace) -> Path:
 
 def recipe_for(base: Path, args: argparse.Namespace, name: str) -> Recipe:
     """recipes/demo.yaml on `base`, made small; taps at a third, two thirds and the top."""
-    from composer.frozen import read_config
+    from composer.bases.frozen import read_config
 
     n = read_config(base)["num_hidden_layers"]
     taps = [f"chat@{n // 3}", f"chat@{2 * n // 3}", f"chat@{n}"]
@@ -120,7 +120,7 @@ def step_v2(args: argparse.Namespace) -> dict[str, Any]:
 def step_carry(args: argparse.Namespace, version: str) -> dict[str, Any]:
     from rich.console import Console
 
-    from composer.build import build
+    from composer.training.build import build
 
     base = v1_folder(args) if version == "v1" else Path(args.work) / "v2"
     recipe = recipe_for(base, args, f"carry-{version}")
@@ -133,7 +133,7 @@ def step_lora(args: argparse.Namespace, version: str) -> dict[str, Any]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from composer.train import batch_indices, lr_at
+    from composer.training.train import batch_indices, lr_at
 
     base = v1_folder(args) if version == "v1" else Path(args.work) / "v2"
     recipe = recipe_for(base, args, f"lora-{version}")
@@ -161,7 +161,7 @@ def step_lora(args: argparse.Namespace, version: str) -> dict[str, Any]:
 
 
 def step_port_carry(args: argparse.Namespace) -> dict[str, Any]:
-    from composer.port import port_mixture
+    from composer.artifacts.port import port_mixture
 
     work = Path(args.work)
     port_mixture(work / "carry-v1", {"chat": str(work / "v2")}, work / "carry-ported")
@@ -169,7 +169,7 @@ def step_port_carry(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def step_port_lora(args: argparse.Namespace) -> dict[str, Any]:
-    from composer.port import port_lora
+    from composer.artifacts.port import port_lora
 
     work = Path(args.work)
     port_lora(work / "lora-v1", str(work / "v2"), work / "lora-ported")
@@ -178,7 +178,7 @@ def step_port_lora(args: argparse.Namespace) -> dict[str, Any]:
 
 @torch.no_grad()
 def hf_loss(model: Any, examples: list[Example], batch_size: int, pad: int) -> float:
-    """Mean next-token loss per target token, as composer.train.evaluate counts it."""
+    """Mean next-token loss per target token, as composer.training.train.evaluate counts it."""
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start : start + batch_size], pad)
@@ -195,10 +195,10 @@ def hf_loss(model: Any, examples: list[Example], batch_size: int, pad: int) -> f
 
 
 def step_eval(args: argparse.Namespace) -> dict[str, Any]:
-    from composer.frozen import load_base
-    from composer.generate import load_mixture
+    from composer.artifacts.load import load_mixture
+    from composer.bases.frozen import load_base
     from composer.recipe import BaseSpec
-    from composer.train import FeatureSource, evaluate
+    from composer.training.train import FeatureSource, evaluate
 
     work, v1 = Path(args.work), v1_folder(args)
     losses: dict[str, float] = {}

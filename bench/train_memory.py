@@ -39,9 +39,10 @@ from typing import Any
 import torch
 import yaml
 
-from composer.data import Example, collate, load_examples, split
+from composer.features.batch import Batch
+from composer.features.data import Example, collate, load_examples, split
 from composer.recipe import Recipe, load_recipe
-from composer.train import Batch, batch_indices
+from composer.training.train import batch_indices
 
 WIDTH, BLOCKS, LORA_TARGETS = 256, 2, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"]
 LORA_TARGETS += ["up_proj", "down_proj"]
@@ -99,18 +100,18 @@ def step_times(stamps: list[float], warmup: int) -> list[float]:
 def run_carry_on(recipe: Recipe, from_cache: bool, args: argparse.Namespace) -> dict[str, Any]:
     from rich.console import Console
 
-    from composer.train import FeatureSource, train
+    from composer.training.train import FeatureSource, train
 
     if from_cache:
-        from composer.cache import open_cache
-        from composer.head import HeadMixture
+        from composer.features.cache import open_cache
+        from composer.model.head import HeadMixture
 
         cache = open_cache(recipe)
         model: Any = HeadMixture.from_recipe(recipe, seed=0)
         train_source: Any = cache.source("train")
         eval_source: Any = cache.source("eval")
     else:
-        from composer.mixture import Mixture
+        from composer.model.mixture import Mixture
 
         model = Mixture.from_recipe(recipe, seed=0)
         train_ex, eval_ex = examples(recipe, model.tokenizer)
@@ -134,7 +135,7 @@ def examples(recipe: Recipe, tokenizer: Any) -> tuple[list[Example], list[Exampl
 def load_hf(recipe: Recipe) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from composer.frozen import resolve_folder
+    from composer.bases.frozen import resolve_folder
 
     folder = resolve_folder(recipe.bases[recipe.anchor], fetch=False)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -175,7 +176,7 @@ def run_hf(recipe: Recipe, lora_params: int | None, args: argparse.Namespace) ->
 
 
 def run_cache(recipe: Recipe) -> dict[str, Any]:
-    from composer.cache import write_cache
+    from composer.features.cache import write_cache
 
     cache = write_cache(recipe)
     assert not cache.reused
@@ -238,7 +239,7 @@ def spawn(arm: str, recipe_path: Path, args: argparse.Namespace, **extra: Any) -
 
 
 def bench_base(card: str, args: argparse.Namespace, tmp: Path) -> None:
-    from composer.frozen import read_config, resolve_folder
+    from composer.bases.frozen import read_config, resolve_folder
     from composer.recipe import BaseSpec
 
     layers = read_config(resolve_folder(BaseSpec(card=card), fetch=False))["num_hidden_layers"]

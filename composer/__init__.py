@@ -8,7 +8,7 @@ __all__ = ["load_mixture"]
 def __getattr__(name: str) -> Any:
     # Lazy, so `import composer` stays cheap and has no side effects.
     if name == "load_mixture":
-        from composer.generate import load_mixture
+        from composer.artifacts.load import load_mixture
 
         return load_mixture
     raise AttributeError(name)

@@ -2,7 +2,7 @@
 
 Cross-field rules (anchor among bases, shortcuts among taps, width divisible by heads) live in
 `model_validator(mode="after")` and raise `ValueError`, so the error names the field. Rules that
-need a base's config.json (layer in range, shared tokenizer) are checked by `composer.plan`.
+need a base's config.json (layer in range, shared tokenizer) are checked by `training.plan`.
 """
 
 from __future__ import annotations

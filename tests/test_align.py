@@ -7,9 +7,9 @@ import torch
 from conftest import recipe_yaml
 from transformers import AutoModelForCausalLM
 
-from composer.align import align, anchor_texts, tokenize
-from composer.generate import generate_ids
-from composer.mixture import Mixture
+from composer.artifacts.generate import generate_ids
+from composer.model.align import align, anchor_texts, tokenize
+from composer.model.mixture import Mixture
 from composer.recipe import load_recipe
 
 
@@ -130,7 +130,7 @@ def test_cached_generation_equals_uncached_across_tokenizers(tiny, write_recipe)
 
 
 def test_batched_features_equal_single(tiny, write_recipe):
-    from composer.data import Example, collate
+    from composer.features.data import Example, collate
 
     mixture = _cross_mixture(tiny, write_recipe)
     texts = ["hello world", "The quick brown fox jumps over the lazy dog"]
@@ -145,7 +145,7 @@ def test_batched_features_equal_single(tiny, write_recipe):
 
 
 def test_gates_per_generated_token(tiny, write_recipe):
-    from composer.generate import generate, generate_with_gates
+    from composer.artifacts.generate import generate, generate_with_gates
 
     mixture = _cross_mixture(tiny, write_recipe)
     pieces = generate_with_gates(mixture, "How many days?", 10)

@@ -11,17 +11,17 @@ import torch.nn.functional as F
 from conftest import recipe_yaml
 from typer.testing import CliRunner
 
-import composer.cache as cache_module
-import composer.head as head_module
+import composer.features.cache as cache_module
+import composer.model.head as head_module
 from cli import app
-from composer.build import build, train_mixture
-from composer.cache import MANIFEST, open_cache, write_cache
-from composer.data import collate
+from composer.bases.frozen import load_base
 from composer.errors import CacheError
-from composer.frozen import load_base
-from composer.head import LMHead, head_loss
-from composer.mixture import Mixture
+from composer.features.cache import MANIFEST, open_cache, write_cache
+from composer.features.data import collate
+from composer.model.head import LMHead, head_loss
+from composer.model.mixture import Mixture
 from composer.recipe import BaseSpec, load_recipe
+from composer.training.build import build, train_mixture
 
 TAPS = ["a@1", "a@2", "b@3"]
 
@@ -112,11 +112,11 @@ def test_training_from_cache_reads_only_the_head(
 
     import transformers
 
-    import composer.mixture
+    import composer.model.mixture
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", refuse)
-    monkeypatch.setattr(composer.mixture, "load_base", refuse)
+    monkeypatch.setattr(composer.model.mixture, "load_base", refuse)
     monkeypatch.setattr(head_module, "safe_open", _Recorder)
     _Recorder.names = []
     result = train_mixture(recipe, from_cache=True, out=tmp_path / "out", steps=4)
@@ -254,12 +254,12 @@ def test_cli_cache_then_train_then_build_reuses(recipe_path, tmp_path, monkeypat
     assert trained.exit_code == 0, trained.output
     assert (tmp_path / "t" / "carry_on.safetensors").is_file()
 
-    import composer.cache
+    import composer.features.cache
 
     def refuse(*args, **kwargs):
         raise AssertionError("the bases were run again")
 
-    monkeypatch.setattr(composer.cache, "_run_bases", refuse)
+    monkeypatch.setattr(composer.features.cache, "_run_bases", refuse)
     built = runner.invoke(app, ["build", str(recipe_path), "--out", str(tmp_path / "b")])
     assert built.exit_code == 0, built.output
     assert "feature cache reused" in built.output

@@ -54,7 +54,8 @@ def test_build_then_generate(recipe_path, tmp_path):
     assert metrics["peak_rss_bytes"] > 0
     result = _run("generate", out, "--prompt", "How many days?", "--max-new-tokens", "5")
     assert result.exit_code == 0, result.output
-    from composer.generate import generate, load_mixture
+    from composer.artifacts.generate import generate
+    from composer.artifacts.load import load_mixture
 
     expected = generate(load_mixture(out), "How many days?", 5)
     assert result.stdout == expected + "\n"

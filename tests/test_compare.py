@@ -18,13 +18,10 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from cli import app
-from composer import scoring
-from composer.build import build
-from composer.compare import compare, resolve_side
-from composer.errors import CompareError
-from composer.recipe import load_recipe
-from composer.sandbox import Limits, namespaces_available, run_untrusted
-from composer.stats import (
+from composer.compare import scoring
+from composer.compare.runner import compare, resolve_side
+from composer.compare.sandbox import Limits, namespaces_available, run_untrusted
+from composer.compare.stats import (
     A_BETTER,
     B_BETTER,
     NO_DIFFERENCE,
@@ -32,7 +29,10 @@ from composer.stats import (
     compare_paired,
     mcnemar_exact,
 )
-from composer.suites import SUITES, Item, Suite, SuiteRegistry, humaneval_items
+from composer.compare.suites import SUITES, Item, Suite, SuiteRegistry, humaneval_items
+from composer.errors import CompareError
+from composer.recipe import load_recipe
+from composer.training.build import build
 
 # --- statistics -----------------------------------------------------------------------------------
 
@@ -257,8 +257,8 @@ def test_compare_cli(mixtures, tmp_path):
 def test_held_out_suites_skip_what_a_recipe_trained_on(tiny, write_recipe):
     from transformers import AutoTokenizer
 
-    from composer.data import encode_qa, load_chatterbot
-    from composer.suites import chat_items, gsm_items, trained_chat_pairs
+    from composer.compare.suites import chat_items, gsm_items, trained_chat_pairs
+    from composer.features.data import encode_qa, load_chatterbot
 
     mix = """
         train:

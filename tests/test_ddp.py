@@ -14,12 +14,12 @@ import torch
 from conftest import recipe_yaml
 from safetensors.torch import load_file
 
-from composer.build import train_mixture
-from composer.cache import write_cache
-from composer.distributed import Ranks
 from composer.errors import TrainError
-from composer.head import HeadMixture
+from composer.features.cache import write_cache
+from composer.model.head import HeadMixture
 from composer.recipe import load_recipe
+from composer.training.build import train_mixture
+from composer.training.distributed import Ranks
 
 
 def _free_port() -> int:
@@ -95,7 +95,7 @@ def test_two_processes_reach_the_one_process_parameters(cached_recipe, tmp_path)
 
 def test_more_processes_than_examples_per_step_is_refused(cached_recipe, tmp_path):
     """Checked before any process group is needed: batch 4 cannot feed 8 processes."""
-    from composer.train import train
+    from composer.training.train import train
 
     recipe = load_recipe(cached_recipe)
     with pytest.raises(TrainError, match="smaller than the 8 training processes"):
@@ -103,7 +103,7 @@ def test_more_processes_than_examples_per_step_is_refused(cached_recipe, tmp_pat
 
 
 def test_live_features_on_several_processes_are_refused(cached_recipe, tmp_path, monkeypatch):
-    monkeypatch.setattr("composer.build.Ranks.current", lambda: Ranks(rank=0, world=2))
+    monkeypatch.setattr("composer.training.build.Ranks.current", lambda: Ranks(rank=0, world=2))
     with pytest.raises(TrainError, match="reads the feature cache"):
         train_mixture(load_recipe(cached_recipe), from_cache=False, out=tmp_path / "o")
     assert not (tmp_path / "o").exists()

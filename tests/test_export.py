@@ -12,11 +12,11 @@ from conftest import recipe_yaml
 from typer.testing import CliRunner
 
 from cli import app
-from composer.build import build
+from composer.artifacts.export import export
+from composer.artifacts.load import load_mixture
 from composer.errors import CheckpointError, OutputError
-from composer.export import export
-from composer.generate import load_mixture
 from composer.recipe import load_recipe
+from composer.training.build import build
 
 TEXT = "He works 6 * 2 = 12 days a month, so he earns 195 * 12 = 2340 a month."
 

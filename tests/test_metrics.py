@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from conftest import recipe_yaml
 
-from composer.data import encode_qa, text_windows
-from composer.metrics import domain_metrics
-from composer.mixture import Mixture
+from composer.features.data import encode_qa, text_windows
+from composer.model.mixture import Mixture
 from composer.recipe import load_recipe
+from composer.training.metrics import domain_metrics
 
 
 @pytest.fixture()

@@ -7,10 +7,10 @@ import torch
 from conftest import recipe_yaml
 from transformers import AutoModelForCausalLM
 
+from composer.artifacts.generate import generate_ids
+from composer.bases.frozen import load_base
 from composer.errors import RecipeError
-from composer.frozen import load_base
-from composer.generate import generate_ids
-from composer.mixture import Mixture
+from composer.model.mixture import Mixture
 from composer.recipe import BaseSpec, load_recipe
 
 

@@ -12,16 +12,17 @@ from conftest import make_base, recipe_yaml
 from typer.testing import CliRunner
 
 from cli import app
-from composer.build import RECIPE_FILE
-from composer.cache import cache_key
-from composer.checkpoint import WEIGHTS, save_weights, write_text
+from composer.artifacts.load import load_mixture
+from composer.artifacts.port import port_lora, port_mixture
+from composer.bases.frozen import load_base, resolve_folder
+from composer.bases.lora import apply_lora
 from composer.errors import OutputError, PortError, RecipeError
-from composer.frozen import load_base, resolve_folder
-from composer.generate import load_mixture
-from composer.lora import apply_lora
-from composer.mixture import Mixture
-from composer.port import port_lora, port_mixture
+from composer.features.cache import cache_key
+from composer.files import write_text
+from composer.model.mixture import Mixture
 from composer.recipe import BaseSpec, recipe_from_dict
+from composer.training.build import RECIPE_FILE
+from composer.training.checkpoint import WEIGHTS, save_weights
 
 TEXT = "He works 6 * 2 = 12 days a month, so he earns 195 * 12 = 2340 a month."
 runner = CliRunner()

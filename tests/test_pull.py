@@ -18,9 +18,9 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from composer import pull as pull_mod
+from composer.bases import pull as pull_mod
+from composer.bases.registry import Card, converted_dir, list_cards
 from composer.errors import BaseSourceError
-from composer.registry import Card, converted_dir, list_cards
 
 SHIPPED = {"smollm2-135m-instruct", "gemma3-270m", "qwen2.5-coder-0.5b-instruct"}
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import recipe_yaml
 
-from composer.build import build
-from composer.frozen import load_base
+from composer.bases.frozen import load_base
 from composer.recipe import BaseSpec, load_recipe
+from composer.training.build import build
 
 pytest.importorskip("bitsandbytes")
 

@@ -11,12 +11,12 @@ from conftest import recipe_yaml
 from typer.testing import CliRunner
 
 from cli import app
-from composer.cache import MANIFEST, cache_key, write_cache
+from composer.bases.frozen import resolve_folder
 from composer.errors import CacheError
-from composer.frozen import resolve_folder
-from composer.ray_engine import write_cache as write_cache_ray
+from composer.features.cache import MANIFEST, cache_key, write_cache
+from composer.features.ray_engine import write_cache as write_cache_ray
+from composer.features.shards import Shard
 from composer.recipe import load_recipe
-from composer.shards import Shard
 
 # An aligned base ("o", another tokenizer) too: its shards hold `present/` masks.
 TAPS = ["a@1", "b@3", "o@1"]
@@ -148,7 +148,7 @@ def test_ray_engine_without_ray_is_one_line(recipe_path, monkeypatch, tmp_path):
 
 
 def test_a_worker_error_is_its_own_line():
-    from composer.ray_engine import _worker_error
+    from composer.features.ray_engine import _worker_error
 
     # As Ray 2.60 carries a worker's exception back: its traceback as text, in colour.
     text = (

@@ -12,10 +12,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from composer import pull, registry
-from composer.build import build
-from composer.mixture import Mixture
+from composer.bases import pull, registry
+from composer.model.mixture import Mixture
 from composer.recipe import load_recipe
+from composer.training.build import build
 
 pytestmark = pytest.mark.slow
 DEMO = Path(__file__).resolve().parent.parent / "recipes" / "demo.yaml"

@@ -9,8 +9,8 @@ import yaml
 from conftest import recipe_yaml
 
 from composer.errors import RecipeError
-from composer.plan import make_plan
 from composer.recipe import Recipe, apply_override, load_recipe, recipe_from_dict
+from composer.training.plan import make_plan
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
 
@@ -25,7 +25,7 @@ def test_shipped_recipe_validates(path):
     assert isinstance(recipe, Recipe)
     for spec in recipe.bases.values():
         if spec.card:  # every card a recipe names exists
-            from composer.registry import get_card
+            from composer.bases.registry import get_card
 
             assert get_card(spec.card).name == spec.card
 
@@ -124,7 +124,7 @@ def test_plan_counts_without_weights(tiny, write_recipe):
     path = write_recipe(recipe_yaml({"a": tiny["llama"], "b": tiny["qwen2"]}, "a", ["a@1", "b@4"]))
     recipe = load_recipe(path)
     plan = make_plan(recipe)
-    from composer.mixture import Mixture
+    from composer.model.mixture import Mixture
 
     mixture = Mixture.from_recipe(recipe)
     real_trainable = sum(p.numel() for p in mixture.carry_on.parameters() if p.requires_grad)

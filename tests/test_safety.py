@@ -12,10 +12,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from composer.carry_on import CarryOn
-from composer.checkpoint import WEIGHTS, load_training_state, load_weights
 from composer.errors import CheckpointError, ComposeError
+from composer.model.carry_on import CarryOn
 from composer.recipe import CarryOnSpec, load_recipe
+from composer.training.checkpoint import WEIGHTS, load_training_state, load_weights
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
 

@@ -10,12 +10,12 @@ import yaml
 from conftest import recipe_yaml
 from safetensors.torch import load_file
 
-from composer.build import build, check_output_dir
-from composer.checkpoint import WEIGHTS, latest_checkpoint
+from composer.artifacts.load import load_mixture
 from composer.errors import CheckpointError, OutputError
-from composer.generate import load_mixture
-from composer.mixture import Mixture
+from composer.model.mixture import Mixture
 from composer.recipe import CacheSpec, load_recipe
+from composer.training.build import build, check_output_dir
+from composer.training.checkpoint import WEIGHTS, latest_checkpoint
 
 
 @pytest.fixture()
@@ -33,7 +33,7 @@ def _snapshot(mixture: Mixture) -> dict[str, torch.Tensor]:
 
 
 def test_build_trains_carry_on_only(recipe, tmp_path, monkeypatch):
-    import composer.build as build_module
+    import composer.training.build as build_module
 
     seen: list[Mixture] = []
     original = Mixture.from_recipe
@@ -92,7 +92,7 @@ def test_save_then_load_gives_identical_logits(recipe, tmp_path):
 
 
 def test_resume_equals_uninterrupted(recipe, tmp_path, monkeypatch):
-    import composer.train as train_module
+    import composer.training.train as train_module
 
     straight = build(recipe, out=tmp_path / "straight", steps=6)
     real_save = train_module.save_training_state

@@ -7,10 +7,10 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from composer.checkpoint import write_json, write_png, write_text
+from composer.files import write_json, write_png, write_text
 
 if TYPE_CHECKING:
-    from composer.compare import CompareResult, Side, SuiteResult
+    from composer.compare.results import CompareResult, Side, SuiteResult
 
 
 def metric_name(result: SuiteResult) -> str:

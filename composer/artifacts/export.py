@@ -27,21 +27,15 @@ from typing import Any
 
 from rich.console import Console
 
-from composer.checkpoint import (
-    RECIPE_FILE,
-    WEIGHTS,
-    check_new_output,
-    read_mixture_recipe,
-    staged_output,
-    write_json,
-    write_text,
-)
+from composer.artifacts.load import read_mixture_recipe
+from composer.artifacts.manifest import FORMAT, MANIFEST, file_entries
+from composer.bases.frozen import resolve_folder
+from composer.bases.lora import CONFIG as LORA_CONFIG
+from composer.bases.lora import WEIGHTS as LORA_WEIGHTS
 from composer.errors import CheckpointError
-from composer.frozen import resolve_folder
-from composer.lora import CONFIG as LORA_CONFIG
-from composer.lora import WEIGHTS as LORA_WEIGHTS
-from composer.manifest import FORMAT, MANIFEST, file_entries, sha256_file
+from composer.files import check_new_output, sha256_file, staged_output, write_json, write_text
 from composer.recipe import Recipe, recipe_from_dict
+from composer.training.checkpoint import RECIPE_FILE, WEIGHTS
 
 DEFAULT_SHARD_BYTES = 1 << 30
 TOKENIZER_FILES = (
@@ -205,7 +199,7 @@ def _source(recipe: Recipe, name: str, folder: Path) -> dict[str, Any]:
         "weights": {p.name: sha256_file(p) for p in weight_files(folder)},
     }
     if spec.card is not None:
-        from composer import registry
+        from composer.bases import registry
 
         card = registry.get_card(spec.card)
         entry["card_sha256"] = getattr(card.source, "sha256", None)
@@ -251,7 +245,7 @@ def check_same_logits(source: Path, exported: Path) -> None:
     """Load both folders and require bit-identical logits on a probe text."""
     import torch
 
-    from composer.generate import load_mixture
+    from composer.artifacts.load import load_mixture
 
     logits = []
     for folder in (source, exported):

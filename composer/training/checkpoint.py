@@ -12,65 +12,23 @@ import os
 import pickle
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from composer.errors import CheckpointError, OutputError
+from composer.errors import CheckpointError
+from composer.files import atomic_write, fsync_dir, write_json
 
 if TYPE_CHECKING:
-    from composer.recipe import Recipe
+    pass
 
 RECIPE_FILE = "recipe.yaml"  # a mixture directory's resolved recipe
 
 WEIGHTS = "carry_on.safetensors"
-
-
-def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Call `write(tmp)` on a temp file beside `path`, fsync it, then rename it to `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def write_png(path: Path, fig: Any) -> None:
-    """Save a matplotlib figure as `path` atomically, and close it."""
-    import matplotlib.pyplot as plt
-
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-
-    plt.close(fig)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
-def write_json(path: Path, data: Any) -> None:
-    write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def save_weights(path: Path, module: nn.Module) -> None:
@@ -117,7 +75,7 @@ def save_training_state(
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(folder)
+        fsync_dir(folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -149,45 +107,3 @@ def prune_checkpoints(folder: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
     for stale in folder.glob(".step-*"):
         shutil.rmtree(stale, ignore_errors=True)
-
-
-def read_mixture_recipe(mixture_dir: Path) -> Recipe:
-    """The resolved recipe of a mixture directory (a build or an export, whose files are
-    checked and whose relative paths are resolved); refused if the folder is not one."""
-    import yaml
-
-    from composer.manifest import resolve_export
-    from composer.recipe import recipe_from_dict
-
-    recipe_path = mixture_dir / RECIPE_FILE
-    for needed in (recipe_path, mixture_dir / WEIGHTS):
-        if not needed.is_file():
-            raise CheckpointError(
-                f"{mixture_dir} is not a mixture directory: {needed.name} is missing"
-            )
-    data = resolve_export(mixture_dir, yaml.safe_load(recipe_path.read_text()))
-    return recipe_from_dict(data, str(recipe_path))
-
-
-def check_new_output(out: Path) -> None:
-    """A folder to create: absent or empty, in a writable place (created up to its parent)."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise OutputError(f"output {out} already exists and is not empty; choose another")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise OutputError(f"output {out} is not writable ({out.parent} denies writing)")
-
-
-def staged_output(out: Path, fill: Callable[[Path], None]) -> None:
-    """Run `fill` on a temporary folder beside `out`, then rename it to `out`: a failure (or
-    an interrupt) leaves no `out` and no half-written folder."""
-    check_new_output(out)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        fill(staging)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

@@ -31,7 +31,7 @@ def resolve_folder(spec: BaseSpec, *, fetch: bool) -> Path:
         if not (folder / "config.json").is_file():
             raise BaseSourceError(f"base folder {folder} does not exist or has no config.json")
         return folder
-    from composer import pull, registry
+    from composer.bases import pull, registry
 
     assert spec.card is not None
     card = registry.get_card(spec.card)
@@ -238,7 +238,7 @@ def load_base(name: str, spec: BaseSpec, *, fetch: bool = True) -> FrozenBase:
         raise _cannot_load(name, folder, exc) from exc
     tokenizer = load_tokenizer(name, spec, folder)
     if spec.lora is not None:
-        from composer.lora import apply_lora
+        from composer.bases.lora import apply_lora
 
         apply_lora(model, spec.lora, base=name)
     model.requires_grad_(False)

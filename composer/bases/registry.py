@@ -83,7 +83,7 @@ def cards_dirs() -> list[Path]:
     env = os.environ.get("COMPOSE_BASES_DIR")
     if env:
         dirs.append(Path(env).expanduser())
-    dirs.append(Path(__file__).resolve().parent.parent / "bases")
+    dirs.append(Path(__file__).resolve().parents[2] / "bases")
     return [d for d in dirs if d.is_dir()]
 
 

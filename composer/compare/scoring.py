@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from composer.sandbox import Limits, run_untrusted
+from composer.compare.sandbox import Limits, run_untrusted
 
 HUMANEVAL_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "```", "\nassert ")
 _NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
@@ -36,7 +36,7 @@ def _loss(mixture: Any, input_ids: list[int], labels: list[int], n_bytes: int) -
     import torch
     import torch.nn.functional as F
 
-    from composer.data import IGNORE
+    from composer.features.data import IGNORE
 
     with torch.no_grad():
         ids = torch.tensor([input_ids])
@@ -51,7 +51,7 @@ def _loss(mixture: Any, input_ids: list[int], labels: list[int], n_bytes: int) -
 
 
 def _qa_loss(mixture: Any, messages: list[dict[str, str]], answer: str, seq_len: int) -> dict:
-    from composer.data import encode_qa
+    from composer.features.data import encode_qa
 
     example = encode_qa(mixture.tokenizer, messages, answer, seq_len)
     if example is None:
@@ -75,7 +75,7 @@ def run_code_loss(mixture: Any, item: Any, settings: dict[str, Any]) -> dict[str
     Targets are the tokens that hold any solution character, found from the offsets: a
     tokenizer may merge the prompt's last newline with the solution's indentation.
     """
-    from composer.data import IGNORE
+    from composer.features.data import IGNORE
 
     prompt, solution = item.data["prompt"], item.data["canonical_solution"]
     encoded = mixture.tokenizer(
@@ -117,7 +117,7 @@ def greedy(
 
 
 def _chat_ids(mixture: Any, prompt: str) -> list[int]:
-    from composer.data import format_prompt
+    from composer.features.data import format_prompt
 
     text = format_prompt(mixture.tokenizer, [{"role": "user", "content": prompt}])
     return mixture.tokenizer(text, add_special_tokens=False)["input_ids"]

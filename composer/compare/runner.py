@@ -17,7 +17,6 @@ import hashlib
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,54 +24,17 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from composer.checkpoint import RECIPE_FILE, WEIGHTS, write_json
+from composer.artifacts.manifest import resolve_export
+from composer.bases.registry import cache_home
+from composer.compare.results import CompareResult, Side, SuiteResult
+from composer.compare.stats import compare_paired
+from composer.compare.suites import SUITES, Item, Suite, SuiteRegistry
 from composer.errors import CompareError, ComposeError
-from composer.manifest import resolve_export, sha256_file
-from composer.recipe import Recipe, load_recipe, recipe_from_dict
-from composer.registry import cache_home
-from composer.stats import Comparison, compare_paired
-from composer.suites import SUITES, Item, Suite, SuiteRegistry
+from composer.files import sha256_file, write_json
+from composer.recipe import load_recipe, recipe_from_dict
+from composer.training.checkpoint import RECIPE_FILE, WEIGHTS
 
 SCORING_VERSION = 2  # bump when a suite's scoring changes, so old cached results are not reused
-
-
-@dataclass
-class Side:
-    label: str  # "A" or "B"
-    given: str  # what the user passed
-    kind: str  # "mixture" or "base"
-    recipe: Recipe
-    recipe_text: str
-    folder: Path | None = None  # the mixture directory; None for a base alone
-    key: str = ""
-
-    def load(self) -> Any:
-        from composer.generate import load_mixture
-        from composer.mixture import Mixture
-
-        if self.folder is not None:
-            return load_mixture(self.folder)
-        return Mixture.from_recipe(self.recipe)
-
-
-@dataclass
-class SuiteResult:
-    suite: Suite
-    items: list[dict[str, Any]]  # id, input, a, b, a_score, b_score
-    skipped: int = 0
-    unit: str = ""  # loss suites: "token" or "byte"
-    comparison: Comparison | None = None
-    gates: dict[str, dict[str, float]] = field(default_factory=dict)  # side -> source -> weight
-
-
-@dataclass
-class CompareResult:
-    a: Side
-    b: Side
-    level: float
-    suites: list[SuiteResult]
-    computed: dict[str, int]  # side label -> items run (not taken from the cache)
-    out_dir: Path | None = None
 
 
 def resolve_side(label: str, given: str) -> Side:
@@ -106,7 +68,7 @@ def _without_output(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _base_alone(label: str, card_name: str) -> Side:
-    from composer import registry
+    from composer.bases import registry
 
     try:
         card = registry.get_card(card_name)
@@ -139,7 +101,7 @@ def _base_alone(label: str, card_name: str) -> Side:
 
 def _keyed(side: Side) -> Side:
     """The mixture key: the recipe, the carry-on's bytes and the bases' weight files."""
-    from composer.frozen import resolve_folder
+    from composer.bases.frozen import resolve_folder
 
     digest = hashlib.sha256()
     data = {k: v for k, v in side.recipe.model_dump(mode="json").items() if k != "output"}
@@ -209,7 +171,7 @@ def compare(
     ]
     result = CompareResult(sides[0], sides[1], level, results, computed)
     if out is not None:
-        from composer.report import write_reports
+        from composer.compare.report import write_reports
 
         write_reports(result, out)
         result.out_dir = out
@@ -253,7 +215,7 @@ def _run_side(
 
 
 def _same_tokenizer(a: Side, b: Side) -> bool:
-    from composer.frozen import resolve_folder, tokenizer_fingerprint
+    from composer.bases.frozen import resolve_folder, tokenizer_fingerprint
 
     folders = [resolve_folder(s.recipe.bases[s.recipe.anchor], fetch=True) for s in (a, b)]
     return tokenizer_fingerprint(folders[0]) == tokenizer_fingerprint(folders[1])

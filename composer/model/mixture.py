@@ -3,7 +3,7 @@
     logits = W_pred(x + α · g ⊙ Δx)      x: the anchor's final (post-norm) hidden state
 
 Bases that share the anchor's tokenizer read the anchor's token ids directly. The others are
-*aligned* (composer.align): they read the decoded text with their own tokenizer, and each anchor
+*aligned* (model.align): they read the decoded text with their own tokenizer, and each anchor
 position takes their state at their last token within the text so far.
 
 The bases are held in a plain dict, not registered as submodules, so the mixture's state is the
@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
-from composer.align import BaseStream, aligned_states, anchor_text, anchor_texts, stream_step
-from composer.carry_on import CarryOn, KVCache
+from composer.bases.frozen import FrozenBase, load_base
 from composer.errors import BaseSourceError
-from composer.frozen import FrozenBase, load_base
-from composer.plan import check_compatible, new_carry_on
+from composer.model.align import BaseStream, aligned_states, anchor_text, anchor_texts, stream_step
+from composer.model.carry_on import CarryOn, KVCache
+from composer.model.factory import check_compatible, new_carry_on
 from composer.recipe import Recipe
 
 

@@ -2,9 +2,9 @@
 
 This is the part of training the paper hands to inference nodes: the bases never take
 gradients, so their states can be computed once, stored, and read back at every epoch by a
-process that holds no base at all (composer.head.HeadMixture).
+process that holds no base at all (composer.model.head.HeadMixture).
 
-A cache folder holds `manifest.json` and shards (composer.shards). The manifest is keyed by a
+A cache folder holds `manifest.json` and shards (features.shards). The manifest is keyed by a
 hash of everything that decides the states: each base's weights, config, dtype, quantization and
 tokenizer, the taps, the anchor's chat template, the data and its split, seq_len and the storage
 dtype. It lists every complete shard with its sha256; a shard is written atomically before it
@@ -13,7 +13,7 @@ bytes do not match its checksum is refused.
 
 Shard k of a split holds the k-th run of `shard_examples` examples in order of length, and is
 computed by one function (`shard_tensors`) whichever engine runs the bases: this process, one
-shard after another, or Ray actors (composer.ray_engine), which finish shards in any order. Each
+shard after another, or Ray actors (features.ray_engine), which finish shards in any order. Each
 split's list in the manifest is kept sorted by file name, so the finished manifest is the same
 either way. How the shards are computed is not part of the key.
 """
@@ -38,17 +38,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import save_file
 
-from composer.checkpoint import atomic_write, write_json
-from composer.data import Example, collate, load_examples, split
+from composer.bases.frozen import load_tokenizer, resolve_folder, tokenizer_fingerprint
+from composer.bases.lora import adapter_identity
+from composer.bases.registry import cache_home, get_card
 from composer.errors import CacheError
-from composer.frozen import load_tokenizer, resolve_folder, tokenizer_fingerprint
-from composer.lora import adapter_identity
-from composer.manifest import sha256_file
-from composer.mixture import Mixture
-from composer.plan import check_compatible
+from composer.features.data import Example, collate, load_examples, split
+from composer.features.shards import CachedSource, Encoded, encode, pack
+from composer.files import atomic_write, sha256_file, write_json
+from composer.model.factory import check_compatible
+from composer.model.mixture import Mixture
 from composer.recipe import Recipe
-from composer.registry import cache_home, get_card
-from composer.shards import CachedSource, Encoded, encode, pack
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -362,7 +361,7 @@ def write_cache(
     """Reuse the recipe's cache when complete, else compute it (resuming a partial one).
 
     `engine(run, console)` writes the missing shards and returns the seconds it spent on them;
-    by default the bases run here, one shard after another (composer.ray_engine has another).
+    by default the bases run here, one shard after another (features.ray_engine has another).
     """
     folders = {name: resolve_folder(spec, fetch=True) for name, spec in recipe.bases.items()}
     check_compatible(recipe, folders)  # before anything is written

@@ -18,25 +18,18 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from composer.cache import FeatureCache, open_cache, write_cache
-from composer.checkpoint import (
-    RECIPE_FILE,
-    WEIGHTS,
-    load_weights,
-    save_weights,
-    write_json,
-    write_png,
-    write_text,
-)
-from composer.data import load_examples, split
-from composer.distributed import Ranks
 from composer.errors import ComposeError, OutputError, ResourceError, TrainError
-from composer.head import HeadMixture
-from composer.metrics import domain_metrics
-from composer.mixture import Mixture
-from composer.plan import Plan, make_plan
+from composer.features.cache import FeatureCache, open_cache, write_cache
+from composer.features.data import load_examples, split
+from composer.files import write_json, write_png, write_text
+from composer.model.head import HeadMixture
+from composer.model.mixture import Mixture
 from composer.recipe import Recipe, recipe_from_dict
-from composer.train import (
+from composer.training.checkpoint import RECIPE_FILE, WEIGHTS, load_weights, save_weights
+from composer.training.distributed import Ranks
+from composer.training.metrics import domain_metrics
+from composer.training.plan import Plan, make_plan
+from composer.training.train import (
     FeatureSource,
     Model,
     Source,

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from composer.carry_on import CarryOn, module_key
-from composer.errors import RecipeError
-from composer.frozen import read_config, resolve_folder, tokenizer_fingerprint
+from composer.bases.frozen import resolve_folder
+from composer.model.carry_on import module_key
+from composer.model.factory import check_compatible, new_carry_on
 from composer.recipe import Recipe
 
 # Bytes per frozen parameter by dtype / quantization (nf4 and int8 include their scales).
@@ -58,43 +58,6 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def aligned_bases(recipe: Recipe, folders: dict[str, Path]) -> set[str]:
-    """Bases whose tokenizer differs from the anchor's: they need cross-tokenizer alignment."""
-    anchor_fp = tokenizer_fingerprint(folders[recipe.anchor])
-    return {name for name, f in folders.items() if tokenizer_fingerprint(f) != anchor_fp}
-
-
-def new_carry_on(
-    recipe: Recipe, folders: dict[str, Path], configs: dict[str, dict[str, Any]]
-) -> tuple[CarryOn, set[str]]:
-    """A fresh carry-on for the recipe (from configs alone) and the bases that need alignment.
-
-    Taps of aligned bases get a learned null vector for positions where they have no token."""
-    aligned = aligned_bases(recipe, folders)
-    tap_dims = {str(t): int(configs[t.base]["hidden_size"]) for t in recipe.tap_refs}
-    optional = {str(t) for t in recipe.tap_refs if t.base in aligned}
-    anchor_dim = int(configs[recipe.anchor]["hidden_size"])
-    return CarryOn(recipe.carry_on, tap_dims, anchor_dim, optional), aligned
-
-
-def check_compatible(recipe: Recipe, folders: dict[str, Path]) -> dict[str, dict[str, Any]]:
-    """Rules that need the bases' configs: layers in range, context length."""
-    configs = {name: read_config(folder) for name, folder in folders.items()}
-    for i, tap in enumerate(recipe.tap_refs):
-        n = configs[tap.base]["num_hidden_layers"]
-        if tap.layer > n:
-            raise RecipeError(
-                f"taps.{i}: layer {tap.layer} out of range for base '{tap.base}' "
-                f"(it has {n} layers; taps go from 0, the embeddings, to {n}, the final norm)"
-            )
-    context = configs[recipe.anchor].get("max_position_embeddings")
-    if context and recipe.train.seq_len > context:
-        raise RecipeError(
-            f"train.seq_len: {recipe.train.seq_len} exceeds the anchor's context of {context}"
-        )
-    return configs
 
 
 def _base_params(folder: Path) -> tuple[int, int]:

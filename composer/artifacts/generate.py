@@ -2,24 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from composer.checkpoint import WEIGHTS, load_weights, read_mixture_recipe
-from composer.data import format_prompt
-from composer.mixture import Mixture
-
-
-def load_mixture(folder: str | Path, *, fetch: bool = True) -> Mixture:
-    """A mixture directory (resolved recipe + carry-on weights) back as a Mixture."""
-    folder = Path(folder)
-    # An export checks its files and names its bases by paths relative to itself.
-    recipe = read_mixture_recipe(folder)
-    mixture = Mixture.from_recipe(recipe, fetch=fetch)
-    load_weights(folder / WEIGHTS, mixture.carry_on)
-    mixture.carry_on.eval()
-    return mixture
+from composer.features.data import format_prompt
+from composer.model.mixture import Mixture
 
 
 @torch.no_grad()

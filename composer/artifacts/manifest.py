@@ -7,24 +7,15 @@ is refused) and makes those paths absolute, so the recipe loads from any working
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from composer.errors import CheckpointError
+from composer.files import sha256_file
 
 MANIFEST = "export.json"
 FORMAT = "compose-export"
-_BLOCK = 1 << 20
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def file_entries(folder: Path) -> dict[str, dict[str, Any]]:

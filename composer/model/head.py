@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from composer.carry_on import CarryOn, KVCache
+from composer.bases.frozen import FrozenBase, read_config, resolve_folder
 from composer.errors import BaseSourceError
-from composer.frozen import FrozenBase, read_config, resolve_folder
-from composer.mixture import Features, Mixture, corrected
-from composer.plan import check_compatible, new_carry_on
+from composer.model.carry_on import CarryOn, KVCache
+from composer.model.factory import check_compatible, new_carry_on
+from composer.model.mixture import Features, Mixture, corrected
 from composer.recipe import Recipe
 
 HEAD_CHUNK_BYTES = 16 * 2**20  # float32 logits (or upcast head rows) of one vocabulary block

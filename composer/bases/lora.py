@@ -137,7 +137,7 @@ def _target(model: nn.Module, folder: Path, name: str) -> nn.Linear:
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if get_head is not None else None
     if module is head:
-        # The anchor's head is also read straight from the base's files (composer.head).
+        # The anchor's head is also read straight from the base's files (composer.model.head).
         raise PortError(f"lora {folder}: {name} is the LM head; LoRA on the head is not supported")
     is_float = isinstance(module, nn.Linear) and module.weight.dtype in (
         torch.float32,

@@ -1,0 +1,1 @@
+"""A built mixture as an artifact: load, generate, export (with its manifest), port."""

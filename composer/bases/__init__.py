@@ -1,0 +1,1 @@
+"""Frozen bases: cards (registry), fetching (pull), loading with taps (frozen), LoRA patches."""

@@ -1,0 +1,1 @@
+"""A/B comparison: suites, scoring, the sandbox, statistics, results and reports."""

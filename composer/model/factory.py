@@ -1,0 +1,48 @@
+"""Build a carry-on for a recipe from its bases' configs alone (no weights read)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from composer.bases.frozen import read_config, tokenizer_fingerprint
+from composer.errors import RecipeError
+from composer.model.carry_on import CarryOn
+from composer.recipe import Recipe
+
+
+def aligned_bases(recipe: Recipe, folders: dict[str, Path]) -> set[str]:
+    """Bases whose tokenizer differs from the anchor's: they need cross-tokenizer alignment."""
+    anchor_fp = tokenizer_fingerprint(folders[recipe.anchor])
+    return {name for name, f in folders.items() if tokenizer_fingerprint(f) != anchor_fp}
+
+
+def new_carry_on(
+    recipe: Recipe, folders: dict[str, Path], configs: dict[str, dict[str, Any]]
+) -> tuple[CarryOn, set[str]]:
+    """A fresh carry-on for the recipe (from configs alone) and the bases that need alignment.
+
+    Taps of aligned bases get a learned null vector for positions where they have no token."""
+    aligned = aligned_bases(recipe, folders)
+    tap_dims = {str(t): int(configs[t.base]["hidden_size"]) for t in recipe.tap_refs}
+    optional = {str(t) for t in recipe.tap_refs if t.base in aligned}
+    anchor_dim = int(configs[recipe.anchor]["hidden_size"])
+    return CarryOn(recipe.carry_on, tap_dims, anchor_dim, optional), aligned
+
+
+def check_compatible(recipe: Recipe, folders: dict[str, Path]) -> dict[str, dict[str, Any]]:
+    """Rules that need the bases' configs: layers in range, context length."""
+    configs = {name: read_config(folder) for name, folder in folders.items()}
+    for i, tap in enumerate(recipe.tap_refs):
+        n = configs[tap.base]["num_hidden_layers"]
+        if tap.layer > n:
+            raise RecipeError(
+                f"taps.{i}: layer {tap.layer} out of range for base '{tap.base}' "
+                f"(it has {n} layers; taps go from 0, the embeddings, to {n}, the final norm)"
+            )
+    context = configs[recipe.anchor].get("max_position_embeddings")
+    if context and recipe.train.seq_len > context:
+        raise RecipeError(
+            f"train.seq_len: {recipe.train.seq_len} exceeds the anchor's context of {context}"
+        )
+    return configs

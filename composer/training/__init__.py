@@ -1,0 +1,1 @@
+"""Training: the plan, the loop, data-parallel ranks, checkpoints, metrics, and `build`."""
