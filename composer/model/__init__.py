@@ -1,1 +1,1 @@
-"""The model: the carry-on stack, cross-tokenizer alignment, the mixture, the LM head, its factory."""
+"""The model: carry-on stack, cross-tokenizer alignment, the mixture, LM head, factory."""
