@@ -30,10 +30,11 @@ from rich.console import Console
 from composer.artifacts.load import read_mixture_recipe
 from composer.artifacts.manifest import FORMAT, MANIFEST, file_entries
 from composer.bases.frozen import resolve_folder
+from composer.bases.identity import WEIGHT_SUFFIXES, base_identity
 from composer.bases.lora import CONFIG as LORA_CONFIG
 from composer.bases.lora import WEIGHTS as LORA_WEIGHTS
 from composer.errors import CheckpointError
-from composer.files import check_new_output, sha256_file, staged_output, write_json, write_text
+from composer.files import check_new_output, staged_output, write_json, write_text
 from composer.recipe import Recipe, recipe_from_dict
 from composer.training.checkpoint import RECIPE_FILE, WEIGHTS
 
@@ -49,7 +50,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
 PROBE = "Tom has 3 apples and buys 4 more. How many apples does he have now?"
 VERSIONED = ("compose-carry-on", "torch", "transformers", "safetensors", "tokenizers")
 
@@ -130,7 +130,7 @@ def weight_files(folder: Path) -> list[Path]:
     """The safetensors files a base loads from; other weight formats are refused."""
     found = sorted(folder.glob("*.safetensors"))
     if not found:
-        other = [p.name for p in folder.iterdir() if p.name.endswith(_WEIGHT_SUFFIXES)]
+        other = [p.name for p in folder.iterdir() if p.name.endswith(WEIGHT_SUFFIXES)]
         what = f"only {', '.join(other)}" if other else "no weight files"
         raise CheckpointError(f"base folder {folder} has {what}; export needs safetensors")
     return found
@@ -146,7 +146,7 @@ def _copy_base(folder: Path, dst: Path, shard_bytes: int) -> None:
         if (
             path.is_file()
             and not path.name.startswith(".")
-            and not path.name.endswith(_WEIGHT_SUFFIXES)
+            and not path.name.endswith(WEIGHT_SUFFIXES)
             and path.name != "model.safetensors.index.json"
         ):
             shutil.copyfile(path, dst / path.name)
@@ -191,12 +191,15 @@ def _nbytes(shape: list[int], dtype: str) -> int:
 def _source(recipe: Recipe, name: str, folder: Path) -> dict[str, Any]:
     """Where a base came from and the sha256 of the weights it loads."""
     spec = recipe.bases[name]
+    weight_files(folder)  # refuses a base export cannot copy
+    identity = base_identity(folder)
     entry: dict[str, Any] = {
         "card": spec.card,
         "path": str(folder),
         "dtype": spec.dtype,
         "quantization": spec.quantization,
-        "weights": {p.name: sha256_file(p) for p in weight_files(folder)},
+        "config_sha256": identity["config_sha256"],
+        "weights": identity["weights_sha256"],
     }
     if spec.card is not None:
         from composer.bases import registry

@@ -31,9 +31,11 @@ from safetensors import safe_open
 
 from composer.artifacts.load import read_mixture_recipe
 from composer.bases.frozen import read_config, resolve_folder, tokenizer_fingerprint
+from composer.bases.identity import WEIGHT_SUFFIXES, base_identity
 from composer.errors import PortError
 from composer.files import check_new_output, sha256_file, staged_output, write_json, write_text
 from composer.model.factory import aligned_bases
+from composer.model.head import find_head
 from composer.recipe import BaseSpec, Recipe, recipe_from_dict
 from composer.training.checkpoint import RECIPE_FILE, WEIGHTS
 
@@ -42,7 +44,6 @@ FORMAT = "compose-port"
 SHAPE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers")
 ANCHOR_FIELDS = ("vocab_size",)
 _PROBE = "Tom has 3 apples and buys 4 more. How many apples does he have now?"
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
 @dataclass
@@ -83,27 +84,19 @@ def spec_for(source: str, like: BaseSpec | None = None) -> BaseSpec:
 
 def identity(spec: BaseSpec, folder: Path) -> dict[str, Any]:
     """Where a base version comes from and the sha256 of what decides its weights."""
-    weights = sorted(p for p in folder.iterdir() if p.name.endswith(_WEIGHT_SUFFIXES))
     return {
         "source": f"card {spec.card}" if spec.card else f"path {spec.path}",
         "folder": str(folder.resolve()),
-        "config_sha256": sha256_file(folder / "config.json"),
-        "weights_sha256": {p.name: sha256_file(p) for p in weights},
+        **base_identity(folder),
         **({"lora": str(spec.lora)} if spec.lora else {}),
     }
 
 
-def head_rows(folder: Path) -> int | None:
+def head_rows(folder: Path) -> int:
     """Rows of the LM head (the tied input embedding without one), from safetensors headers."""
-    shapes: dict[str, list[int]] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                if key.endswith(("lm_head.weight", "embed_tokens.weight")):
-                    shapes[key] = handle.get_slice(key).get_shape()
-    heads = [k for k in shapes if k.endswith("lm_head.weight")]
-    keys = heads or list(shapes)
-    return shapes[min(keys, key=len)][0] if keys else None
+    key, files = find_head(folder)
+    with safe_open(str(files[key]), framework="pt") as handle:
+        return int(handle.get_slice(key).get_shape()[0])
 
 
 def check_same_shape(name: str, old: Path, new: Path, *, anchor: bool) -> None:
@@ -262,7 +255,7 @@ def port_lora(
 
     def fill(staging: Path) -> None:
         for path in folder.iterdir():
-            weights = path.name.endswith((*_WEIGHT_SUFFIXES, ".index.json"))
+            weights = path.name.endswith((*WEIGHT_SUFFIXES, ".index.json"))
             if path.is_file() and not weights and not path.name.startswith("."):
                 shutil.copyfile(path, staging / path.name)
         with console.status("writing the patched base"):

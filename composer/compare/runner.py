@@ -100,18 +100,17 @@ def _base_alone(label: str, card_name: str) -> Side:
 
 
 def _keyed(side: Side) -> Side:
-    """The mixture key: the recipe, the carry-on's bytes and the bases' weight files."""
+    """The mixture key: the recipe, the carry-on's bytes and the bases' weights."""
     from composer.bases.frozen import resolve_folder
+    from composer.bases.identity import base_identity
 
     digest = hashlib.sha256()
     data = {k: v for k, v in side.recipe.model_dump(mode="json").items() if k != "output"}
     digest.update(json.dumps(data, sort_keys=True).encode())
     digest.update(sha256_file(side.folder / WEIGHTS).encode() if side.folder else b"base alone")
     for name, spec in side.recipe.bases.items():
-        folder = resolve_folder(spec, fetch=True)
-        for weights in sorted(folder.glob("*.safetensors")):
-            stat = weights.stat()
-            digest.update(f"{name}:{weights.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        identity = base_identity(resolve_folder(spec, fetch=True))
+        digest.update(json.dumps({name: identity}, sort_keys=True).encode())
     side.key = digest.hexdigest()
     return side
 

@@ -39,8 +39,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors.torch import save_file
 
 from composer.bases.frozen import load_tokenizer, resolve_folder, tokenizer_fingerprint
+from composer.bases.identity import base_identity
 from composer.bases.lora import adapter_identity
-from composer.bases.registry import cache_home, get_card
+from composer.bases.registry import cache_home
 from composer.errors import CacheError
 from composer.features.data import Example, collate, load_examples, split
 from composer.features.shards import CachedSource, Encoded, encode, pack
@@ -67,16 +68,6 @@ def _sha256_files(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def _weights_identity(spec_card: str | None, folder: Path) -> str:
-    """A card's pinned sha256 when it has one, else a hash of the folder's weight files."""
-    if spec_card is not None:
-        sha = getattr(get_card(spec_card).source, "sha256", None)
-        if sha:
-            return f"card {spec_card} sha256 {sha}"
-    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
-    return f"files sha256 {_sha256_files(files)}"
-
-
 def _data_identity(recipe: Recipe) -> dict[str, Any]:
     data = recipe.train.data
     identity: dict[str, Any] = data.model_dump(mode="json")
@@ -97,8 +88,7 @@ def cache_key(recipe: Recipe, folders: dict[str, Path]) -> tuple[str, dict[str, 
     for name in sorted(tapped):
         base, folder = recipe.bases[name], folders[name]
         bases[name] = {
-            "weights": _weights_identity(base.card, folder),
-            "config": sha256_file(folder / "config.json"),
+            **base_identity(folder),
             "dtype": base.dtype,
             "quantization": base.quantization,
             "tokenizer": tokenizer_fingerprint(folder),

@@ -54,19 +54,11 @@ class LMHead:
     @classmethod
     def from_folder(cls, folder: Path, dtype: torch.dtype) -> LMHead:
         """Read only the head (or, tied, the input embedding) from the folder's safetensors."""
-        files = _tensor_files(folder)
+        key, files = find_head(folder)
         config = read_config(folder)
-        heads = [k for k in files if k == "lm_head.weight" or k.endswith(".lm_head.weight")]
-        tied = [k for k in files if k.endswith("embed_tokens.weight")]
-        if heads:
-            key = min(heads, key=len)
-        elif tied and config.get("tie_word_embeddings", True):
-            key = min(tied, key=len)
-        else:
-            raise BaseSourceError(f"base folder {folder}: no lm_head.weight in its safetensors")
         names = [key]
         bias_key = key.removesuffix("weight") + "bias"
-        if bias_key in files and key in heads:
+        if bias_key in files and key.endswith("lm_head.weight"):
             names.append(bias_key)
         tensors = {}
         for name in names:
@@ -101,6 +93,18 @@ class LMHead:
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
+
+
+def find_head(folder: Path) -> tuple[str, dict[str, Path]]:
+    """The LM head's tensor name (or, tied, the input embedding's), and tensor name -> file."""
+    files = _tensor_files(folder)
+    heads = [k for k in files if k == "lm_head.weight" or k.endswith(".lm_head.weight")]
+    tied = [k for k in files if k.endswith("embed_tokens.weight")]
+    if heads:
+        return min(heads, key=len), files
+    if tied and read_config(folder).get("tie_word_embeddings", True):
+        return min(tied, key=len), files
+    raise BaseSourceError(f"base folder {folder}: no lm_head.weight in its safetensors")
 
 
 def _tensor_files(folder: Path) -> dict[str, Path]:
