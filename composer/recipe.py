@@ -386,3 +386,17 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise RecipeError(f"{path}: malformed YAML{where}: {problem}") from exc
     return recipe_from_dict(data, str(path), overrides)
+
+
+def comparable(recipe: Recipe) -> dict[str, Any]:
+    """What decides the mixture a recipe builds: its fields as validated, without `output`.
+
+    Validation fills every field a recipe leaves out with its default, so a recipe saved before
+    a field was added compares equal to the same recipe read today.
+    """
+    return recipe.model_dump(mode="json", exclude={"output"})
+
+
+def read_comparable(path: str | Path) -> dict[str, Any]:
+    """A saved recipe file (a build's `recipe.yaml`), read and validated, as `comparable`."""
+    return comparable(load_recipe(path))

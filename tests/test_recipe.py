@@ -136,3 +136,32 @@ def test_plan_counts_without_weights(tiny, write_recipe):
     assert plan.memory_bytes["total"] == sum(
         v for k, v in plan.memory_bytes.items() if k not in ("total", "feature_cache_on_disk")
     )
+
+
+def test_build_and_compare_read_an_older_build_as_the_same_recipe(tiny, tmp_path, monkeypatch):
+    """One comparison of recipes: a build whose recipe.yaml predates a defaulted field (and
+    names another output) is the same recipe for `build --resume` and for `compare`."""
+    from composer.compare.runner import resolve_side
+    from composer.errors import CompareError, OutputError
+    from composer.training.build import check_output_dir
+    from composer.training.checkpoint import RECIPE_FILE, WEIGHTS
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe_yaml({"a": tiny["llama"]}, "a", ["a@1", "a@2"]))
+    recipe = load_recipe(path)
+    built = recipe.output_dir()
+    built.mkdir(parents=True)
+    (built / WEIGHTS).write_bytes(b"carry-on")  # only hashed, never loaded, here
+    older = recipe.model_dump(mode="json")
+    del older["carry_on"]["rope_theta"]  # as written before the field existed
+    older["output"] = "somewhere/else"
+    (built / RECIPE_FILE).write_text(yaml.safe_dump(older))
+    check_output_dir(built, recipe, resume=True)
+    assert resolve_side("A", str(path)).folder == built
+    changed = dict(older, taps=["a@1"])
+    (built / RECIPE_FILE).write_text(yaml.safe_dump(changed))
+    with pytest.raises(OutputError, match="different recipe"):
+        check_output_dir(built, recipe, resume=True)
+    with pytest.raises(CompareError, match="different version of this recipe"):
+        resolve_side("A", str(path))

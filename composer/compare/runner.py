@@ -24,14 +24,14 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from composer.artifacts.manifest import resolve_export
+from composer.artifacts.load import read_mixture_recipe
 from composer.bases.registry import cache_home
 from composer.compare.results import CompareResult, Side, SuiteResult
 from composer.compare.stats import compare_paired
 from composer.compare.suites import SUITES, Item, Suite, SuiteRegistry
 from composer.errors import CompareError, ComposeError
 from composer.files import sha256_file, write_json
-from composer.recipe import load_recipe, recipe_from_dict
+from composer.recipe import comparable, load_recipe, read_comparable, recipe_from_dict
 from composer.training.checkpoint import RECIPE_FILE, WEIGHTS
 
 SCORING_VERSION = 2  # bump when a suite's scoring changes, so old cached results are not reused
@@ -42,8 +42,7 @@ def resolve_side(label: str, given: str) -> Side:
     if path.is_dir():
         if not (path / RECIPE_FILE).is_file() or not (path / WEIGHTS).is_file():
             raise CompareError(f"{given}: not a mixture directory (needs {RECIPE_FILE}, {WEIGHTS})")
-        data = resolve_export(path, yaml.safe_load((path / RECIPE_FILE).read_text()))
-        recipe = recipe_from_dict(data, str(path / RECIPE_FILE))
+        recipe = read_mixture_recipe(path)
         return _keyed(Side(label, given, "mixture", recipe, recipe.to_yaml(), path))
     if path.suffix in (".yaml", ".yml") and path.is_file():
         recipe = load_recipe(path)
@@ -53,18 +52,13 @@ def resolve_side(label: str, given: str) -> Side:
                 f"{given}: recipe '{recipe.name}' is not built ({built} has no {WEIGHTS}); "
                 f"run `compose build {given}` first or pass a built directory"
             )
-        saved = yaml.safe_load((built / RECIPE_FILE).read_text())
-        if _without_output(saved) != _without_output(recipe.model_dump(mode="json")):
+        if read_comparable(built / RECIPE_FILE) != comparable(recipe):
             raise CompareError(
                 f"{given}: {built} was built from a different version of this recipe; "
                 "rebuild it or pass the build directory itself"
             )
         return resolve_side(label, str(built))
     return _keyed(_base_alone(label, given))
-
-
-def _without_output(data: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in data.items() if k != "output"}
 
 
 def _base_alone(label: str, card_name: str) -> Side:
@@ -105,8 +99,7 @@ def _keyed(side: Side) -> Side:
     from composer.bases.identity import base_identity
 
     digest = hashlib.sha256()
-    data = {k: v for k, v in side.recipe.model_dump(mode="json").items() if k != "output"}
-    digest.update(json.dumps(data, sort_keys=True).encode())
+    digest.update(json.dumps(comparable(side.recipe), sort_keys=True).encode())
     digest.update(sha256_file(side.folder / WEIGHTS).encode() if side.folder else b"base alone")
     for name, spec in side.recipe.bases.items():
         identity = base_identity(resolve_folder(spec, fetch=True))

@@ -14,17 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from composer.errors import ComposeError, OutputError, ResourceError, TrainError
+from composer.errors import OutputError, RecipeError, ResourceError, TrainError
 from composer.features.cache import FeatureCache, open_cache, write_cache
 from composer.features.data import load_examples, split
 from composer.files import write_json, write_png, write_text
 from composer.model.head import HeadMixture
 from composer.model.mixture import Mixture
-from composer.recipe import Recipe, recipe_from_dict
+from composer.recipe import Recipe, comparable, read_comparable
 from composer.training.checkpoint import RECIPE_FILE, WEIGHTS, load_weights, save_weights
 from composer.training.distributed import Ranks
 from composer.training.metrics import domain_metrics
@@ -63,27 +62,19 @@ def check_output_dir(out_dir: Path, recipe: Recipe, resume: bool) -> None:
             f"output {out_dir} already holds a build: pass --resume to continue it, "
             "or choose another --out"
         )
-    if saved.is_file() and _comparable(_saved_recipe(saved)) != _comparable(
-        recipe.model_dump(mode="json")
-    ):
+    if not saved.is_file():
+        return
+    try:
+        before = read_comparable(saved)
+    except RecipeError as exc:
+        raise OutputError(f"output {out_dir}: its {saved.name} is unreadable ({exc})") from exc
+    if _resumable(before) != _resumable(comparable(recipe)):
         raise OutputError(f"output {out_dir} was built from a different recipe; cannot resume")
 
 
-def _saved_recipe(path: Path) -> dict[str, Any]:
-    """A build's resolved recipe, validated again: fields added since it was written take
-    their defaults, so they do not read as a difference."""
-    try:
-        return recipe_from_dict(yaml.safe_load(path.read_text()), str(path)).model_dump(mode="json")
-    except (ComposeError, yaml.YAMLError) as exc:
-        raise OutputError(f"output {path.parent}: its {path.name} is unreadable ({exc})") from exc
-
-
-def _comparable(data: dict[str, Any]) -> dict[str, Any]:
-    """A recipe dump minus what may change between a run and its resumption."""
-    data = dict(data)
-    data["train"] = {k: v for k, v in data["train"].items() if k != "steps"}
-    data.pop("output", None)
-    return data
+def _resumable(data: dict[str, Any]) -> dict[str, Any]:
+    """A comparable recipe minus what may change between a run and its resumption."""
+    return {**data, "train": {k: v for k, v in data["train"].items() if k != "steps"}}
 
 
 def build(
