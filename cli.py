@@ -13,7 +13,6 @@ import typer
 from rich import box
 from rich.console import Console
 from rich.table import Table
-from rich.text import Text
 
 from composer.errors import ComposeError
 
@@ -258,9 +257,21 @@ def train(
     )
 
 
+Temperature = Annotated[
+    float, typer.Option(min=0.0, max=100.0, help="0 is greedy; higher samples more freely.")
+]
+TopP = Annotated[float, typer.Option(min=0.01, max=1.0, help="Sample from the top-p mass.")]
+TopK = Annotated[int, typer.Option(min=0, help="Sample from the k likeliest; 0: all.")]
+RepetitionPenalty = Annotated[
+    float, typer.Option(min=0.01, max=10.0, help="Above 1 discourages repeated tokens.")
+]
+Seed = Annotated[int | None, typer.Option(min=0, help="The same seed gives the same text.")]
+MixtureDir = Annotated[Path, typer.Argument(help="A directory written by `compose build`.")]
+
+
 @app.command()
 def generate(
-    mixture_dir: Annotated[Path, typer.Argument(help="A directory written by `compose build`.")],
+    mixture_dir: MixtureDir,
     prompt: Annotated[str, typer.Option(help="The user's message.")],
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate at most.")] = 128,
     raw: Annotated[
@@ -269,30 +280,34 @@ def generate(
     show_gates: Annotated[
         bool, typer.Option(help="Colour each token by the source the router weighs most.")
     ] = False,
+    temperature: Temperature = 0.0,
+    top_p: TopP = 1.0,
+    top_k: TopK = 0,
+    repetition_penalty: RepetitionPenalty = 1.0,
+    seed: Seed = None,
+    stop: Annotated[
+        list[str] | None, typer.Option(help="End the answer before this text (repeatable).")
+    ] = None,
 ) -> None:
-    """Generate greedily from a built mixture."""
-    from composer.artifacts.generate import generate as run_generate
-    from composer.artifacts.generate import generate_with_gates
+    """Generate from a built mixture (greedy unless --temperature), streamed as it comes."""
     from composer.artifacts.load import load_mixture
+    from composer.artifacts.sampling import Sampling
+    from composer.serving.terminal import legend, print_stream, stream_answer
 
-    if not show_gates:
-        text = _run(
-            lambda: run_generate(load_mixture(mixture_dir), prompt, max_new_tokens, chat=not raw)
-        )
-        out.print(text, highlight=False)
-        return
+    sampling = Sampling(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    )
     mixture = _run(lambda: load_mixture(mixture_dir))
-    pieces = _run(lambda: generate_with_gates(mixture, prompt, max_new_tokens, chat=not raw))
-    colours = dict(zip(mixture.carry_on.sources, _PALETTE * 4, strict=False))
-    legend = "  ".join(f"[{colours[s]}]■ {s}[/]" for s in mixture.carry_on.sources)
-    err.print(f"dominant source per token: {legend}", highlight=False)
-    coloured = Text()
-    for piece, source, _weight in pieces:
-        coloured.append(piece, style=colours[source])
-    out.print(coloured)
-
-
-_PALETTE = ["cyan", "magenta", "green", "yellow", "blue", "red", "bright_white", "bright_cyan"]
+    if show_gates:
+        err.print(legend(mixture.carry_on.sources))
+    pieces = stream_answer(
+        mixture, prompt, max_new_tokens, sampling, stop or [], chat=not raw, gates=show_gates
+    )
+    _run(lambda: print_stream(out, pieces, mixture.carry_on.sources))
 
 
 @bases_app.command("list")

@@ -65,6 +65,13 @@ def test_build_then_generate(recipe_path, tmp_path):
     assert result.exit_code == 0, result.output
     assert result.stdout == expected + "\n"  # the same text, coloured on a terminal
     assert "dominant source per token" in result.output and "a@1" in result.output
+    from composer.artifacts.sampling import Sampling
+
+    sampled = ["--temperature", "1.5", "--seed", "3", "--top-k", "50", "--max-new-tokens", "8"]
+    result = _run("generate", out, "--prompt", "How many days?", *sampled)
+    assert result.exit_code == 0, result.output
+    hot = Sampling(temperature=1.5, seed=3, top_k=50)
+    assert result.stdout == generate(load_mixture(out), "How many days?", 8, sampling=hot) + "\n"
 
 
 @pytest.mark.parametrize(

@@ -80,9 +80,25 @@ def test_final_number():
     assert scoring.final_number("He has 4 apples, then 9.5 pears.") == "9.5"
     assert scoring.final_number("no digits") is None
     assert scoring.same_number("36.0", "36") and not scoring.same_number("35", "36")
+
+
+def test_humaneval_completions_end_at_the_first_stop(tiny):
+    from transformers import AutoTokenizer
+
+    from composer.artifacts.detokenize import TextStream
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny["llama"])
     # A chat model that closes an imagined code fence has finished its code.
-    assert scoring.truncate_completion("    return 1\n```\nThis returns one.") == "    return 1\n"
-    assert scoring.truncate_completion("    x = 1\n\ndef helper():\n") == "    x = 1\n"
+    cases = {
+        "    return 1\n```\nThis returns one.": "    return 1\n",
+        "    x = 1\n\ndef f():\n": "    x = 1\n",
+    }
+    for text, completion in cases.items():
+        stream = TextStream(tokenizer, scoring.HUMANEVAL_STOPS)
+        for token in tokenizer(text, add_special_tokens=False)["input_ids"]:
+            stream.push(token)
+        stream.finish()
+        assert stream.stopped and stream.text == completion
 
 
 # --- the sandbox ----------------------------------------------------------------------------------

@@ -1,73 +1,178 @@
-"""Load a built mixture directory and generate from it, with or without KV caches."""
+"""The one decoder: tokens from a mixture, greedy or sampled, streamed as text.
+
+    generation = Generation(mixture, prompt_ids(mixture, "Hi"), max_new_tokens=64)
+    for delta in generation:      # text as it comes, whole characters only
+        print(delta, end="")
+    generation.finish_reason      # "eos", "stop" (a stop string or `until`) or "length"
+
+The CLI, the chat, the server, lm-eval and every compare suite generate through it.
+"""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any
+
 import torch
 
+from composer.artifacts.detokenize import TextStream
+from composer.artifacts.sampling import Sampling, TokenChooser
 from composer.features.data import format_prompt
-from composer.model.mixture import Mixture
 
 
-@torch.no_grad()
-def generate_ids(
-    mixture: Mixture,
-    prompt_ids: list[int],
-    max_new_tokens: int,
-    *,
-    use_cache: bool = True,
-    gates: list[torch.Tensor] | None = None,
-    stop_at_eos: bool = True,
-) -> list[int]:
-    """Greedy decoding; stops at the anchor's end-of-sequence token.
+class Generation:
+    """One generation, run as it is iterated (each item a non-empty text delta).
 
-    With `gates`, appends for each generated token the router's weights over the sources
-    ((n_sources,), in `mixture.carry_on.sources` order) at the position that chose it.
+    With KV caches (`use_cache`, the default) each step feeds only the new token; without,
+    each step reruns the whole sequence (the same tokens: a test holds them equal).
+    With `gates`, `self.gates` gets for each decoding step the router's weights over the
+    sources ((n_sources,), in `mixture.carry_on.sources` order) at the position that chose
+    the token, including the step that chose end-of-sequence.
     """
-    eos = mixture.tokenizer.eos_token_id if stop_at_eos else None
-    ids = list(prompt_ids)
-    state = mixture.new_state() if use_cache else None
-    pending = list(prompt_ids)
-    for _ in range(max_new_tokens):
-        if state is not None:
-            logits, weights = mixture.step(torch.tensor([pending]), state)
+
+    def __init__(
+        self,
+        mixture: Any,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        *,
+        sampling: Sampling | None = None,
+        stop: Sequence[str] = (),
+        until: re.Pattern[str] | None = None,
+        stop_at_eos: bool = True,
+        gates: bool = False,
+        use_cache: bool = True,
+    ) -> None:
+        self.mixture = mixture
+        self.prompt_ids = list(prompt_ids)
+        self.max_new_tokens = max_new_tokens
+        self.sampling = sampling or Sampling()
+        self.eos = mixture.tokenizer.eos_token_id if stop_at_eos else None
+        self.use_cache = use_cache
+        self.gates: list[torch.Tensor] | None = [] if gates else None
+        self.finish_reason: str | None = None
+        self._stream = TextStream(mixture.tokenizer, stop, until)
+        self._started = False
+
+    @property
+    def ids(self) -> list[int]:
+        """The generated tokens so far (end-of-sequence excluded)."""
+        return self._stream.ids
+
+    @property
+    def text(self) -> str:
+        """The text so far (cut before a stop string)."""
+        return self._stream.text
+
+    def __iter__(self) -> Iterator[str]:
+        if self._started:
+            raise RuntimeError("a Generation runs once")
+        self._started = True
+        with torch.no_grad():
+            yield from self._run()
+
+    def run(self) -> Generation:
+        """Generate to the end; returns self."""
+        for _ in self:
+            pass
+        return self
+
+    def _run(self) -> Iterator[str]:
+        mixture, stream = self.mixture, self._stream
+        choose = TokenChooser(self.sampling)
+        state = mixture.new_state() if self.use_cache else None
+        pending = list(self.prompt_ids)
+        for _ in range(self.max_new_tokens):
+            if state is not None:
+                logits, weights = mixture.step(torch.tensor([pending]), state)
+            else:
+                features = mixture.features(torch.tensor([self.prompt_ids + stream.ids]))
+                hidden, weights, _ = mixture.hidden(features)
+                logits = mixture.logits(hidden[:, -1])
+            if self.gates is not None:
+                self.gates.append(weights[0, -1])
+            token = choose(logits, self.prompt_ids + stream.ids)
+            if token == self.eos:
+                self.finish_reason = "eos"
+                break
+            pending = [token]
+            if delta := stream.push(token):
+                yield delta
+            if stream.stopped:
+                self.finish_reason = "stop"
+                return
         else:
-            features = mixture.features(torch.tensor([ids]))
-            hidden, weights, _ = mixture.hidden(features)
-            logits = mixture.logits(hidden[:, -1])
-        if gates is not None:
-            gates.append(weights[0, -1])
-        token = int(logits.argmax(dim=-1))
-        ids.append(token)
-        pending = [token]
-        if token == eos:
-            break
-    return ids[len(prompt_ids) :]
+            self.finish_reason = "length"
+        if rest := stream.finish():
+            yield rest
+        if stream.stopped:
+            self.finish_reason = "stop"
 
 
-def prompt_ids(mixture: Mixture, prompt: str, *, chat: bool = True) -> list[int]:
-    """The anchor's ids for `prompt` (through its chat template when `chat`)."""
-    tokenizer = mixture.tokenizer
-    text = format_prompt(tokenizer, [{"role": "user", "content": prompt}]) if chat else prompt
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+def chat_ids(mixture: Any, messages: list[dict[str, str]]) -> list[int]:
+    """The anchor's ids for a conversation, ready for the assistant's turn (chat template)."""
+    text = format_prompt(mixture.tokenizer, messages)
+    return mixture.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def generate(mixture: Mixture, prompt: str, max_new_tokens: int = 128, *, chat: bool = True) -> str:
+def prompt_ids(mixture: Any, prompt: str, *, chat: bool = True) -> list[int]:
+    """The anchor's ids for `prompt` (as one user message through its chat template when
+    `chat`)."""
+    if chat:
+        return chat_ids(mixture, [{"role": "user", "content": prompt}])
+    return mixture.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
+def context_length(mixture: Any) -> int | None:
+    """How many tokens the anchor reads at most (None if its config does not say)."""
+    return getattr(mixture.anchor.config, "max_position_embeddings", None)
+
+
+def generate_ids(
+    mixture: Any, prompt_ids: list[int], max_new_tokens: int, *, use_cache: bool = True
+) -> list[int]:
+    """Greedy tokens after the prompt, end-of-sequence included when reached."""
+    generation = Generation(mixture, prompt_ids, max_new_tokens, use_cache=use_cache).run()
+    if generation.finish_reason == "eos":
+        return [*generation.ids, mixture.tokenizer.eos_token_id]
+    return generation.ids
+
+
+def generate(
+    mixture: Any,
+    prompt: str,
+    max_new_tokens: int = 128,
+    *,
+    chat: bool = True,
+    sampling: Sampling | None = None,
+    stop: Sequence[str] = (),
+) -> str:
     """Answer `prompt` and return the text."""
-    new = generate_ids(mixture, prompt_ids(mixture, prompt, chat=chat), max_new_tokens)
-    return mixture.tokenizer.decode(new, skip_special_tokens=True)
+    ids = prompt_ids(mixture, prompt, chat=chat)
+    return Generation(mixture, ids, max_new_tokens, sampling=sampling, stop=stop).run().text
+
+
+def with_sources(mixture: Any, generation: Generation) -> Iterator[tuple[str, str, float]]:
+    """Run `generation` (made with `gates=True`): each text delta with the source the router
+    weighed most at the token that completed it, and that weight."""
+    assert generation.gates is not None, "make the Generation with gates=True"
+    sources = mixture.carry_on.sources
+    for delta in generation:
+        weights = generation.gates[len(generation.ids) - 1]
+        k = int(weights.argmax())
+        yield delta, sources[k], float(weights[k])
 
 
 def generate_with_gates(
-    mixture: Mixture, prompt: str, max_new_tokens: int = 128, *, chat: bool = True
+    mixture: Any,
+    prompt: str,
+    max_new_tokens: int = 128,
+    *,
+    chat: bool = True,
+    sampling: Sampling | None = None,
 ) -> list[tuple[str, str, float]]:
-    """(token text, dominant source, its router weight) for each generated token."""
-    gates: list[torch.Tensor] = []
-    new = generate_ids(mixture, prompt_ids(mixture, prompt, chat=chat), max_new_tokens, gates=gates)
-    pieces = []
-    for i, weights in enumerate(gates):
-        # Decode growing prefixes so multi-byte characters come out whole.
-        before = mixture.tokenizer.decode(new[:i], skip_special_tokens=True)
-        after = mixture.tokenizer.decode(new[: i + 1], skip_special_tokens=True)
-        k = int(weights.argmax())
-        pieces.append((after[len(before) :], mixture.carry_on.sources[k], float(weights[k])))
-    return pieces
+    """(text, dominant source, its router weight) for each piece of the answer."""
+    ids = prompt_ids(mixture, prompt, chat=chat)
+    generation = Generation(mixture, ids, max_new_tokens, sampling=sampling, gates=True)
+    return list(with_sources(mixture, generation))

@@ -11,13 +11,13 @@ the CLI's help) must stay cheap to import.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from typing import Any
 
 from composer.compare.sandbox import Limits, run_untrusted
 
 HUMANEVAL_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "```", "\nassert ")
 _NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
+_GSM_DONE = re.compile(rf"####\s*{_NUMBER}\s*\n")  # a worked answer has given its number
 
 
 def _gate(weights: Any, rows: Any = None) -> list[float] | None:
@@ -91,36 +91,19 @@ def run_code_loss(mixture: Any, item: Any, settings: dict[str, Any]) -> dict[str
     return _loss(mixture, ids, labels, len(solution.encode("utf-8")))
 
 
-def greedy(
-    mixture: Any, prompt_ids: list[int], max_new_tokens: int, stop: Callable[[str], bool] | None
-) -> tuple[list[int], list[float] | None]:
-    """Greedy tokens after the prompt (end-of-sequence excluded) and the mean router weights."""
+def _generate(
+    mixture: Any, prompt: str, settings: dict[str, Any], *, chat: bool = True, **stops: Any
+) -> tuple[str, list[float] | None]:
+    """The greedy answer to `prompt` (a user message, or plain text when not `chat`) and the
+    mean router weights of the steps that chose it (the one that chose end-of-sequence too)."""
     import torch
 
-    tokenizer = mixture.tokenizer
-    eos = tokenizer.eos_token_id
-    state = mixture.new_state()
-    pending, new, rows = list(prompt_ids), [], []
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            logits, weights = mixture.step(torch.tensor([pending]), state)
-            if isinstance(weights, torch.Tensor) and weights.dim() == 3:
-                rows.append(weights[:, -1:])  # the position that chose the next token
-            token = int(logits.argmax(dim=-1))
-            if token == eos:
-                break
-            new.append(token)
-            pending = [token]
-            if stop is not None and stop(tokenizer.decode(new, skip_special_tokens=True)):
-                break
-    return new, _gate(torch.cat(rows, dim=1)) if rows else None
+    from composer.artifacts.generate import Generation, prompt_ids
 
-
-def _chat_ids(mixture: Any, prompt: str) -> list[int]:
-    from composer.features.data import format_prompt
-
-    text = format_prompt(mixture.tokenizer, [{"role": "user", "content": prompt}])
-    return mixture.tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = prompt_ids(mixture, prompt, chat=chat)
+    generation = Generation(mixture, ids, settings["max_new_tokens"], gates=True, **stops).run()
+    rows = generation.gates or []
+    return generation.text, _gate(torch.stack(rows)[None]) if rows else None
 
 
 def final_number(text: str) -> str | None:
@@ -140,22 +123,10 @@ def same_number(predicted: str | None, expected: str) -> bool:
 
 
 def run_gsm(mixture: Any, item: Any, settings: dict[str, Any]) -> dict[str, Any]:
-    done = re.compile(rf"####\s*{_NUMBER}\s*\n")
-    new, gate = greedy(
-        mixture,
-        _chat_ids(mixture, item.data["question"]),
-        settings["max_new_tokens"],
-        lambda text: done.search(text) is not None,
-    )
-    output = mixture.tokenizer.decode(new, skip_special_tokens=True)
+    output, gate = _generate(mixture, item.data["question"], settings, until=_GSM_DONE)
     predicted = final_number(output)
     passed = same_number(predicted, item.data["answer"])
     return {"output": output, "predicted": predicted, "passed": passed, "gate": gate}
-
-
-def truncate_completion(text: str) -> str:
-    cut = min((i for i in (text.find(s) for s in HUMANEVAL_STOPS) if i >= 0), default=len(text))
-    return text[:cut]
 
 
 def humaneval_program(problem: dict[str, Any], completion: str) -> str:
@@ -166,14 +137,8 @@ def humaneval_program(problem: dict[str, Any], completion: str) -> str:
 
 def run_humaneval(mixture: Any, item: Any, settings: dict[str, Any]) -> dict[str, Any]:
     prompt = item.data["prompt"]
-    prompt_ids = mixture.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    new, gate = greedy(
-        mixture,
-        prompt_ids,
-        settings["max_new_tokens"],
-        lambda text: any(s in text for s in HUMANEVAL_STOPS),
-    )
-    completion = truncate_completion(mixture.tokenizer.decode(new, skip_special_tokens=True))
+    # The decoder cuts the completion before the first of the stop strings.
+    completion, gate = _generate(mixture, prompt, settings, chat=False, stop=HUMANEVAL_STOPS)
     limits = Limits(timeout_s=settings["timeout_s"], memory_bytes=settings["memory_mb"] << 20)
     result = run_untrusted(humaneval_program(item.data, completion), limits)
     return {
@@ -186,7 +151,5 @@ def run_humaneval(mixture: Any, item: Any, settings: dict[str, Any]) -> dict[str
 
 
 def run_generation(mixture: Any, item: Any, settings: dict[str, Any]) -> dict[str, Any]:
-    new, gate = greedy(
-        mixture, _chat_ids(mixture, item.data["prompt"]), settings["max_new_tokens"], None
-    )
-    return {"output": mixture.tokenizer.decode(new, skip_special_tokens=True), "gate": gate}
+    output, gate = _generate(mixture, item.data["prompt"], settings)
+    return {"output": output, "gate": gate}
