@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from composer.compare import scoring
 from composer.errors import CompareError
+from composer.features.data import chatterbot_dialogs, chatterbot_pairs
 from composer.recipe import ChatterbotData, GsmData, MixData, Recipe
 
 EVAL_SEED = 1_000_003  # gsm_symbolic seed of the held-out problems; training seeds differ
@@ -99,32 +100,13 @@ def _trained_questions(recipes: Sequence[Recipe]) -> set[str]:
     return seen
 
 
-def chatterbot_conversations() -> list[tuple[str, list[str]]]:
-    """(topic, turns) of every English chatterbot dialog, in file order."""
-    import yaml
-
-    root = importlib.resources.files("chatterbot_corpus") / "data" / "english"
-    found = []
-    for path in sorted(root.iterdir(), key=lambda p: p.name):
-        if path.name.endswith(".yml"):
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-            for turns in data.get("conversations") or []:
-                if isinstance(turns, list):
-                    found.append((path.name.removesuffix(".yml"), [str(t) for t in turns]))
-    return found
-
-
 def trained_chat_pairs(recipes: Sequence[Recipe]) -> set[tuple[str, str]]:
-    """The (question, answer) pairs `kind: chatterbot` training takes: the first exchange of
-    each dialog, shuffled by the data seed, the first `size` (as features.data selects them)."""
-    pairs = [(t[0], t[1]) for _, t in chatterbot_conversations() if len(t) >= 2]
+    """The (question, answer) pairs the recipes' `kind: chatterbot` training takes."""
     seen: set[tuple[str, str]] = set()
     for recipe in recipes:
         for data in _sources(recipe):
             if isinstance(data, ChatterbotData):
-                chosen = list(pairs)
-                random.Random(data.seed).shuffle(chosen)
-                seen.update(chosen[: data.size])
+                seen.update(chatterbot_pairs(data))
     return seen
 
 
@@ -163,7 +145,7 @@ def chat_items(n: int, recipes: Sequence[Recipe]) -> list[Item]:
     (cut to whole exchanges) is the target."""
     trained = trained_chat_pairs(recipes)
     items = []
-    for k, (topic, turns) in enumerate(chatterbot_conversations()):
+    for k, (topic, turns) in enumerate(chatterbot_dialogs()):
         turns = turns[: len(turns) // 2 * 2]
         if len(turns) < 2 or (turns[0], turns[1]) in trained:
             continue

@@ -111,19 +111,33 @@ def load_stdlib(spec: StdlibData, tokenizer: Any, seq_len: int) -> list[Example]
     return out
 
 
-def load_chatterbot(spec: ChatterbotData, tokenizer: Any, seq_len: int) -> list[Example]:
+def chatterbot_dialogs() -> list[tuple[str, list[str]]]:
+    """(topic, turns) of every English chatterbot dialog, in file order."""
     import chatterbot_corpus
     import yaml
 
     root = Path(chatterbot_corpus.__file__).parent / "data" / "english"
-    pairs = []
+    found = []
     for path in sorted(root.glob("*.yml")):
-        for conversation in yaml.safe_load(path.read_text()).get("conversations", []):
-            if isinstance(conversation, list) and len(conversation) >= 2:
-                pairs.append((str(conversation[0]), str(conversation[1])))
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        for turns in data.get("conversations") or []:
+            if isinstance(turns, list):
+                found.append((path.stem, [str(t) for t in turns]))
+    return found
+
+
+def chatterbot_pairs(spec: ChatterbotData) -> list[tuple[str, str]]:
+    """The (question, answer) pairs `kind: chatterbot` trains on: the first exchange of each
+    dialog, shuffled by the data seed, the first `size`. The held-out chat suite leaves out
+    exactly these (compare.suites), so both read them here."""
+    pairs = [(turns[0], turns[1]) for _, turns in chatterbot_dialogs() if len(turns) >= 2]
     random.Random(spec.seed).shuffle(pairs)
+    return pairs[: spec.size]
+
+
+def load_chatterbot(spec: ChatterbotData, tokenizer: Any, seq_len: int) -> list[Example]:
     out = []
-    for question, answer in pairs[: spec.size]:
+    for question, answer in chatterbot_pairs(spec):
         messages = [{"role": "user", "content": question}]
         example = encode_qa(tokenizer, messages, answer, seq_len)
         if example is not None:
