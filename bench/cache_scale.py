@@ -13,7 +13,8 @@ Ray instance started by the arm). Reported per arm: anchor tokens/s over the eng
 (local: the forwards only; Ray: from submitting the shards to the last record, so actor start-up
 and each actor's base loading are in it) and over the wall time of the whole call (data, bases,
 Ray start-up), each with its ratio to the local engine, and whether the arm's shards are
-byte-identical to the local engine's (their sha256s in the manifest).
+byte-identical to the local engine's (their sha256s in the manifest; they are when both ran on
+the same number of threads, `train.cache.threads`).
 """
 
 from __future__ import annotations
@@ -30,18 +31,18 @@ from typing import Any
 
 
 def child(args: argparse.Namespace) -> None:
-    import torch
-
     from composer.recipe import load_recipe
 
     overrides = [*args.overrides, f"train.cache.dir={args.dir}"]
     if args.arm == "local":
-        torch.set_num_threads(args.cores)
+        overrides.append(f"train.cache.threads={args.cores}")
         from composer.features.cache import write_cache
     else:
+        per_actor = max(1, args.cores // args.actors_n)
         overrides += [
+            f"train.cache.threads={per_actor}",
             f"train.cache.ray.actors={args.actors_n}",
-            f"train.cache.ray.cpus_per_actor={max(1, args.cores // args.actors_n)}",
+            f"train.cache.ray.cpus_per_actor={per_actor}",
         ]
         from composer.features.ray_engine import write_cache
     recipe = load_recipe(args.recipe, overrides)

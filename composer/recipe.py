@@ -219,7 +219,9 @@ class RaySpec(BaseModel):
         default=2, gt=0, description="Actors; each loads the bases once and writes whole shards."
     )
     cpus_per_actor: float = Field(
-        default=1, gt=0, description="CPUs Ray reserves per actor; also its torch threads (≥ 1)."
+        default=1,
+        gt=0,
+        description="CPUs Ray reserves per actor; its forwards run on `train.cache.threads`.",
     )
     gpus_per_actor: float = Field(
         default=0,
@@ -251,6 +253,13 @@ class CacheSpec(BaseModel):
         default=64, gt=0, description="Examples per shard: a killed run resumes per shard."
     )
     batch_size: int = Field(default=8, gt=0, description="Examples per forward of the bases.")
+    threads: int = Field(
+        default=1,
+        gt=0,
+        description="torch threads of each forward of the bases, whichever engine runs it: a CPU "
+        "forward's last bits depend on its thread count, so the local engine and every Ray "
+        "actor use this one and write the same bytes.",
+    )
     ray: RaySpec = Field(
         default_factory=RaySpec,
         description="The Ray engine's actors (`compose cache --engine ray`); not part of the "

@@ -48,7 +48,7 @@ from composer.features.shards import CachedSource, Encoded, encode, pack
 from composer.files import atomic_write, sha256_file, write_json
 from composer.model.factory import check_compatible
 from composer.model.mixture import Mixture
-from composer.recipe import Recipe
+from composer.recipe import CacheSpec, Recipe
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -247,31 +247,46 @@ def pad_id_of(tokenizer: Any) -> int:
     return next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
 
 
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op thread count set to `threads` inside, restored after.
+
+    A CPU forward's floats depend on how many threads split its kernels, so the engines fix it
+    rather than inherit it from the process (all cores, `OMP_NUM_THREADS`, a Ray actor's CPUs).
+    """
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def shard_tensors(
     mixture: Mixture,
     examples: Sequence[Example],
     members: Sequence[int],
-    batch_size: int,
-    dtype: str,
+    spec: CacheSpec,
     pad_id: int,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[Encoded]]:
     """One shard's tensors: `examples` (at positions `members` of their split) through the bases.
 
-    The forwards take `batch_size` examples at a time in the given order; every engine computes
-    shards with this function, so every engine stores the same floats. `on_batch(examples,
-    tokens)` is called after each forward.
+    The forwards take `spec.batch_size` examples at a time in the given order, on
+    `spec.threads` torch threads; every engine computes shards with this function, so every
+    engine stores the same floats. `on_batch(examples, tokens)` is called after each forward.
     """
     encoded: list[Encoded] = []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        batch = collate(list(chunk), pad_id)
-        features = mixture.features(batch["input_ids"], batch["attention_mask"])
-        indices = members[start : start + batch_size]
-        for row, (i, example) in enumerate(zip(indices, chunk, strict=True)):
-            encoded.append(encode(i, example, features, row, dtype))
-        if on_batch is not None:
-            on_batch(len(chunk), int(batch["attention_mask"].sum()))
+    with torch_threads(spec.threads):
+        for start in range(0, len(examples), spec.batch_size):
+            chunk = examples[start : start + spec.batch_size]
+            batch = collate(list(chunk), pad_id)
+            features = mixture.features(batch["input_ids"], batch["attention_mask"])
+            indices = members[start : start + spec.batch_size]
+            for row, (i, example) in enumerate(zip(indices, chunk, strict=True)):
+                encoded.append(encode(i, example, features, row, spec.dtype))
+            if on_batch is not None:
+                on_batch(len(chunk), int(batch["attention_mask"].sum()))
     return pack(encoded), encoded
 
 
@@ -411,7 +426,7 @@ def _run_bases(run: CacheRun, console: Console) -> float:
         for job in jobs:
             examples = [run.parts[job.split][i] for i in job.members]
             tensors, encoded = shard_tensors(
-                mixture, examples, job.members, cache.batch_size, cache.dtype, run.pad_id, advance
+                mixture, examples, job.members, cache, run.pad_id, advance
             )
             run.list_shard(job.split, write_shard(run.folder, job.name, tensors, encoded))
     return time.perf_counter() - began

@@ -5,9 +5,10 @@ It hands Ray Data one row per shard still to write: the split, the shard's numbe
 of its examples and the examples themselves (token ids, labels), so workers never read the data.
 Each actor loads the bases once (`Mixture.from_recipe` on the recipe the driver sends as JSON,
 validated again), computes a shard with the local engine's own function
-(features.cache.shard_tensors: the same forwards in the same order, so the same floats), writes
-it atomically into the cache folder and returns its manifest record. The driver is the only
-writer of manifest.json: it lists each shard as its record arrives, whatever the order.
+(features.cache.shard_tensors: the same forwards in the same order, on `train.cache.threads`
+torch threads, so the same floats), writes it atomically into the cache folder and returns its
+manifest record. The driver is the only writer of manifest.json: it lists each shard as its
+record arrives, whatever the order.
 
 Workers write the shards themselves and load the bases from the folders the driver resolved
 (each base is pinned to its folder, so workers need neither the card registry nor a pull): on a
@@ -30,7 +31,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.console import Console
 
 from composer.errors import CacheError
@@ -84,9 +84,7 @@ def pinned_recipe(recipe: Recipe, folders: dict[str, Path]) -> str:
 class ShardWriter:
     """A Ray actor: loads the bases once, then computes and writes each shard it is given."""
 
-    def __init__(self, recipe_json: str, folder: str, pad_id: int, threads: int) -> None:
-        # The same thread count as the settings ask Ray to reserve: more would oversubscribe.
-        torch.set_num_threads(threads)
+    def __init__(self, recipe_json: str, folder: str, pad_id: int) -> None:
         recipe = recipe_from_dict(json.loads(recipe_json), "the recipe sent by the driver")
         self.cache = recipe.train.cache
         self.mixture = Mixture.from_recipe(recipe, fetch=False, seed=recipe.train.seed)
@@ -105,9 +103,8 @@ class ShardWriter:
             ]
             job = ShardJob(row["split"], row["k"], row["members"])
             tensors, encoded = shard_tensors(
-                self.mixture, examples, job.members, self.cache.batch_size, self.cache.dtype,
-                self.pad_id,
-            )  # fmt: skip
+                self.mixture, examples, job.members, self.cache, self.pad_id
+            )
             record = write_shard(self.folder, job.name, tensors, encoded)
             records.append({"split": job.split, **record})
         return {key: [r[key] for r in records] for key in RECORD}
@@ -149,7 +146,6 @@ def _run(run: CacheRun, console: Console, *, address: str | None) -> float:
                     "recipe_json": pinned_recipe(run.recipe, run.folders),
                     "folder": str(run.folder.resolve()),
                     "pad_id": run.pad_id,
-                    "threads": max(1, int(settings.cpus_per_actor)),
                 },
                 num_cpus=settings.cpus_per_actor,
                 num_gpus=settings.gpus_per_actor,
