@@ -310,6 +310,28 @@ def generate(
     _run(lambda: print_stream(out, pieces, mixture.carry_on.sources))
 
 
+@app.command()
+def serve(
+    mixture_dir: MixtureDir,
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 is every one.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
+    key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key", envvar="COMPOSE_API_KEY", help="Require `Authorization: Bearer KEY`."
+        ),
+    ] = None,
+    max_queue: Annotated[
+        int, typer.Option(min=0, help="Requests that may wait; more get 503.")
+    ] = 8,
+) -> None:
+    """Serve a mixture with an OpenAI-compatible API (/v1/chat/completions, /v1/completions)."""
+    from composer.serving import serve as run_server
+
+    err.print(f"serving {mixture_dir} on http://{host}:{port}/v1", highlight=False)
+    _run(lambda: run_server(mixture_dir, host=host, port=port, api_key=key, max_queue=max_queue))
+
+
 @bases_app.command("list")
 def bases_list() -> None:
     """The base cards in bases/ and whether each is pulled."""

@@ -43,3 +43,7 @@ class PortError(ComposeError):
 
 class TrainError(ComposeError):
     """A training setting that cannot work (e.g. more processes than examples per step)."""
+
+
+class ServingError(ComposeError):
+    """The server, the chat or the lm-eval model cannot start (e.g. its extra is missing)."""

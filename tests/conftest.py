@@ -168,3 +168,34 @@ def _session_feature_caches(tmp_path_factory: pytest.TempPathFactory):
 def _feature_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test's feature caches in its own tmp folder."""
     monkeypatch.setenv("COMPOSE_FEATURES_DIR", str(tmp_path / "features"))
+
+
+def write_mixture_dir(recipe_path: Path, out: Path, seed: int = 1, noise: float = 0.3) -> Path:
+    """A mixture directory as a build leaves it (resolved recipe + carry-on weights), without
+    training: the carry-on is perturbed so that its correction is not zero."""
+    import torch
+
+    from composer.model.mixture import Mixture
+    from composer.recipe import load_recipe
+    from composer.training.checkpoint import RECIPE_FILE, WEIGHTS, save_weights
+
+    recipe = load_recipe(recipe_path)
+    mixture = Mixture.from_recipe(recipe, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in mixture.carry_on.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * noise)
+    out.mkdir(parents=True)
+    (out / RECIPE_FILE).write_text(recipe.to_yaml())
+    save_weights(out / WEIGHTS, mixture.carry_on)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_mixture_dir(tiny, tmp_path_factory) -> Path:
+    """A mixture directory over the tiny Llama (anchor) and Qwen2 bases (one tokenizer)."""
+    root = tmp_path_factory.mktemp("mixture")
+    (root / "recipe.yaml").write_text(
+        recipe_yaml({"a": tiny["llama"], "b": tiny["qwen2"]}, "a", ["a@1", "b@2"])
+    )
+    return write_mixture_dir(root / "recipe.yaml", root / "tiny")

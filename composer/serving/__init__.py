@@ -1,2 +1,31 @@
 """A mixture in use: the terminal (streamed answers, the chat), the OpenAI-compatible server,
-lm-evaluation-harness. The top layer: it may import anything below; only cli.py imports it."""
+lm-evaluation-harness. The top layer: it may import anything below; only cli.py imports it.
+
+The server and the lm-eval model need optional extras (`serve`, `eval`); their entry points
+here check for them first, so a missing extra is one line, not a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from composer.errors import ServingError
+
+
+def need_extra(extra: str, *modules: str) -> None:
+    """Refuse in one line when a module of an optional extra is not installed."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ServingError(
+            f"{', '.join(missing)} not installed: pip install 'compose-carry-on[{extra}]'"
+        )
+
+
+def serve(mixture_dir: Path, **options: Any) -> None:
+    """Load a mixture and serve it over HTTP until interrupted (see serving.server.serve)."""
+    need_extra("serve", "starlette", "uvicorn")
+    from composer.serving.server import serve as run
+
+    run(mixture_dir, **options)

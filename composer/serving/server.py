@@ -1,0 +1,255 @@
+"""An OpenAI-compatible HTTP server for one mixture (Starlette on uvicorn).
+
+    POST /v1/chat/completions   POST /v1/completions   (both with "stream": true as SSE)
+    GET  /v1/models             GET  /health
+
+Every error is a JSON body in OpenAI's shape: 400 naming the field for a bad request, 401 for
+a missing or wrong key, 404 for an unknown model or path, 503 when the queue is full.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from composer.artifacts.generate import Generation, chat_ids, context_length
+from composer.serving import openai_api as api
+from composer.serving.engine import Engine, Job, QueueFull
+
+log = logging.getLogger(__name__)
+DEFAULT_MAX_TOKENS = 4096  # the most tokens one request may ask for
+MAX_BODY_BYTES = 8 << 20
+
+
+def create_app(
+    mixture: Any,
+    *,
+    model_name: str,
+    api_key: str | None = None,
+    max_queue: int = 8,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> Starlette:
+    """The server's app; `app.state.engine` runs the generations."""
+    engine = Engine(mixture, max_queue=max_queue)
+    context = context_length(mixture)
+    created = int(time.time())
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise api.BadRequest("missing or wrong API key", status=401, code="invalid_api_key")
+
+    async def body(request: Request, model: type[Any]) -> Any:
+        authorize(request)
+        raw = await request.body()
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise api.BadRequest(f"the body is not valid JSON: {exc}") from None
+        parsed = api.parse(model, data)
+        if parsed.model is not None and parsed.model != model_name:
+            raise api.BadRequest(
+                f"model: '{parsed.model}' is not served here (this server serves '{model_name}')",
+                "model",
+                status=404,
+                code="model_not_found",
+            )
+        return parsed
+
+    def job_for(request: api.ChatRequest | api.CompletionRequest, ids: list[int], field: str):
+        asked = request.limit()
+        if asked is not None and asked > max_tokens:
+            raise api.BadRequest(
+                f"max_tokens: {asked} is more than this server allows ({max_tokens})",
+                "max_tokens",
+            )
+        room = max_tokens if context is None else min(max_tokens, context - len(ids))
+        if room < 1:
+            raise api.BadRequest(
+                f"{field}: the prompt ({len(ids)} tokens) fills the context ({context} tokens)",
+                field,
+            )
+        if asked is not None and asked > room:
+            raise api.BadRequest(
+                f"max_tokens: {asked} does not fit after the prompt's {len(ids)} tokens "
+                f"(context {context} tokens; at most {room})",
+                "max_tokens",
+            )
+        job = Job(ids, asked or room, request.sampling(), request.stops(), not request.ignore_eos)
+        try:
+            engine.submit(job)
+        except QueueFull as exc:
+            raise api.BadRequest(str(exc), status=503, code="overloaded") from None
+        return job
+
+    async def chat_completions(request: Request) -> Response:
+        req = await body(request, api.ChatRequest)
+        ids = chat_ids(mixture, [m.model_dump() for m in req.messages])
+        job = job_for(req, ids, "messages")
+        return await respond(job, req, chat=True)
+
+    async def completions(request: Request) -> Response:
+        req = await body(request, api.CompletionRequest)
+        ids = mixture.tokenizer(req.prompt, add_special_tokens=False)["input_ids"]
+        job = job_for(req, ids, "prompt")
+        return await respond(job, req, chat=False)
+
+    async def respond(job: Job, req: Any, *, chat: bool) -> Response:
+        id_ = api.new_id("chatcmpl" if chat else "cmpl")
+        if req.stream:
+            events = stream(job, id_, chat=chat, include_usage=req.include_usage)
+            return StreamingResponse(events, media_type="text/event-stream")
+        parts: list[str] = []
+        generation = None
+        try:
+            while generation is None:
+                item = await job.out.get()
+                if isinstance(item, Exception):
+                    raise item
+                if isinstance(item, Generation):
+                    generation = item
+                else:
+                    parts.append(item)
+        finally:
+            if generation is None:  # the client went away, or the generation failed
+                job.cancelled.set()
+        make = api.chat_completion if chat else api.completion
+        text = "".join(parts)
+        return JSONResponse(make(id_, model_name, text, finish(generation), usage(job, generation)))
+
+    async def stream(job: Job, id_: str, *, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+        done = False
+        try:
+            if chat:
+                yield sse(
+                    api.chat_chunk(id_, model_name, {"role": "assistant", "content": ""}, None)
+                )
+            while True:
+                item = await job.out.get()
+                if isinstance(item, Exception):
+                    log.error("generation failed", exc_info=item)
+                    yield sse(api.error_body("the generation failed", kind="server_error"))
+                    break
+                if isinstance(item, Generation):
+                    reason = finish(item)
+                    yield sse(
+                        api.chat_chunk(id_, model_name, {}, reason)
+                        if chat
+                        else api.completion_chunk(id_, model_name, "", reason)
+                    )
+                    if include_usage:
+                        last = (
+                            api.chat_chunk(id_, model_name, {}, None)
+                            if chat
+                            else api.completion_chunk(id_, model_name, "", None)
+                        )
+                        last["choices"], last["usage"] = [], usage(job, item)
+                        yield sse(last)
+                    break
+                yield sse(
+                    api.chat_chunk(id_, model_name, {"content": item}, None)
+                    if chat
+                    else api.completion_chunk(id_, model_name, item, None)
+                )
+            done = True
+            yield "data: [DONE]\n\n"
+        finally:
+            if not done:  # the client disconnected: stop generating for it
+                job.cancelled.set()
+
+    async def models(request: Request) -> Response:
+        authorize(request)
+        card = {"id": model_name, "object": "model", "created": created, "owned_by": "compose"}
+        return JSONResponse({"object": "list", "data": [card]})
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok", **engine.stats()})
+
+    async def bad_request(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, api.BadRequest)
+        return JSONResponse(api.error_body(exc.message, exc.param, code=exc.code), exc.status)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return JSONResponse(api.error_body(str(exc.detail)), exc.status_code)
+
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        log.error("request failed", exc_info=exc)
+        body = api.error_body("internal error; see the server's log", kind="server_error")
+        return JSONResponse(body, 500)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        engine.close()
+
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/health", health, methods=["GET"]),
+        ],
+        exception_handlers={
+            api.BadRequest: bad_request,
+            HTTPException: http_error,
+            Exception: internal_error,
+        },
+        lifespan=lifespan,
+        max_body_size=MAX_BODY_BYTES,
+    )
+    app.state.engine = engine
+    return app
+
+
+def finish(generation: Generation) -> str:
+    return "length" if generation.finish_reason == "length" else "stop"
+
+
+def usage(job: Job, generation: Generation) -> dict[str, int]:
+    # the end-of-sequence token was generated too, though it is not in the text
+    generated = len(generation.ids) + (generation.finish_reason == "eos")
+    return api.usage(len(job.prompt_ids), generated)
+
+
+def sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def serve(
+    mixture_dir: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    max_queue: int = 8,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> None:
+    """Load a mixture and serve it until interrupted."""
+    import uvicorn
+
+    from composer.artifacts.load import load_mixture
+
+    mixture = load_mixture(mixture_dir)
+    app = create_app(
+        mixture,
+        model_name=mixture.recipe.name,
+        api_key=api_key,
+        max_queue=max_queue,
+        max_tokens=max_tokens,
+    )
+    uvicorn.run(app, host=host, port=port, log_level="info")

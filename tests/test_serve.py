@@ -1,0 +1,269 @@
+"""`compose serve`: the real `openai` client against a tiny mixture served on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from types import SimpleNamespace
+
+import openai
+import pytest
+
+from composer.artifacts.generate import generate, prompt_ids
+from composer.artifacts.load import load_mixture
+from composer.artifacts.sampling import Sampling
+from composer.serving.server import create_app
+
+KEY = "sk-test-key"
+QUESTION = "How many days does he work?"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_mixture_dir):
+    import uvicorn
+
+    mixture = load_mixture(tiny_mixture_dir)
+    app = create_app(mixture, model_name="tiny", api_key=KEY, max_queue=1, max_tokens=1000)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
+    running = uvicorn.Server(config)
+    thread = threading.Thread(target=running.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not running.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    port = running.servers[0].sockets[0].getsockname()[1]
+    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", app=app, mixture=mixture)
+    running.should_exit = True
+    thread.join(timeout=15)
+
+
+@pytest.fixture()
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def _post(server, path: str, body: bytes, key: str | None = KEY) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(server.url + path, body, headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _health(server) -> dict:
+    with urllib.request.urlopen(server.url + "/health", timeout=10) as response:
+        return json.loads(response.read())
+
+
+def _messages(text: str = QUESTION) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def test_chat_completion_plain_and_streamed(server, client):
+    expected = generate(server.mixture, QUESTION, 12)
+    reply = client.chat.completions.create(
+        model="tiny", messages=_messages(), max_tokens=12, temperature=0
+    )
+    assert reply.choices[0].message.content == expected
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.usage.prompt_tokens == len(prompt_ids(server.mixture, QUESTION))
+    assert reply.usage.completion_tokens >= 1
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    assert reply.choices[0].finish_reason in {"stop", "length"}
+
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=_messages(),
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected
+    assert chunks[-2].choices[0].finish_reason == reply.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == reply.usage.total_tokens
+
+
+def test_completions_models_sampling_and_stop(server, client):
+    expected = generate(server.mixture, "The quick brown fox", 10, chat=False)
+    reply = client.completions.create(
+        model="tiny", prompt="The quick brown fox", max_tokens=10, temperature=0
+    )
+    assert reply.choices[0].text == expected and reply.object == "text_completion"
+    stream = client.completions.create(
+        model="tiny", prompt="The quick brown fox", max_tokens=10, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in stream) == expected
+    assert [m.id for m in client.models.list()] == ["tiny"]
+
+    def sampled(seed: int) -> str:
+        return (
+            client.chat.completions.create(
+                model="tiny",
+                messages=_messages(),
+                max_tokens=16,
+                temperature=1.2,
+                seed=seed,
+                extra_body={"ignore_eos": True},
+            )
+            .choices[0]
+            .message.content
+        )
+
+    assert sampled(4) == sampled(4) != sampled(5)
+    hot = Sampling(temperature=1.2, seed=4)
+    long = generate(server.mixture, QUESTION, 16, sampling=hot)
+    assert sampled(4).startswith(long)  # ignore_eos may run past the mixture's own end
+    stop = sampled(4)[3:6]
+    cut = client.chat.completions.create(
+        model="tiny",
+        messages=_messages(),
+        max_tokens=16,
+        temperature=1.2,
+        seed=4,
+        stop=[stop],
+        extra_body={"ignore_eos": True},
+    )
+    assert cut.choices[0].message.content == sampled(4)[: sampled(4).find(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b'{"messages": [{"role": "user", "content": "hi"}', None),  # bad JSON
+        (b'["not", "an", "object"]', None),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "bogus": 1}', "bogus"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}', "temperature"),
+        (b'{"messages": [{"role": "user", "content": 3}]}', "messages.0.content"),
+        (b'{"messages": [{"role": "robot", "content": "hi"}]}', "messages.0.role"),
+        (b'{"messages": "hi"}', "messages"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}', "max_tokens"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 600}', "max_tokens"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}', "stream"),
+    ],
+)
+def test_bad_requests_get_400_naming_the_field(server, body, param):
+    status, reply = _post(server, "/v1/chat/completions", body)
+    assert status == 400, reply
+    assert reply["error"]["type"] == "invalid_request_error"
+    assert reply["error"]["param"] == param
+    if param:
+        assert reply["error"]["message"].startswith(param)
+
+
+def test_bad_requests_through_the_client(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="tiny", messages=_messages(), max_tokens=10**6)
+    assert caught.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-5", messages=_messages(), max_tokens=2)
+
+
+def test_api_key(server):
+    body = json.dumps({"prompt": "hi", "max_tokens": 2}).encode()
+    assert _post(server, "/v1/completions", body, key=None)[0] == 401
+    status, reply = _post(server, "/v1/completions", body, key="sk-wrong")
+    assert status == 401 and reply["error"]["code"] == "invalid_api_key"
+    wrong = openai.OpenAI(base_url=server.url + "/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    assert _health(server)["status"] == "ok"  # the health check needs no key
+
+
+def _long_stream(client: openai.OpenAI):
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=_messages(),
+        max_tokens=480,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    return stream, iter(stream)
+
+
+def test_a_client_that_disconnects_frees_the_model(server, client):
+    before = _health(server)
+    stream, chunks = _long_stream(client)
+    for _ in range(3):
+        next(chunks)
+    stream.close()
+    deadline = time.monotonic() + 20
+    while (health := _health(server))["pending"]:
+        assert time.monotonic() < deadline, health
+        time.sleep(0.05)
+    assert health["cancelled"] == before["cancelled"] + 1
+    assert health["served"] == before["served"]  # it stopped before its 480 tokens
+    reply = client.completions.create(model="tiny", prompt="hi", max_tokens=3)
+    assert reply.choices[0].text is not None
+
+
+def test_a_full_queue_answers_503_quickly(server, client):
+    running, first = _long_stream(client)
+    next(first)
+    next(first)  # generating
+    waiting, second = _long_stream(client)
+    next(second)  # the role chunk: it is queued behind the first
+    start = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.chat.completions.create(model="tiny", messages=_messages(), max_tokens=2)
+    assert caught.value.status_code == 503 and time.monotonic() - start < 2
+    running.close()
+    waiting.close()
+    deadline = time.monotonic() + 20
+    while _health(server)["pending"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_compose_serve_listens_on_localhost_only(tiny_mixture_dir):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import psutil
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [
+        sys.executable,
+        "-m",
+        "composer",
+        "serve",
+        str(tiny_mixture_dir),
+        "--port",
+        str(port),
+    ]
+    process = subprocess.Popen(command, env={**os.environ, "COMPOSE_API_KEY": ""})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            assert process.poll() is None, "compose serve exited"
+            assert time.monotonic() < deadline, "compose serve did not come up"
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.2)
+        sockets = psutil.Process(process.pid).net_connections("tcp")
+        assert [c.laddr.ip for c in sockets if c.status == psutil.CONN_LISTEN] == ["127.0.0.1"]
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        assert client.completions.create(model="tiny", prompt="hi", max_tokens=2).usage
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
