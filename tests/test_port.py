@@ -159,6 +159,29 @@ def test_unsupported_adapters_are_refused(tiny, tmp_path, config, message):
         load_base("chat", BaseSpec(path=str(tiny["qwen2"]), lora=str(tmp_path / "adapter")))
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("some_future_field", 1, "unknown adapter config field 'some_future_field'"),
+        ("init_lora_weights", "pissa", "init_lora_weights is 'pissa'"),
+        ("init_lora_weights", "olora", "init_lora_weights is 'olora'"),
+        ("loftq_config", {"loftq_bits": 4}, "loftq_config is set"),
+        ("bias", "all", "bias is 'all'"),
+    ],
+)
+def test_adapter_config_fields_outside_the_allow_list_are_refused(
+    tiny, tmp_path, field, value, message
+):
+    _peft_adapter(tiny["qwen2"], tmp_path / "adapter")
+    config_path = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    assert field == "some_future_field" or field in config  # a field PEFT writes today
+    config[field] = value
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(PortError, match=f"lora .*: {message}; only plain LoRA can be merged"):
+        load_base("chat", BaseSpec(path=str(tiny["qwen2"]), lora=str(tmp_path / "adapter")))
+
+
 def test_lora_on_a_quantized_base_is_a_recipe_error(tiny):
     text = recipe_yaml({"chat": tiny["llama"]}, "chat", ["chat@1"])
     import yaml

@@ -6,8 +6,10 @@ A LoRA adapter stores, per targeted Linear, A (r × in) and B (out × r); its up
 
 with `r` and `lora_alpha` per module from `rank_pattern` / `alpha_pattern` when they match it.
 Merged into an evolved version of the base it was trained on, this is PortLLM's θ_new + ΔW_old
-(arXiv 2410.10870, eq. 3). Only plain LoRA on Linear layers is read: adapter variants that
-change the forward (DoRA, LoRA biases, modules_to_save, embeddings, …) are refused by name.
+(arXiv 2410.10870, eq. 3). Only plain LoRA on Linear layers is read: the adapter config's
+fields are checked against an allow-list of fields and values, so a variant that changes the
+forward or the base (DoRA, LoRA biases, modules_to_save, PiSSA-style initializations, a field
+a later PEFT adds, …) is refused, naming the field.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,20 +34,88 @@ CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
-# Config fields that make the adapter's forward differ from W + s·BA when set.
-_UNSUPPORTED = (
-    "use_dora",
-    "lora_bias",
-    "fan_in_fan_out",
-    "modules_to_save",
-    "trainable_token_indices",
-    "target_parameters",
-    "layer_replication",
-    "alora_invocation_tokens",
-    "arrow_config",
-    "use_qalora",
-    "use_bdlora",
-)
+
+
+def _anything(value: Any) -> bool:
+    return True
+
+
+def _unset(value: Any) -> bool:
+    return not value  # None, False, {} or []
+
+
+def _flag(value: Any) -> bool:
+    return value is None or isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+
+
+def _patterns(value: Any) -> bool:
+    return value is None or (isinstance(value, dict) and all(map(_number, value.values())))
+
+
+# Every adapter config field read, and the values under which the adapter's forward is
+# W x + s·B A x on Linear layers of the unchanged base. Any other field (one a later PEFT adds)
+# or value is refused, naming the field: what is not known to be plain LoRA is not merged.
+_FIELDS: dict[str, Callable[[Any], bool]] = {
+    # what the adapter is and where it was trained
+    "peft_type": lambda v: v == "LORA",
+    "task_type": _anything,
+    "auto_mapping": _anything,
+    "peft_version": _anything,
+    "base_model_name_or_path": _anything,
+    "revision": _anything,
+    "inference_mode": _anything,
+    # the update, as read_adapter computes it
+    "r": lambda v: _number(v) and isinstance(v, int),
+    "lora_alpha": _number,
+    "rank_pattern": _patterns,
+    "alpha_pattern": _patterns,
+    "use_rslora": _flag,
+    # which modules it was trained on; its weights file says which it patches, and each is
+    # checked to be a float Linear of the base
+    "target_modules": _anything,
+    "exclude_modules": _anything,
+    "layers_to_transform": _anything,
+    "layers_pattern": _anything,
+    # training only
+    "lora_dropout": _anything,
+    # random A with zero B (or random both): schemes such as PiSSA, OLoRA, CorDA or LoftQ
+    # rewrite the base's weights at initialization, so W + s·BA would not be the trained model
+    "init_lora_weights": lambda v: isinstance(v, bool) or v == "gaussian",
+    "bias": lambda v: v in (None, "none"),
+    # read only together with a field refused below
+    "megatron_core": _anything,
+    "qalora_group_size": _anything,
+    # each of these changes the forward or the base when set
+    **dict.fromkeys(
+        (
+            "use_dora",
+            "lora_bias",
+            "fan_in_fan_out",
+            "modules_to_save",
+            "trainable_token_indices",
+            "target_parameters",
+            "layer_replication",
+            "alora_invocation_tokens",
+            "arrow_config",
+            "use_qalora",
+            "use_bdlora",
+            "megatron_config",
+            "loftq_config",
+            "eva_config",
+            "corda_config",
+            "lora_ga_config",
+            "velora_config",
+            "monteclora_config",
+            "kasa_config",
+            "ensure_weight_tying",
+        ),
+        _unset,
+    ),
+}
 
 
 @dataclass
@@ -84,11 +155,16 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         kind = config.get("peft_type") if isinstance(config, dict) else None
         raise PortError(f"lora {folder}: peft_type is {kind!r}, only LORA adapters are supported")
-    for field in _UNSUPPORTED:
-        if config.get(field):
-            raise PortError(f"lora {folder}: {field} is set; only plain LoRA can be merged")
-    if config.get("bias", "none") != "none":
-        raise PortError(f"lora {folder}: bias is {config['bias']!r}; only 'none' can be merged")
+    for field, value in config.items():
+        allowed = _FIELDS.get(field)
+        if allowed is None:
+            raise PortError(
+                f"lora {folder}: unknown adapter config field {field!r}; only plain LoRA can "
+                "be merged"
+            )
+        if not allowed(value):
+            what = "is set" if allowed is _unset else f"is {value!r}"
+            raise PortError(f"lora {folder}: {field} {what}; only plain LoRA can be merged")
     return config
 
 
