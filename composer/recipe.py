@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from composer.errors import RecipeError
 
@@ -107,6 +114,12 @@ class CarryOnSpec(BaseModel):
     )
     alpha: AlphaSpec = Field(default_factory=AlphaSpec)
     rope_theta: float = Field(default=10000.0, gt=0)
+    router: Literal["anchor", "shared"] = Field(
+        default="anchor",
+        description="How the router weighs sources per token: `anchor` scores each source from "
+        "the anchor's own final state plus a scorer per source (it can tell domains apart); "
+        "`shared` is one scorer shared by all sources plus a bias per source.",
+    )
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> CarryOnSpec:
@@ -133,6 +146,11 @@ class StdlibData(BaseModel):
     kind: Literal["python_stdlib"]
     size: int = Field(default=500, gt=0, description="Number of text windows to cut.")
     seed: int = 0
+    part: Literal["library", "tests"] = Field(
+        default="library",
+        description="`library`: the modules; `tests`: the standard library's own test suite "
+        "(Lib/test), which `library` never reads.",
+    )
 
 
 class TextData(BaseModel):
@@ -160,8 +178,19 @@ class ChatterbotData(BaseModel):
     seed: int = 0
 
 
+class PythonDocsData(BaseModel):
+    """English technical prose: the Python language reference topics shipped with CPython
+    (`pydoc_data.topics`), cut into windows; loss on every token."""
+
+    model_config = _FROZEN
+    kind: Literal["python_docs"]
+    size: int = Field(default=100, gt=0, description="Number of text windows to cut.")
+    seed: int = 0
+
+
 SourceSpec = Annotated[
-    GsmData | StdlibData | TextData | JsonlData | ChatterbotData, Field(discriminator="kind")
+    GsmData | StdlibData | TextData | JsonlData | ChatterbotData | PythonDocsData,
+    Field(discriminator="kind"),
 ]
 
 
@@ -188,9 +217,48 @@ class MixData(BaseModel):
 
 
 DataSpec = Annotated[
-    GsmData | StdlibData | TextData | JsonlData | ChatterbotData | MixData,
+    GsmData | StdlibData | TextData | JsonlData | ChatterbotData | PythonDocsData | MixData,
     Field(discriminator="kind"),
 ]
+
+
+def general_text() -> MixData:
+    """The default general text: prose, dialog and code, from packages every install has, and
+    disjoint from the evaluation suites (compare keeps these dialogs out of `loss-chat`)."""
+    return MixData.model_validate(
+        {
+            "kind": "mix",
+            "parts": [
+                {"domain": "prose", "data": {"kind": "python_docs", "size": 48, "seed": 0}},
+                {"domain": "dialog", "data": {"kind": "chatterbot", "size": 48, "seed": 7}},
+                {
+                    "domain": "code",
+                    "data": {"kind": "python_stdlib", "part": "tests", "size": 48, "seed": 0},
+                },
+            ],
+        }
+    )
+
+
+class PreserveSpec(BaseModel):
+    """Keep what the anchor knows: on general text the mixture is trained to keep the anchor's
+    next-token distribution (KL(anchor ‖ mixture) through the anchor's head), and a held-out
+    part of that text is where every build reports harm (off-domain loss)."""
+
+    model_config = _FROZEN
+    data: DataSpec = Field(
+        default_factory=general_text,
+        description="The general text (default: CPython's prose docs, chatterbot dialogs, the "
+        "standard library's tests).",
+    )
+    weight: float = Field(default=1.0, gt=0, description="KL weight beside the task loss.")
+    batch_size: int = Field(default=4, gt=0, description="General-text examples per step.")
+    positions: int = Field(
+        default=32, gt=0, description="Positions per example where the KL is taken (seeded)."
+    )
+    eval_fraction: float = Field(
+        default=0.25, gt=0, lt=1, description="Held-out share: the off-domain report set."
+    )
 
 
 class TrainSpec(BaseModel):
@@ -209,6 +277,15 @@ class TrainSpec(BaseModel):
     eval_every: int = Field(default=100, gt=0)
     checkpoint_every: int = Field(default=100, gt=0)
     cache: CacheSpec = Field(default_factory=lambda: CacheSpec())
+    preserve: PreserveSpec | None = Field(
+        default_factory=PreserveSpec,
+        description="Preservation on general text (on by default); `none` turns it off.",
+    )
+
+    @field_validator("preserve", mode="before")
+    @classmethod
+    def _preserve_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and value.lower() == "none" else value
 
 
 class RaySpec(BaseModel):

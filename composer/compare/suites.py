@@ -77,8 +77,15 @@ class SuiteRegistry:
 
 
 def _sources(recipe: Recipe) -> list[Any]:
-    data = recipe.train.data
-    return [part.data for part in data.parts] if isinstance(data, MixData) else [data]
+    """Every data source a recipe trains on, its preservation text included."""
+    spec = recipe.train
+    found = []
+    for data in (spec.data, spec.preserve.data if spec.preserve is not None else None):
+        if isinstance(data, MixData):
+            found += [part.data for part in data.parts]
+        elif data is not None:
+            found.append(data)
+    return found
 
 
 def _trained_questions(recipes: Sequence[Recipe]) -> set[str]:

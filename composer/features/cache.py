@@ -43,16 +43,15 @@ from composer.bases.identity import base_identity
 from composer.bases.lora import adapter_identity
 from composer.bases.registry import cache_home
 from composer.errors import CacheError
-from composer.features.data import Example, collate, load_examples, split
+from composer.features.data import Example, collate, load_splits, pad_id
 from composer.features.shards import CachedSource, Encoded, encode, pack
 from composer.files import atomic_write, sha256_file, write_json
 from composer.model.factory import check_compatible
 from composer.model.mixture import Mixture
-from composer.recipe import CacheSpec, Recipe
+from composer.recipe import CacheSpec, DataSpec, Recipe
 
 FORMAT = 1
 MANIFEST = "manifest.json"
-SPLITS = ("train", "eval")
 
 
 def features_root() -> Path:
@@ -68,8 +67,7 @@ def _sha256_files(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def _data_identity(recipe: Recipe) -> dict[str, Any]:
-    data = recipe.train.data
+def _data_identity(data: DataSpec) -> dict[str, Any]:
     identity: dict[str, Any] = data.model_dump(mode="json")
     path = getattr(data, "path", None)
     if path is not None:
@@ -104,12 +102,18 @@ def cache_key(recipe: Recipe, folders: dict[str, Path]) -> tuple[str, dict[str, 
         "bases": bases,
         "taps": sorted(str(t) for t in recipe.tap_refs),
         "chat_template": _sha256_files([p for p in templates if p.is_file()]),
-        "data": _data_identity(recipe),
+        "data": _data_identity(spec.data),
         "seq_len": spec.seq_len,
         "eval_fraction": spec.eval_fraction,
         "split_seed": spec.seed,
         "dtype": spec.cache.dtype,
     }
+    if spec.preserve is not None:  # absent without preservation: those caches keep their key
+        preserve = spec.preserve
+        components["preserve"] = {
+            "data": _data_identity(preserve.data),
+            "eval_fraction": preserve.eval_fraction,
+        }
     text = json.dumps(components, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest(), components
 
@@ -155,8 +159,8 @@ def _check_key(folder: Path, manifest: dict[str, Any], key: str, components: dic
 
 def _verify(folder: Path, manifest: dict[str, Any]) -> None:
     """Every listed shard is there and its bytes match the manifest's sha256."""
-    for split_name in SPLITS:
-        for shard in manifest["shards"][split_name]:
+    for shards in manifest["shards"].values():
+        for shard in shards:
             path = folder / shard["file"]
             if not path.is_file():
                 raise CacheError(f"cache {folder}: shard {shard['file']} is missing")
@@ -185,7 +189,7 @@ class FeatureCache:
 
     @property
     def tokens(self) -> int:
-        return sum(s["tokens"] for name in SPLITS for s in self.manifest["shards"][name])
+        return sum(s["tokens"] for shards in self.manifest["shards"].values() for s in shards)
 
 
 def open_cache(recipe: Recipe) -> FeatureCache:
@@ -198,7 +202,7 @@ def open_cache(recipe: Recipe) -> FeatureCache:
         raise CacheError(f"no feature cache at {folder}: run `compose cache` on this recipe first")
     _check_key(folder, manifest, key, components)
     if not manifest["complete"]:
-        done = sum(len(manifest["shards"][s]) for s in SPLITS)
+        done = sum(len(shards) for shards in manifest["shards"].values())
         raise CacheError(
             f"cache {folder} is incomplete ({done} of {sum(manifest['planned'].values())} "
             "shards): run `compose cache` on this recipe to finish it"
@@ -232,19 +236,15 @@ class ShardJob:
 
 
 def plan_shards(parts: dict[str, list[Example]], per_shard: int) -> list[ShardJob]:
-    """Every shard of a cache, train then eval, each split cut into runs of `per_shard`."""
+    """Every shard of a cache, split by split (train, eval, then preservation's), each cut into
+    runs of `per_shard`."""
     jobs = []
-    for split_name in SPLITS:
-        examples = parts[split_name]
+    for split_name, examples in parts.items():
         # Similar lengths together, so little of each forward is spent on padding.
         order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
         starts = range(0, len(order), per_shard)
         jobs += [ShardJob(split_name, k, order[s : s + per_shard]) for k, s in enumerate(starts)]
     return jobs
-
-
-def pad_id_of(tokenizer: Any) -> int:
-    return next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
 
 
 @contextmanager
@@ -322,7 +322,7 @@ class CacheRun:
 
     def pending(self) -> list[ShardJob]:
         """The planned shards not listed yet: after a run killed midway, any subset of them."""
-        listed = {s["file"] for name in SPLITS for s in self.manifest["shards"][name]}
+        listed = {s["file"] for shards in self.manifest["shards"].values() for s in shards}
         jobs = plan_shards(self.parts, self.manifest["shard_examples"])
         return [job for job in jobs if job.name not in listed]
 
@@ -390,10 +390,9 @@ def write_cache(
         with console.status("reading data"):
             anchor = recipe.anchor
             tokenizer = load_tokenizer(anchor, recipe.bases[anchor], folders[anchor])
-            examples = load_examples(spec.data, tokenizer, spec.seq_len)
-            parts = dict(zip(SPLITS, split(examples, spec.eval_fraction, spec.seed), strict=True))
+            parts = load_splits(recipe, tokenizer)
         per_shard = manifest["shard_examples"] if manifest else spec.cache.shard_examples
-        planned = {s: -(-len(parts[s]) // per_shard) for s in SPLITS}
+        planned = {s: -(-len(parts[s]) // per_shard) for s in parts}
         if manifest is None or manifest["planned"] != planned:
             manifest = {
                 "format": FORMAT,
@@ -401,14 +400,14 @@ def write_cache(
                 "components": components,
                 "dtype": spec.cache.dtype,
                 "shard_examples": per_shard,
-                "examples": {s: len(parts[s]) for s in SPLITS},
+                "examples": {s: len(parts[s]) for s in parts},
                 "planned": planned,
-                "shards": {s: [] for s in SPLITS},
+                "shards": {s: [] for s in parts},
                 "complete": False,
             }
             write_json(folder / MANIFEST, manifest)
         _verify(folder, manifest)
-        run = CacheRun(recipe, folders, parts, folder, manifest, pad_id_of(tokenizer))
+        run = CacheRun(recipe, folders, parts, folder, manifest, pad_id(tokenizer))
         seconds = (engine or _run_bases)(run, console) if run.pending() else 0.0
         manifest["complete"] = True
         write_json(folder / MANIFEST, manifest)

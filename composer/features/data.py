@@ -23,6 +23,8 @@ from composer.recipe import (
     GsmData,
     JsonlData,
     MixData,
+    PythonDocsData,
+    Recipe,
     StdlibData,
     TextData,
 )
@@ -97,7 +99,10 @@ def load_gsm(spec: GsmData, tokenizer: Any, seq_len: int) -> list[Example]:
 
 def load_stdlib(spec: StdlibData, tokenizer: Any, seq_len: int) -> list[Example]:
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if "test" not in p.parts)
+    if spec.part == "tests":
+        files = sorted((root / "test").rglob("*.py"))
+    else:
+        files = sorted(p for p in root.rglob("*.py") if "test" not in p.parts)
     random.Random(spec.seed).shuffle(files)
     out: list[Example] = []
     for path in files:
@@ -143,6 +148,14 @@ def load_chatterbot(spec: ChatterbotData, tokenizer: Any, seq_len: int) -> list[
         if example is not None:
             out.append(example)
     return out
+
+
+def load_python_docs(spec: PythonDocsData, tokenizer: Any, seq_len: int) -> list[Example]:
+    from pydoc_data.topics import topics
+
+    docs = [topics[name].strip() for name in sorted(topics)]
+    random.Random(spec.seed).shuffle(docs)
+    return text_windows(tokenizer, docs, seq_len, spec.size)
 
 
 def _read(path: str) -> str:
@@ -201,6 +214,7 @@ DATA_SOURCES: dict[str, Callable[[Any, Any, int], list[Example]]] = {
     "text": load_text,
     "jsonl": load_jsonl,
     "chatterbot": load_chatterbot,
+    "python_docs": load_python_docs,
 }
 
 
@@ -249,6 +263,11 @@ def split(
     return train, held
 
 
+def pad_id(tokenizer: Any) -> int:
+    """The id that fills right padding (masked out everywhere): pad, else end-of-sequence."""
+    return next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+
+
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch: input_ids, attention_mask, labels (IGNORE on padding)."""
     width = max(len(e.input_ids) for e in examples)
@@ -261,3 +280,26 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def load_splits(recipe: Recipe, tokenizer: Any) -> dict[str, list[Example]]:
+    """Every split a build uses: `train` and `eval` of the task data and, with preservation,
+    `preserve` (general text trained to keep the anchor) and `general` (its held-out part,
+    where off-domain harm is measured)."""
+    spec = recipe.train
+    examples = load_examples(spec.data, tokenizer, spec.seq_len)
+    splits = dict(
+        zip(("train", "eval"), split(examples, spec.eval_fraction, spec.seed), strict=True)
+    )
+    if spec.preserve is not None:
+        # Repeated texts (a reply shared by two dialogs) once, so none is both kept and held.
+        unique = {
+            tuple(e.input_ids): e
+            for e in load_examples(spec.preserve.data, tokenizer, spec.seq_len)
+        }
+        general = list(unique.values())
+        for example in general:
+            example.domain = f"general/{example.domain}"
+        kept, held = split(general, spec.preserve.eval_fraction, spec.seed)
+        splits["preserve"], splits["general"] = kept, held
+    return splits

@@ -1,6 +1,7 @@
 """The carry-on: the small trainable stack on top of the frozen bases (GPT Carry-On, §3).
 
     taps      a[src] = Linear_src(RMSNorm(h[src]))                 # D_b -> d
+    router    w(t)   = softmax_src(q_src · RMSNorm(x_t) + r_src · a[src](t) + b_src)
     input     z0     = Σ_src w_src(t) · a[src]                      # per-token router over sources
     stack     z_k    = Block_k(z_{k-1} + Σ_{src∈S_k} s_{k,src} · a[src])   # shortcuts
     delta     Δx     = Up(norm(z_K))                                # d -> D_anchor, zero-init
@@ -9,6 +10,11 @@
 
 `Up` starts at zero, so an untrained carry-on leaves the anchor's hidden state, and its logits,
 exactly as they were.
+
+The router (`router: anchor`) reads the anchor's own final state x: the anchor already knows
+whether it is reading code, dialog or arithmetic, so the router can weigh sources per domain. A
+scorer shared by all sources (`router: shared`) sees only the projected taps and, where they do
+not carry the domain, learns a fixed mix.
 """
 
 from __future__ import annotations
@@ -130,9 +136,17 @@ class CarryOn(nn.Module):
         self.tap_projs = nn.ModuleDict(
             {module_key(s): nn.Linear(n, d) for s, n in tap_dims.items()}
         )
-        # Router: a shared scorer on each projected tap plus a bias per source.
-        self.router = nn.Linear(d, 1)
-        self.router_bias = nn.Parameter(torch.zeros(len(self.sources)))
+        n_src = len(self.sources)
+        self.router_kind = spec.router
+        if spec.router == "anchor":
+            # A query per source from the anchor's state, and a scorer per source on its tap.
+            self.router_norm = RMSNorm(anchor_dim)
+            self.router_query = nn.Linear(anchor_dim, n_src, bias=False)
+            self.router_scorers = nn.Parameter(torch.zeros(n_src, d))
+        else:
+            # A scorer shared by every source on its projected tap.
+            self.router = nn.Linear(d, 1)
+        self.router_bias = nn.Parameter(torch.zeros(n_src))
         mlp_hidden = max(8, round(spec.mlp_ratio * d / 8) * 8)
         self.blocks = nn.ModuleList(
             Block(d, spec.heads, mlp_hidden, spec.rope_theta) for _ in spec.blocks
@@ -157,7 +171,10 @@ class CarryOn(nn.Module):
                 nn.init.normal_(module.weight, std=1.0 / math.sqrt(module.in_features))
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        nn.init.zeros_(self.router.weight)
+        if self.router_kind == "anchor":
+            nn.init.zeros_(self.router_query.weight)  # uniform source weights at step 0
+        else:
+            nn.init.zeros_(self.router.weight)
         nn.init.zeros_(self.up.weight)  # step 0 equals the anchor exactly
         for block in self.blocks:
             # Residual branches start small so the stack starts near the identity.
@@ -186,8 +203,7 @@ class CarryOn(nn.Module):
             if present is not None and s in present and key in self.nulls:
                 a[s] = torch.where(present[s].unsqueeze(-1), a[s], self.nulls[key])
         stacked = torch.stack([a[s] for s in self.sources], dim=2)  # (B, T, n_src, d)
-        scores = self.router(stacked).squeeze(-1) + self.router_bias  # (B, T, n_src)
-        weights = scores.softmax(dim=-1)
+        weights = self.route(stacked, anchor_hidden)  # (B, T, n_src)
         z = (weights.unsqueeze(-1) * stacked).sum(dim=2)  # (B, T, d)
 
         T = z.shape[1]
@@ -206,6 +222,15 @@ class CarryOn(nn.Module):
             delta = torch.sigmoid(self.gate(z)) * delta
         hidden = anchor_hidden + (self.alpha * delta).to(anchor_hidden.dtype)
         return CarryOnOutput(hidden=hidden, source_weights=weights, cache=cache)
+
+    def route(self, stacked: torch.Tensor, anchor_hidden: torch.Tensor) -> torch.Tensor:
+        """Source weights (B, T, n_src) from the projected taps (B, T, n_src, d)."""
+        if self.router_kind == "anchor":
+            query = self.router_query(self.router_norm(anchor_hidden.to(stacked.dtype)))
+            scores = query + torch.einsum("btsd,sd->bts", stacked, self.router_scorers)
+        else:
+            scores = self.router(stacked).squeeze(-1)
+        return (scores + self.router_bias).softmax(dim=-1)
 
 
 def module_key(source: str) -> str:

@@ -25,16 +25,12 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from composer.bases.frozen import FrozenBase, read_config, resolve_folder
+from composer.bases.frozen import FrozenBase, read_config
 from composer.errors import BaseSourceError
-from composer.model.carry_on import CarryOn, KVCache
-from composer.model.factory import check_compatible, new_carry_on
-from composer.model.mixture import Features, Mixture, corrected
-from composer.recipe import Recipe
 
 HEAD_CHUNK_BYTES = 16 * 2**20  # float32 logits (or upcast head rows) of one vocabulary block
 ROW_CHUNK = 4096  # rows per pass over the vocabulary
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -197,47 +193,85 @@ def head_loss(head: LMHead, rows: torch.Tensor, targets: torch.Tensor) -> torch.
     return loss.to(rows.device)
 
 
-class HeadMixture:
-    """The trainable half of a mixture, without any base: the carry-on and the anchor's head."""
+class _HeadKL(torch.autograd.Function):
+    """Summed KL(softmax(head(anchor_rows)) ‖ softmax(head(rows))); d/d rows in the forward."""
 
-    def __init__(self, recipe: Recipe, carry_on: CarryOn, head: LMHead) -> None:
-        self.recipe = recipe
-        self.carry_on = carry_on
-        self.head = head
+    @staticmethod
+    def forward(
+        ctx: Any, rows: torch.Tensor, anchor_rows: torch.Tensor, head: LMHead
+    ) -> torch.Tensor:
+        want_grad = ctx.needs_input_grad[0]
+        grad = torch.empty_like(rows) if want_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=rows.device)
+        for start in range(0, rows.shape[0], ROW_CHUNK):
+            stop = start + ROW_CHUNK
+            kl, g = _online_kl(head, rows[start:stop], anchor_rows[start:stop], want_grad)
+            total += kl
+            if grad is not None and g is not None:
+                grad[start:stop] = g.to(rows.dtype)
+        ctx.save_for_backward(grad if grad is not None else rows.new_empty(0))
+        return total
 
-    @classmethod
-    def from_recipe(cls, recipe: Recipe, *, seed: int = 0) -> HeadMixture:
-        """The carry-on a `Mixture.from_recipe` with this seed would make, from configs alone."""
-        folders = {name: resolve_folder(spec, fetch=False) for name, spec in recipe.bases.items()}
-        configs = check_compatible(recipe, folders)
-        dtype = _DTYPES[recipe.bases[recipe.anchor].dtype]
-        head = LMHead.from_folder(folders[recipe.anchor], dtype)
-        torch.manual_seed(seed)
-        carry_on, _ = new_carry_on(recipe, folders, configs)
-        return cls(recipe, carry_on, head)
-
-    def hidden(
-        self,
-        features: Features,
-        attention_mask: torch.Tensor | None = None,
-        past: KVCache | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, KVCache]:
-        """As `Mixture.hidden`: the corrected anchor state, router weights, carry-on cache."""
-        return corrected(self.carry_on, features, attention_mask, past)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head.logits(hidden)
-
-    def to(self, device: torch.device) -> HeadMixture:
-        """Carry-on and head on `device` (a training process's GPU)."""
-        self.carry_on.to(device)
-        head = self.head
-        bias = head.bias.to(device) if head.bias is not None else None
-        self.head = LMHead(head.weight.to(device), bias, head.softcap, head.dtype, head.loaded)
-        return self
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output, None, None
 
 
-def lm_head(model: Mixture | HeadMixture) -> LMHead:
-    if isinstance(model, HeadMixture):
-        return model.head
-    return LMHead.from_base(model.anchor)
+def _online_kl(
+    head: LMHead, rows: torch.Tensor, anchor_rows: torch.Tensor, want_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Summed KL(p_a ‖ p_m) of rows (n, D) against the anchor's rows, one pass over the
+    vocabulary with online softmaxes for both; gradient (n, D): (p_m − p_a) @ W.
+
+        KL = Σ_v e^{z_a − top_a} (z_a − z_m) / norm_a − lse_a + lse_m
+    """
+    n, vocab = rows.shape[0], head.weight.shape[0]
+    x, xa = rows.to(head.dtype), anchor_rows.to(head.dtype)
+    floor = math.log(torch.finfo(torch.float32).tiny) + math.log(vocab) + 1  # as cross-entropy
+    top_m = torch.full((n,), -math.inf, device=rows.device)
+    top_a = torch.full((n,), -math.inf, device=rows.device)
+    norm_m = torch.zeros(n, device=rows.device)
+    norm_a = torch.zeros(n, device=rows.device)
+    cross = torch.zeros(n, device=rows.device)  # Σ e^{z_a − top_a} (z_a − z_m)
+    acc_m = torch.zeros(n, rows.shape[1], device=rows.device) if want_grad else None
+    acc_a = torch.zeros(n, rows.shape[1], device=rows.device) if want_grad else None
+    size = head.block_size(2 * n)
+    for start in range(0, vocab, size):
+        w, b = head.block(start, size)
+        z_m, z_a = F.linear(x, w, b).float(), F.linear(xa, w, b).float()  # (n, block)
+        chain = None
+        if head.softcap:
+            capped = torch.tanh(z_m / head.softcap)
+            chain = 1 - capped * capped  # d z_m / d raw logits, through the soft-cap
+            z_m = capped * head.softcap
+            z_a = torch.tanh(z_a / head.softcap) * head.softcap
+        new_m = torch.maximum(top_m, z_m.amax(dim=-1))
+        new_a = torch.maximum(top_a, z_a.amax(dim=-1))
+        rescale_m = (top_m - new_m).clamp_min_(floor).exp_()
+        rescale_a = (top_a - new_a).clamp_min_(floor).exp_()
+        probs_m = (z_m - new_m[:, None]).clamp_min_(floor).exp_()
+        probs_a = (z_a - new_a[:, None]).clamp_min_(floor).exp_()
+        norm_m = norm_m * rescale_m + probs_m.sum(dim=-1)
+        norm_a = norm_a * rescale_a + probs_a.sum(dim=-1)
+        cross = cross * rescale_a + (probs_a * (z_a - z_m)).sum(dim=-1)
+        if acc_m is not None and acc_a is not None:
+            if chain is not None:
+                probs_m *= chain
+                probs_a *= chain
+            acc_m = acc_m * rescale_m[:, None] + (probs_m.to(head.dtype) @ w).float()
+            acc_a = acc_a * rescale_a[:, None] + (probs_a.to(head.dtype) @ w).float()
+        top_m, top_a = new_m, new_a
+    lse_m, lse_a = top_m + norm_m.log(), top_a + norm_a.log()
+    kl = (cross / norm_a - lse_a + lse_m).clamp_min(0).sum()
+    if acc_m is None or acc_a is None:
+        return kl, None
+    return kl, acc_m / norm_m[:, None] - acc_a / norm_a[:, None]
+
+
+def head_kl(head: LMHead, rows: torch.Tensor, anchor_rows: torch.Tensor) -> torch.Tensor:
+    """Summed KL(anchor ‖ mixture) of the next-token distributions the head gives `anchor_rows`
+    and `rows` (N, D): zero where the carry-on leaves the anchor's state as it was."""
+    device = head.weight.device
+    kl = _HeadKL.apply(rows.to(device), anchor_rows.to(device), head)
+    return kl.to(rows.device)

@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 
-from composer.bases.frozen import FrozenBase, load_base
+from composer.bases.frozen import FrozenBase, load_base, resolve_folder
 from composer.errors import BaseSourceError
 from composer.model.align import BaseStream, aligned_states, anchor_text, anchor_texts, stream_step
 from composer.model.carry_on import CarryOn, KVCache
 from composer.model.factory import check_compatible, new_carry_on
+from composer.model.head import DTYPES, LMHead
 from composer.recipe import Recipe
 
 
@@ -42,7 +43,35 @@ class GenerationState:
     streams: dict[str, BaseStream] = field(default_factory=dict)  # aligned bases
 
 
-class Mixture:
+class CarryOnModel:
+    """What training and scoring need of a mixture: the carry-on, the anchor's LM head, and the
+    corrected anchor state. A `Mixture` runs its bases; a `HeadMixture` holds none and reads
+    cached features."""
+
+    recipe: Recipe
+    carry_on: CarryOn
+
+    @property
+    def head(self) -> LMHead:
+        raise NotImplementedError
+
+    def hidden(
+        self,
+        features: Features,
+        attention_mask: torch.Tensor | None = None,
+        past: KVCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, KVCache]:
+        """The corrected anchor state, the router's source weights and the carry-on's cache."""
+        out = self.carry_on(
+            features.taps, features.anchor_hidden, attention_mask, past, features.present
+        )
+        return out.hidden, out.source_weights, out.cache
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head.logits(hidden)
+
+
+class Mixture(CarryOnModel):
     def __init__(
         self,
         recipe: Recipe,
@@ -151,14 +180,9 @@ class Mixture:
                 state.streams[name] = BaseStream(tokens=tokens, cache=cache)
         return out, mask
 
-    def hidden(
-        self,
-        features: Features,
-        attention_mask: torch.Tensor | None = None,
-        past: KVCache | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, KVCache]:
-        """The corrected anchor state, the router's source weights and the carry-on's cache."""
-        return corrected(self.carry_on, features, attention_mask, past)
+    @property
+    def head(self) -> LMHead:
+        return LMHead.from_base(self.anchor)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.anchor.logits(hidden)
@@ -205,17 +229,6 @@ def _need_offsets(base: FrozenBase) -> None:
         )
 
 
-def corrected(
-    carry_on: CarryOn,
-    features: Features,
-    attention_mask: torch.Tensor | None = None,
-    past: KVCache | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, KVCache]:
-    """The carry-on applied to `features`: (x + α g ⊙ Δx, router weights, carry-on cache)."""
-    out = carry_on(features.taps, features.anchor_hidden, attention_mask, past, features.present)
-    return out.hidden, out.source_weights, out.cache
-
-
 def pad_features(items: list[Features], width: int) -> Features:
     """Stack per-example features (each (T_i, ...)) into a right-padded batch of `width`."""
 
@@ -231,3 +244,35 @@ def pad_features(items: list[Features], width: int) -> Features:
         anchor_hidden=torch.stack([pad(f.anchor_hidden) for f in items]),
         present=present,
     )
+
+
+class HeadMixture(CarryOnModel):
+    """The trainable half of a mixture, without any base: the carry-on and the anchor's head."""
+
+    def __init__(self, recipe: Recipe, carry_on: CarryOn, head: LMHead) -> None:
+        self.recipe = recipe
+        self.carry_on = carry_on
+        self._head = head
+
+    @property
+    def head(self) -> LMHead:
+        return self._head
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, *, seed: int = 0) -> HeadMixture:
+        """The carry-on a `Mixture.from_recipe` with this seed would make, from configs alone."""
+        folders = {name: resolve_folder(spec, fetch=False) for name, spec in recipe.bases.items()}
+        configs = check_compatible(recipe, folders)
+        dtype = DTYPES[recipe.bases[recipe.anchor].dtype]
+        head = LMHead.from_folder(folders[recipe.anchor], dtype)
+        torch.manual_seed(seed)
+        carry_on, _ = new_carry_on(recipe, folders, configs)
+        return cls(recipe, carry_on, head)
+
+    def to(self, device: torch.device) -> HeadMixture:
+        """Carry-on and head on `device` (a training process's GPU)."""
+        self.carry_on.to(device)
+        head = self._head
+        bias = head.bias.to(device) if head.bias is not None else None
+        self._head = LMHead(head.weight.to(device), bias, head.softcap, head.dtype, head.loaded)
+        return self

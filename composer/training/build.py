@@ -19,18 +19,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from composer.errors import OutputError, RecipeError, ResourceError, TrainError
 from composer.features.cache import FeatureCache, open_cache, write_cache
-from composer.features.data import load_examples, split
+from composer.features.data import load_splits
 from composer.files import write_json, write_png, write_text
-from composer.model.head import HeadMixture
-from composer.model.mixture import Mixture
+from composer.model.mixture import CarryOnModel, HeadMixture, Mixture
 from composer.recipe import Recipe, comparable, read_comparable
 from composer.training.checkpoint import RECIPE_FILE, WEIGHTS, load_weights, save_weights
 from composer.training.distributed import Ranks
-from composer.training.metrics import domain_metrics
+from composer.training.metrics import domain_metrics, gate_separation
 from composer.training.plan import Plan, make_plan
 from composer.training.train import (
     FeatureSource,
-    Model,
     Source,
     TrainResult,
     evaluate,
@@ -110,6 +108,7 @@ def build(
     )
     with console.status("held-out metrics per domain, the bases alone included"):
         result.metrics["domains"] = domain_report(recipe, out_dir)
+        result.metrics["gate_separation"] = gate_separation(result.metrics["domains"])
     write_json(out_dir / "metrics.json", result.metrics)
     write_text(out_dir / "README.md", model_card(recipe, result.metrics))
     return result
@@ -127,14 +126,14 @@ def check_memory(plan: Plan, force: bool) -> None:
 
 def domain_report(recipe: Recipe, out_dir: Path) -> dict[str, Any]:
     """Per data domain, on the held-out split: loss of the anchor, of the mixture and of each
-    base alone (per character, so tokenizers compare), and the router's mean weight per source."""
+    base alone (per character, so tokenizers compare), and the router's mean weight per source;
+    with preservation, the held-out general text too (`general/...` domains: off-domain)."""
     mixture = Mixture.from_recipe(recipe, fetch=True, seed=recipe.train.seed)
     load_weights(out_dir / WEIGHTS, mixture.carry_on)
     mixture.carry_on.eval()
-    spec = recipe.train
-    examples = load_examples(spec.data, mixture.tokenizer, spec.seq_len)
-    _, eval_examples = split(examples, spec.eval_fraction, spec.seed)
-    return domain_metrics(mixture, eval_examples, spec.batch_size)
+    splits = load_splits(recipe, mixture.tokenizer)
+    held = splits["eval"] + splits.get("general", [])
+    return domain_metrics(mixture, held, recipe.train.batch_size)
 
 
 def train_mixture(
@@ -161,15 +160,18 @@ def train_mixture(
     check_output_dir(out_dir, recipe, resume)
     ranks.barrier()  # every process has checked the output before the first one writes there
     spec = recipe.train
-    model: Model
+    model: CarryOnModel
     train_source: Source
     eval_source: Source
+    sources: dict[str, Source]
     if from_cache:
         cache = cache or open_cache(recipe)
         model = HeadMixture.from_recipe(recipe, seed=spec.seed).to(ranks.device)
-        train_source, eval_source = cache.source("train"), cache.source("eval")
+        sources = {name: cache.source(name) for name in cache.manifest["shards"]}
     else:
-        model, train_source, eval_source = _live(recipe, console)
+        model, sources = _live(recipe, console)
+    train_source, eval_source = sources["train"], sources["eval"]
+    general = sources.get("general")
     anchor_eval = evaluate(model, eval_source, spec.batch_size, use_carry_on=False, ranks=ranks)
     n_train, n_eval = len(train_source.examples), len(eval_source.examples)
     if ranks.is_main:
@@ -177,6 +179,11 @@ def train_mixture(
             f"{n_train} train / {n_eval} eval examples; anchor eval loss {anchor_eval:.4f}"
             + (f"; {ranks.world} processes" if ranks.world > 1 else "")
         )
+        if spec.preserve is None:
+            console.print(
+                "[yellow]preservation off[/] (train.preserve: none): nothing keeps the mixture "
+                "close to the anchor off its training data, and no off-domain loss is reported"
+            )
         out_dir.mkdir(parents=True, exist_ok=True)
         write_text(out_dir / RECIPE_FILE, recipe.to_yaml())
     result = train(
@@ -189,8 +196,12 @@ def train_mixture(
         resume=resume,
         console=console,
         ranks=ranks,
+        preserve_source=sources.get("preserve"),
     )
     metrics = _metrics(recipe, model, result, anchor_eval, n_train, n_eval)
+    metrics["off_domain"] = None
+    if general is not None:
+        metrics["off_domain"] = off_domain(model, general, spec.batch_size, ranks)
     metrics["features"] = "cache" if from_cache else "live"
     metrics["processes"] = ranks.world
     if ranks.is_main:
@@ -202,14 +213,58 @@ def train_mixture(
     return BuildResult(out_dir=out_dir, metrics=metrics)
 
 
-def _live(recipe: Recipe, console: Console) -> tuple[Mixture, FeatureSource, FeatureSource]:
+def off_domain(
+    model: CarryOnModel, general: Source, batch_size: int, ranks: Ranks | None = None
+) -> dict[str, float]:
+    """Held-out loss on general text (per target token), anchor alone and mixture: the harm
+    a build does outside what it trained on."""
+    anchor = evaluate(model, general, batch_size, use_carry_on=False, ranks=ranks)
+    mixture = evaluate(model, general, batch_size, ranks=ranks)
+    return {"anchor": anchor, "mixture": mixture, "change": mixture / anchor - 1}
+
+
+HARM_TOLERANCE = 0.02  # off-domain loss may rise this much before a build warns
+
+
+def harm_warning(metrics: dict[str, Any]) -> str | None:
+    """One line when the mixture's off-domain loss exceeds the anchor's by more than 2%."""
+    off = metrics.get("off_domain")
+    if not off or off["change"] <= HARM_TOLERANCE:
+        return None
+    return (
+        f"warning: off-domain loss rose {off['change']:+.1%} over the anchor's "
+        f"({off['anchor']:.4f} → {off['mixture']:.4f}): the mixture harms what it was not "
+        "trained on; raise train.preserve.weight or add general text to the data"
+    )
+
+
+def summary(metrics: dict[str, Any]) -> str:
+    """The build's last line: held-out loss per trained domain and off-domain, anchor vs
+    mixture."""
+    parts = [
+        f"eval loss {metrics['eval_loss_mixture']:.4f} (anchor {metrics['eval_loss_anchor']:.4f})"
+    ]
+    for domain, d in (metrics.get("domains") or {}).items():
+        if not domain.startswith("general/"):
+            loss = d["nats_per_char"]
+            parts.append(f"{domain} {loss['mixture']:.4f} (anchor {loss['anchor']:.4f}) nats/char")
+    off = metrics.get("off_domain")
+    if off:
+        parts.append(
+            f"off-domain {off['mixture']:.4f} (anchor {off['anchor']:.4f}, {off['change']:+.1%})"
+        )
+    else:
+        parts.append("off-domain not measured (preservation off)")
+    return "; ".join(parts) + f"; {metrics['trainable_params']:,} trainable params"
+
+
+def _live(recipe: Recipe, console: Console) -> tuple[Mixture, dict[str, Source]]:
     """The bases loaded; training batches computed per step, eval features once, in memory."""
     spec = recipe.train
     with console.status("loading bases"):
         mixture = Mixture.from_recipe(recipe, fetch=True, seed=spec.seed)
     with console.status("reading data"):
-        examples = load_examples(spec.data, mixture.tokenizer, spec.seq_len)
-        train_examples, eval_examples = split(examples, spec.eval_fraction, spec.seed)
+        splits = load_splits(recipe, mixture.tokenizer)
     with Progress(
         TextColumn("[bold]bases"),
         BarColumn(),
@@ -218,18 +273,21 @@ def _live(recipe: Recipe, console: Console) -> tuple[Mixture, FeatureSource, Fea
         TimeRemainingColumn(),
         console=console,
     ) as progress:
-        task = progress.add_task("bases", total=len(eval_examples))
+        held = [name for name in ("eval", "general") if name in splits]
+        task = progress.add_task("bases", total=sum(len(splits[name]) for name in held))
 
         def advance(n: int) -> None:
             progress.advance(task, n)
 
-        eval_source = FeatureSource(mixture, eval_examples, True, advance)
-    return mixture, FeatureSource(mixture, train_examples, False), eval_source
+        sources: dict[str, Source] = {
+            name: FeatureSource(mixture, splits[name], name in held, advance) for name in splits
+        }
+    return mixture, sources
 
 
 def _metrics(
     recipe: Recipe,
-    mixture: Model,
+    mixture: CarryOnModel,
     result: TrainResult,
     anchor_eval: float,
     n_train: int,
@@ -247,6 +305,12 @@ def _metrics(
         "eval_loss_anchor": anchor_eval,
         "eval_loss_mixture": result.eval_loss[-1][1] if result.eval_loss else None,
         "eval_loss_curve": result.eval_loss,
+        "preserve": (
+            recipe.train.preserve.model_dump(mode="json", exclude={"data"})
+            if recipe.train.preserve is not None
+            else None
+        ),
+        "preserve_kl_last": result.preserve_kl[-1][1] if result.preserve_kl else None,
         "trainable_params": trainable,
         "peak_rss_bytes": peak_rss_bytes(),
         "train_seconds": round(result.seconds, 1),
@@ -295,6 +359,18 @@ def _domain_table(domains: dict[str, Any] | None) -> str:
     return f"\nPer domain, held out (loss per character of the target text):\n\n{table}\n"
 
 
+def _off_domain_rows(metrics: dict[str, Any]) -> str:
+    off = metrics.get("off_domain")
+    if not off:
+        return "\nPreservation was off (`train.preserve: none`): off-domain harm is not measured.\n"
+    warning = harm_warning(metrics)
+    return (
+        f"| off-domain general text, anchor alone | {off['anchor']:.4f} |\n"
+        f"| off-domain general text, mixture | {off['mixture']:.4f} ({off['change']:+.1%}) |\n"
+        + (f"\n**{warning}**\n" if warning else "")
+    )
+
+
 def model_card(recipe: Recipe, metrics: dict[str, Any]) -> str:
     bases = "\n".join(
         f"- `{name}`: {spec.card or spec.path} ({spec.dtype}, quantization {spec.quantization})"
@@ -320,6 +396,7 @@ Taps: {", ".join(recipe.taps)}. Carry-on: {len(recipe.carry_on.blocks)} blocks o
 |---|---|
 | anchor alone | {anchor:.4f} |
 | mixture | {mixture:.4f} |
+{_off_domain_rows(metrics)}
 {_domain_table(metrics.get("domains"))}
 ## Use
     compose generate <this folder> --prompt "..."

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from composer.features.data import IGNORE, Example, collate
+from composer.features.data import IGNORE, Example, collate, pad_id
 from composer.model.mixture import Mixture
 
 
@@ -25,7 +25,7 @@ def domain_metrics(
     """{domain: {examples, target_chars, loss_per_token, nats_per_char, gate_mean}}."""
     sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     gates: dict[str, torch.Tensor] = {}
-    pad = mixture.tokenizer.pad_token_id or 0
+    pad = pad_id(mixture.tokenizer)
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         batch = collate(chunk, pad)
@@ -101,3 +101,12 @@ def base_target_nll(base: Any, mixture: Mixture, example: Example) -> float:
     assert states.final is not None
     logits = base.logits(states.final[0, [j - 1 for j in wanted]])
     return float(F.cross_entropy(logits, torch.tensor([ids[j] for j in wanted]), reduction="sum"))
+
+
+def gate_separation(domains: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Per source, how far apart the router's mean weight lies across the trained domains
+    (max − min of `gate_mean`): 0 for a fixed mix, larger where the router routes by domain."""
+    trained = [d["gate_mean"] for name, d in domains.items() if not name.startswith("general/")]
+    if len(trained) < 2:
+        return {}
+    return {src: max(g[src] for g in trained) - min(g[src] for g in trained) for src in trained[0]}

@@ -20,10 +20,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from composer.errors import TrainError
 from composer.features.batch import Batch
-from composer.features.data import IGNORE, Example, collate
-from composer.model.head import HeadMixture, head_loss, lm_head
-from composer.model.mixture import Features, Mixture, pad_features
-from composer.recipe import TrainSpec
+from composer.features.data import IGNORE, Example, collate, pad_id
+from composer.model.head import head_kl, head_loss
+from composer.model.mixture import CarryOnModel, Features, Mixture, pad_features
+from composer.recipe import PreserveSpec, TrainSpec
 from composer.training.checkpoint import (
     latest_checkpoint,
     load_training_state,
@@ -31,9 +31,6 @@ from composer.training.checkpoint import (
     save_training_state,
 )
 from composer.training.distributed import Ranks
-
-# What trains: a mixture with its bases, or only its carry-on and head (from cached features).
-Model = Mixture | HeadMixture
 
 
 class Source(Protocol):
@@ -56,7 +53,7 @@ class FeatureSource:
     ) -> None:
         self.mixture = mixture
         self.examples = examples
-        self.pad_id = _pad_id(mixture.tokenizer)
+        self.pad_id = pad_id(mixture.tokenizer)
         self.kept: list[Features] | None = None
         if keep:
             kept: dict[int, Features] = {}
@@ -81,13 +78,6 @@ class FeatureSource:
         return Batch(features, tensors["attention_mask"], tensors["labels"])
 
 
-def _pad_id(tokenizer) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if candidate is not None:
-            return int(candidate)
-    return 0
-
-
 def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -102,7 +92,7 @@ def _slice(features: Features, row: int, n: int) -> Features:
     )
 
 
-def token_loss(mixture: Model, batch: Batch, use_carry_on: bool = True) -> torch.Tensor:
+def token_loss(mixture: CarryOnModel, batch: Batch, use_carry_on: bool = True) -> torch.Tensor:
     """Summed next-token cross-entropy over target positions; the head sees only those rows,
     a chunk at a time (composer.model.head.head_loss)."""
     if use_carry_on:
@@ -113,12 +103,32 @@ def token_loss(mixture: Model, batch: Batch, use_carry_on: bool = True) -> torch
     selected = targets != IGNORE
     rows = hidden[:, :-1][selected]  # (N, D)
     wanted = targets[selected]  # (N,)
-    return head_loss(lm_head(mixture), rows, wanted)
+    return head_loss(mixture.head, rows, wanted)
+
+
+def preserve_positions(batch: Batch, per_example: int, seed: int, step: int) -> torch.Tensor:
+    """(B, T) bool: up to `per_example` real tokens of each example, a seeded function of
+    (seed, step) — where the preservation KL is taken."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + step + 7)
+    mask = batch.attention_mask.bool()
+    chosen = torch.zeros_like(mask)
+    for row in range(mask.shape[0]):
+        real = mask[row].nonzero().squeeze(-1).cpu()
+        pick = real[torch.randperm(len(real), generator=generator)[:per_example]]
+        chosen[row, pick] = True
+    return chosen
+
+
+def preserve_loss(mixture: CarryOnModel, batch: Batch, chosen: torch.Tensor) -> torch.Tensor:
+    """Summed KL(anchor ‖ mixture) of the next-token distributions at the `chosen` positions:
+    zero while the carry-on leaves the anchor's state untouched there."""
+    hidden, _, _ = mixture.hidden(batch.features, batch.attention_mask)
+    return head_kl(mixture.head, hidden[chosen], batch.features.anchor_hidden[chosen])
 
 
 @torch.no_grad()
 def evaluate(
-    mixture: Model,
+    mixture: CarryOnModel,
     source: Source,
     batch_size: int,
     use_carry_on: bool = True,
@@ -160,6 +170,7 @@ class TrainResult:
     tokens: int
     train_loss: list[tuple[int, float]] = field(default_factory=list)
     eval_loss: list[tuple[int, float]] = field(default_factory=list)
+    preserve_kl: list[tuple[int, float]] = field(default_factory=list)  # mean KL per position
     seconds: float = 0.0
 
 
@@ -168,7 +179,7 @@ def peak_rss_bytes() -> int:
 
 
 def train(
-    mixture: Model,
+    mixture: CarryOnModel,
     train_source: Source,
     eval_source: Source,
     spec: TrainSpec,
@@ -178,9 +189,12 @@ def train(
     resume: bool = False,
     console: Console | None = None,
     ranks: Ranks | None = None,
+    preserve_source: Source | None = None,
 ) -> TrainResult:
     """Train the carry-on; checkpoints every `spec.checkpoint_every` steps and at the end.
 
+    With `spec.preserve` (and its `preserve_source` of general text), each step adds
+    `weight` × the mean KL(anchor ‖ mixture) over seeded positions of a general-text batch.
     With `ranks` of several processes, each computes its share of every step's batch and the
     gradients are summed (composer.training.distributed); rank 0 alone writes checkpoints."""
     ranks = ranks or Ranks()
@@ -201,6 +215,7 @@ def train(
         result.tokens = state["tokens"]
         result.train_loss = [tuple(x) for x in state["train_loss"]]
         result.eval_loss = [tuple(x) for x in state["eval_loss"]]
+        result.preserve_kl = [tuple(x) for x in state.get("preserve_kl", [])]
     carry_on.train()
     console = console or Console(stderr=True)
     began = time.perf_counter()
@@ -224,6 +239,10 @@ def train(
                 group["lr"] = lr_at(step, spec, total_steps)
             counts = ranks.sum(torch.tensor([batch.n_targets, int(batch.attention_mask.sum())]))
             loss = token_loss(mixture, batch) / max(int(counts[0]), 1)
+            if spec.preserve is not None and preserve_source is not None:
+                kl = _preserve_step(mixture, preserve_source, spec, spec.preserve, step, ranks)
+                result.preserve_kl.append((step + 1, float(ranks.sum(kl.detach()))))
+                loss = loss + spec.preserve.weight * kl
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             ranks.sum_grads(params)
@@ -246,6 +265,7 @@ def train(
                     "tokens": result.tokens,
                     "train_loss": result.train_loss,
                     "eval_loss": result.eval_loss,
+                    "preserve_kl": result.preserve_kl,
                 }
                 if ranks.is_main:
                     save_training_state(checkpoints, done, carry_on, optimizer, trainer)
@@ -255,3 +275,22 @@ def train(
     result.steps = total_steps
     result.seconds = time.perf_counter() - began
     return result
+
+
+def _preserve_step(
+    model: CarryOnModel,
+    source: Source,
+    spec: TrainSpec,
+    preserve: PreserveSpec,
+    step: int,
+    ranks: Ranks,
+) -> torch.Tensor:
+    """This rank's share of the step's mean KL over general-text positions (seeded, resumable:
+    a function of (seed, step) as the task batch is)."""
+    n = len(source.examples)
+    indices = ranks.share(batch_indices(step, n, preserve.batch_size, spec.seed + 1))
+    batch = source.batch(indices).to(ranks.device)
+    # The mean is over every rank's positions together, as one process would take it.
+    chosen = preserve_positions(batch, preserve.positions, spec.seed, step)
+    count = ranks.sum(torch.tensor([int(chosen.sum())]))
+    return preserve_loss(model, batch, chosen) / max(int(count[0]), 1)
