@@ -104,7 +104,7 @@ def run_carry_on(recipe: Recipe, from_cache: bool, args: argparse.Namespace) -> 
 
     if from_cache:
         from composer.features.cache import open_cache
-        from composer.model.head import HeadMixture
+        from composer.model.mixture import HeadMixture
 
         cache = open_cache(recipe)
         model: Any = HeadMixture.from_recipe(recipe, seed=0)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from composer.errors import TrainError
 from composer.features.cache import write_cache
-from composer.model.head import HeadMixture
+from composer.model.mixture import HeadMixture
 from composer.recipe import load_recipe
 from composer.training.build import train_mixture
 from composer.training.distributed import Ranks
