@@ -332,6 +332,37 @@ def serve(
     _run(lambda: run_server(mixture_dir, host=host, port=port, api_key=key, max_queue=max_queue))
 
 
+@app.command()
+def chat(
+    mixture_dir: MixtureDir,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens per answer at most.")] = 256,
+    show_gates: Annotated[
+        bool, typer.Option(help="Colour each answer by the source the router weighs most.")
+    ] = False,
+    temperature: Temperature = 0.0,
+    top_p: TopP = 1.0,
+    top_k: TopK = 0,
+    repetition_penalty: RepetitionPenalty = 1.0,
+    seed: Seed = None,
+) -> None:
+    """Talk with a mixture in the terminal (multi-turn, streamed; /help lists the commands)."""
+    from composer.artifacts.sampling import Sampling
+    from composer.serving.chat import run_chat
+
+    sampling = Sampling(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    )
+    _run(
+        lambda: run_chat(
+            mixture_dir, sampling=sampling, max_new_tokens=max_new_tokens, show_gates=show_gates
+        )
+    )
+
+
 @bases_app.command("list")
 def bases_list() -> None:
     """The base cards in bases/ and whether each is pulled."""

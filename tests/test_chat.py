@@ -1,0 +1,108 @@
+"""`compose chat`: driven through a pseudo-terminal, as a person would use it."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pexpect
+import pytest
+
+from composer.artifacts.generate import chat_ids, context_length
+from composer.artifacts.load import load_mixture
+from composer.artifacts.sampling import Sampling
+from composer.serving.chat import ChatSession
+
+LONG = "The quick brown fox jumps over the lazy dog. " * 10  # ~150 tiny-tokenizer tokens
+
+
+def _visible(text: str) -> str:
+    """What survives any terminal rendering: the printable characters but spaces."""
+    return "".join(c for c in text if c.isprintable() and not c.isspace())
+
+
+def _expected_answers(
+    mixture, messages: list[str], sampling: Sampling, n: int
+) -> tuple[list[str], list[int]]:
+    """The answers a ChatSession gives to `messages`, one after another, and how many old
+    turns each dropped."""
+    session = ChatSession(mixture, sampling, n)
+    answers, drops = [], []
+    for message in messages:
+        session.history.append({"role": "user", "content": message})
+        ids, dropped = session.fit()
+        answers.append("".join(text for text, _ in session.answer(ids)))
+        drops.append(dropped)
+    return answers, drops
+
+
+@pytest.fixture(scope="module")
+def mixture(tiny_mixture_dir):
+    return load_mixture(tiny_mixture_dir)
+
+
+def test_history_is_cut_from_the_oldest_turns(mixture):
+    session = ChatSession(mixture, Sampling(), max_new_tokens=40)
+    for turn in range(3):
+        session.history += [
+            {"role": "user", "content": f"{turn} {LONG}"},
+            {"role": "assistant", "content": f"answer {turn}"},
+        ]
+    session.history.append({"role": "user", "content": "and now?"})
+    whole = list(session.history)
+    ids, dropped = session.fit()
+    assert dropped >= 1
+    assert session.history == whole[2 * dropped :]  # the oldest turns went first
+    assert ids == chat_ids(mixture, session.history)
+    assert len(ids) + 40 <= context_length(mixture)
+    one_more = chat_ids(mixture, whole[2 * dropped - 2 :])
+    assert len(one_more) + 40 > context_length(mixture)  # no more was dropped than needed
+    session.history = [{"role": "user", "content": LONG * 4}]
+    with pytest.raises(ValueError, match="does not fit the context"):
+        session.fit()
+    assert session.history == []
+
+
+def test_chat_in_a_terminal(tiny_mixture_dir, mixture):
+    sampling = Sampling(temperature=0.9, seed=11)
+    messages = ["How many days does he work?", LONG, LONG, LONG, "So?"]
+    answers, drops = _expected_answers(mixture, messages, sampling, 10)
+    assert any(drops)
+    env = {**os.environ, "TERM": "dumb", "NO_COLOR": "1", "PYTHONWARNINGS": "ignore"}
+    command = ["-m", "composer", "chat", str(tiny_mixture_dir), "--max-new-tokens", "10"]
+    command += ["--temperature", "0.9", "--seed", "11"]
+    child = pexpect.spawn(sys.executable, command, env=env, encoding="utf-8", timeout=60)
+    try:
+        child.expect("you> ")
+        assert "/help" in child.before
+        screens = []
+        for message in messages:
+            child.sendline(message)
+            child.expect("you> ")
+            screens.append(child.before)
+        for message, answer, screen in zip(messages, answers, screens, strict=True):
+            assert _visible(answer) in _visible(screen.split("mixture>", 1)[1]), (message, screen)
+        for dropped, screen in zip(drops, screens, strict=True):
+            told = f"dropped the {dropped} oldest turn(s) to fit the 512-token context"
+            assert (told in screen) == (dropped > 0), screen
+
+        child.sendline("/set top_p 7")
+        child.expect("you> ")
+        assert "top_p: Input should be less than or equal to 1" in child.before
+        child.sendline("/set temperature 0")
+        child.expect("you> ")
+        child.sendline("/reset")
+        child.expect("you> ")
+        assert "history cleared" in child.before
+        child.sendline("/gates")
+        child.expect("you> ")
+        assert "source colouring on" in child.before and "■ a@1" in child.before
+        child.sendline(messages[0])
+        child.expect("you> ")
+        greedy = _expected_answers(mixture, messages[:1], Sampling(), 10)[0][0]
+        assert _visible(greedy) in _visible(child.before.split("mixture>", 1)[1])
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
