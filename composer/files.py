@@ -84,12 +84,6 @@ def staged_output(out: Path, fill: Callable[[Path], None]) -> None:
         raise
 
 
-_BLOCK = 1 << 20
-
-
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        while block := handle.read(_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()

@@ -50,6 +50,38 @@ def test_cache_and_live_give_the_same_training(recipe_path, tmp_path):
     )
 
 
+def test_a_cache_being_written_by_another_process_is_refused(recipe_path):
+    """The cache folder's lock is held across processes: a second writer stops at once."""
+    import subprocess
+    import sys
+
+    from composer.bases.frozen import resolve_folder
+    from composer.features.cache import cache_dir, cache_key
+
+    recipe = _recipe(recipe_path)
+    folders = {n: resolve_folder(s, fetch=False) for n, s in recipe.bases.items()}
+    folder = cache_dir(recipe, cache_key(recipe, folders)[0])
+    folder.mkdir(parents=True)
+    script = (
+        "import filelock, sys; lock = filelock.FileLock(sys.argv[1]); lock.acquire(); "
+        "print('held', flush=True); sys.stdin.read()"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", script, str(folder / ".lock")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with pytest.raises(CacheError, match="is being written by another process"):
+            write_cache(recipe)
+    finally:
+        holder.communicate("")
+    assert not (folder / MANIFEST).exists()
+    assert write_cache(recipe).manifest["complete"]  # the lock is free again
+
+
 def test_cache_and_live_agree_with_an_aligned_base(tiny, write_recipe, tmp_path):
     """A base with another tokenizer has positions without a state; the cache keeps that."""
     text = recipe_yaml({"a": tiny["llama"], "o": tiny["other"]}, "a", ["a@1", "o@1"])

@@ -213,18 +213,14 @@ def _concatenate(members: Sequence[tuple[Path, str]], dest: Path, progress: Prog
 
 
 def _verify(path: Path, sha256: str, progress: Progress) -> None:
-    digest = hashlib.sha256()
     task = progress.add_task(
         f"verify {path.name}", total=path.stat().st_size, bytes=True, speed=True
     )
-    with path.open("rb") as fh:
-        while block := fh.read(_BLOCK):
-            digest.update(block)
-            progress.advance(task, len(block))
-    if digest.hexdigest() != sha256:
-        raise BaseSourceError(
-            f"sha256 mismatch for {path.name}: expected {sha256}, got {digest.hexdigest()}"
-        )
+    # rich's reader advances the task as file_digest reads (its readinto; typed as BinaryIO)
+    with progress.wrap_file(path.open("rb"), task_id=task) as fh:
+        actual = hashlib.file_digest(fh, "sha256").hexdigest()  # type: ignore[arg-type]
+    if actual != sha256:
+        raise BaseSourceError(f"sha256 mismatch for {path.name}: expected {sha256}, got {actual}")
 
 
 def _check_digest(dest: Path, expected: str, actual: str) -> None:
