@@ -29,3 +29,14 @@ def serve(mixture_dir: Path, **options: Any) -> None:
     from composer.serving.server import serve as run
 
     run(mixture_dir, **options)
+
+
+def lm_eval_main() -> None:
+    """`compose-lm-eval`: lm-eval's command line with the `compose` model registered."""
+    try:
+        need_extra("eval", "lm_eval")
+    except ServingError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    from composer.serving.harness import main
+
+    main()

@@ -1,0 +1,150 @@
+"""A mixture as an lm-evaluation-harness model: `--model compose --model_args path=DIR`.
+
+Everything is scored and generated in the anchor's tokens (the mixture reads its other bases
+through their own tokenizers itself), so mixtures whose bases tokenize differently work too.
+Generation goes through the one decoder, `composer.artifacts.generate.Generation`.
+
+lm-eval finds models in its registry, which only holds the models its own package imports
+(it reads no plugin entry points), so `compose-lm-eval ARGS` (`python -m
+composer.serving.harness ARGS`) is `lm_eval ARGS` with this one registered:
+
+    compose-lm-eval run --model compose --model_args path=runs/demo --tasks hellaswag
+
+From Python, import this module, then `lm_eval.simple_evaluate(model="compose", ...)`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm import tqdm
+
+from composer.artifacts.generate import Generation, context_length
+from composer.artifacts.sampling import Sampling
+
+
+@register_model("compose")
+class ComposeLM(LM):
+    """lm-eval's three request types on a mixture directory (`path`), one request at a time."""
+
+    def __init__(self, path: str, max_length: int | None = None, **_: Any) -> None:
+        # lm-eval passes batch_size, device and the like: a mixture runs where its build put it
+        super().__init__()
+        from composer.artifacts.load import load_mixture
+
+        self.mixture = load_mixture(path)
+        self.tokenizer = self.mixture.tokenizer
+        self.max_length = int(max_length or context_length(self.mixture) or 2048)
+        eos = self.tokenizer.eos_token_id
+        self.prefix_token_id = self.tokenizer.bos_token_id if eos is None else eos
+
+    # -- scoring ---------------------------------------------------------------------------
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _split(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Context and continuation ids, cut from the whole text's ids so that a token that
+        spans the boundary is not split twice (as lm-eval's HF model does)."""
+        if not context:
+            return [self.prefix_token_id], self._encode(continuation)
+        spaces = len(context) - len(context.rstrip())
+        if spaces:  # "Q: x A:" + " yes": the space belongs with the answer's first token
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        whole = self._encode(context + continuation)
+        n_context = len(self._encode(context))
+        return whole[:n_context], whole[n_context:]
+
+    @torch.no_grad()
+    def _score(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+        """log P(continuation | context) in nats, and whether greedy decoding gives it.
+        Only the last `max_length` tokens are read (a longer continuation keeps its end)."""
+        continuation = continuation[-self.max_length :]
+        ids = (context + continuation)[-(self.max_length + 1) :][:-1]
+        logits = self.mixture(torch.tensor([ids]))[0, -len(continuation) :]  # (N, vocab)
+        logprobs = F.log_softmax(logits.float(), dim=-1)
+        target = torch.tensor(continuation)
+        total = float(logprobs.gather(1, target[:, None]).sum())
+        return total, bool((logprobs.argmax(dim=-1) == target).all())
+
+    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
+        out = []
+        for request in tqdm(requests, disable=disable_tqdm, desc="loglikelihood"):
+            context, continuation = request.args
+            result = self._score(*self._split(context, continuation))
+            self.cache_hook.add_partial("loglikelihood", request.args, result)
+            out.append(result)
+        return out
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
+        out = []
+        for request in tqdm(requests, disable=disable_tqdm, desc="loglikelihood_rolling"):
+            (text,) = request.args
+            windows = get_rolling_token_windows(
+                self._encode(text), self.prefix_token_id, self.max_length, context_len=1
+            )
+            total = sum(self._score(*make_disjoint_window(w))[0] for w in windows)
+            self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
+            out.append(total)
+        return out
+
+    # -- generation ------------------------------------------------------------------------
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        out = []
+        for request in tqdm(requests, disable=disable_tqdm, desc="generate_until"):
+            context, kwargs = request.args
+            kwargs = dict(kwargs)
+            until = kwargs.pop("until", None) or [self.tokenizer.decode([self.prefix_token_id])]
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(kwargs.pop("max_gen_toks", 256))
+            sampling = sampling_from(kwargs)
+            ids = self._encode(context)[-max(1, self.max_length - max_new) :]
+            text = Generation(self.mixture, ids, max_new, sampling=sampling, stop=until).run().text
+            self.cache_hook.add_partial("generate_until", request.args, text)
+            out.append(text)
+        return out
+
+    # -- chat templates (lm-eval's --apply_chat_template) ------------------------------------
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(self.tokenizer.name_or_path).replace("/", "__")
+
+    def apply_chat_template(
+        self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
+        return str(
+            self.tokenizer.apply_chat_template(
+                chat_history, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        )
+
+
+def sampling_from(kwargs: dict[str, Any]) -> Sampling:
+    """lm-eval's generation kwargs (HF `generate` names) as our sampling settings."""
+    if not kwargs.get("do_sample", False) or not kwargs.get("temperature", 1.0):
+        return Sampling(repetition_penalty=kwargs.get("repetition_penalty", 1.0))
+    return Sampling(
+        temperature=kwargs.get("temperature", 1.0),
+        top_p=kwargs.get("top_p", 1.0),
+        top_k=kwargs.get("top_k", 0) or 0,
+        repetition_penalty=kwargs.get("repetition_penalty", 1.0),
+        seed=kwargs.get("seed", 0),
+    )
+
+
+def main() -> None:
+    """lm-eval's command line, with the `compose` model registered."""
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()
