@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import recipe_yaml
 from typer.testing import CliRunner
 
 from cli import app
@@ -170,3 +171,40 @@ def test_exporting_a_local_base_without_its_weights_is_refused(tiny_mixture_dir,
     assert result.exit_code == 1
     assert "is a local folder" in _one_line(result.output) and "--include-bases" in result.output
     assert not any(p.name != "features" for p in tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("name", ["/tmp/x", "../../../x", ".hidden", "-x", "a b", "a\n"])
+def test_a_base_name_is_not_a_path(tiny, tmp_path, name):
+    recipe = yaml.safe_load(recipe_yaml({"a": tiny["llama"]}, "a", ["a@1"]))
+    recipe["bases"][name] = {"path": str(tiny["qwen2"])}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 1
+    assert "bases: base name" in _one_line(result.output) and "it names folders" in result.output
+
+
+def test_a_domain_name_is_not_a_path(tiny, tmp_path):
+    recipe = yaml.safe_load(recipe_yaml({"a": tiny["llama"]}, "a", ["a@1"]))
+    part = {"domain": "../x", "data": {"kind": "gsm_symbolic", "size": 8}}
+    recipe["train"]["data"] = {"kind": "mix", "parts": [part]}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 1
+    assert "train.data.mix.parts.0.domain" in _one_line(result.output)
+
+
+def test_export_of_a_mixture_naming_a_base_outside_writes_nothing(tiny_mixture_dir, tmp_path):
+    """The mixture's own recipe.yaml names a base `../../escaped`: refused as it is read."""
+    mixture = tmp_path / "work" / "mixture"
+    shutil.copytree(tiny_mixture_dir, mixture)
+    recipe = yaml.safe_load((mixture / "recipe.yaml").read_text())
+    recipe["bases"]["../../escaped"] = recipe["bases"]["b"]
+    (mixture / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "work" / "out"
+    result = CliRunner().invoke(app, ["export", str(mixture), str(out), "--include-bases"])
+    assert result.exit_code == 1
+    assert "base name '../../escaped'" in _one_line(result.output)
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["mixture"]
+    assert not (tmp_path / "escaped").exists()
