@@ -24,7 +24,8 @@ from pydantic import (
 
 from composer.errors import RecipeError
 
-_FROZEN = ConfigDict(extra="forbid", frozen=True)
+# No inf or NaN in any float field: `lr: .inf` would train to NaN weights with exit 0.
+_FROZEN = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 _TAP = re.compile(r"^([A-Za-z0-9_-]+)@(\d+)$")
 # A base's or a domain's name: it names folders (an export's `bases/<name>`), so no path in it.
 NAME = r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$"
