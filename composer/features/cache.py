@@ -35,7 +35,6 @@ from typing import Any
 import torch
 from filelock import FileLock, Timeout
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import save_file
 
 from composer.bases.frozen import load_tokenizer, resolve_folder, tokenizer_fingerprint
@@ -48,6 +47,7 @@ from composer.features.shards import CachedSource, Encoded, encode, pack
 from composer.files import atomic_write, sha256_file, write_json
 from composer.model.factory import check_compatible
 from composer.model.mixture import Mixture
+from composer.progress import counted
 from composer.recipe import CacheSpec, DataSpec, Recipe
 
 FORMAT = 1
@@ -343,14 +343,7 @@ Engine = Callable[[CacheRun, Console], float]
 @contextmanager
 def cache_progress(console: Console, total: int) -> Iterator[Callable[[int, int], None]]:
     """A progress bar of examples done out of `total`; yields advance(examples, tokens)."""
-    with Progress(
-        TextColumn("[bold]cache"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("examples  {task.fields[speed]} tok/s"),
-        TimeRemainingColumn(),
-        console=console,
-    ) as progress:
+    with counted("cache", "examples  {task.fields[speed]} tok/s", console=console) as progress:
         task = progress.add_task("cache", total=total, speed="-")
         done, began = 0, time.perf_counter()
 

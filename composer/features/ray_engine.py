@@ -33,7 +33,7 @@ from typing import Any
 
 from rich.console import Console
 
-from composer.errors import CacheError
+from composer.errors import CacheError, first_line
 from composer.features.cache import (
     CacheRun,
     FeatureCache,
@@ -171,7 +171,7 @@ def _connect(ray: Any, address: str | None, settings: RaySpec) -> bool:
         try:
             ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise CacheError(f"cannot connect to Ray at {address}: {_first_line(exc)}") from exc
+            raise CacheError(f"cannot connect to Ray at {address}: {first_line(exc)}") from exc
         return False
     cores = os.cpu_count() or 1
     _check_fits(settings, "CPU", settings.cpus_per_actor, cores)
@@ -242,9 +242,4 @@ def _worker_error(exc: BaseException) -> str:
         if found and not (found[1] or "").startswith("ray."):
             composer_error = (found[1] or "").startswith("composer.")
             return found[3] if composer_error else f"{found[2]}: {found[3]}"
-    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return first_line(exc, text)

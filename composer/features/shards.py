@@ -23,17 +23,13 @@ from pathlib import Path
 
 import torch
 
+from composer.bases.frozen import DTYPES
 from composer.errors import CacheError
 from composer.features.batch import Batch
 from composer.features.data import Example, collate
 from composer.model.mixture import Features
 
-STORAGE = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "int8": torch.int8,
-}
+STORAGE = {**DTYPES, "int8": torch.int8}
 _FILE_DTYPES = {
     "F32": torch.float32,
     "BF16": torch.bfloat16,

@@ -30,7 +30,6 @@ from composer.errors import BaseSourceError
 
 HEAD_CHUNK_BYTES = 16 * 2**20  # float32 logits (or upcast head rows) of one vocabulary block
 ROW_CHUNK = 4096  # rows per pass over the vocabulary
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass

@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
-from composer.bases.frozen import FrozenBase, load_base, resolve_folder
+from composer.bases.frozen import DTYPES, FrozenBase, load_base, resolve_folder
 from composer.errors import BaseSourceError
 from composer.model.align import BaseStream, aligned_states, anchor_text, anchor_texts, stream_step
 from composer.model.carry_on import CarryOn, KVCache
 from composer.model.factory import check_compatible, new_carry_on
-from composer.model.head import DTYPES, LMHead
+from composer.model.head import LMHead
 from composer.recipe import Recipe
 
 

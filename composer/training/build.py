@@ -15,13 +15,13 @@ from typing import Any
 
 import psutil
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from composer.errors import OutputError, RecipeError, ResourceError, TrainError
 from composer.features.cache import FeatureCache, open_cache, write_cache
 from composer.features.data import load_splits
 from composer.files import write_json, write_png, write_text
 from composer.model.mixture import CarryOnModel, HeadMixture, Mixture
+from composer.progress import counted
 from composer.recipe import Recipe, comparable, read_comparable
 from composer.training.checkpoint import RECIPE_FILE, WEIGHTS, load_weights, save_weights
 from composer.training.distributed import Ranks
@@ -265,14 +265,7 @@ def _live(recipe: Recipe, console: Console) -> tuple[Mixture, dict[str, Source]]
         mixture = Mixture.from_recipe(recipe, fetch=True, seed=spec.seed)
     with console.status("reading data"):
         splits = load_splits(recipe, mixture.tokenizer)
-    with Progress(
-        TextColumn("[bold]bases"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("eval examples"),
-        TimeRemainingColumn(),
-        console=console,
-    ) as progress:
+    with counted("bases", "eval examples", console=console) as progress:
         held = [name for name in ("eval", "general") if name in splits]
         task = progress.add_task("bases", total=sum(len(splits[name]) for name in held))
 

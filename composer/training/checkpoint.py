@@ -11,7 +11,6 @@ import json
 import os
 import pickle
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from composer.errors import CheckpointError
-from composer.files import atomic_write, fsync_dir, write_json
+from composer.files import atomic_write, fsync_dir, staging_dir, write_json
 
 if TYPE_CHECKING:
     pass
@@ -58,13 +57,6 @@ def load_weights(path: Path, module: nn.Module) -> None:
                 f"{path}: {key} has shape {tuple(value.shape)}, "
                 f"the carry-on expects {tuple(expected[key].shape)}"
             )
-        # load_state_dict would cast another dtype silently, and NaN weights generate nothing.
-        if value.dtype != expected[key].dtype:
-            raise CheckpointError(
-                f"{path}: {key} is {value.dtype}, the carry-on expects {expected[key].dtype}"
-            )
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise CheckpointError(f"{path}: {key} holds NaN or infinite values")
     module.load_state_dict(state, strict=True)
 
 
@@ -73,8 +65,7 @@ def save_training_state(
 ) -> Path:
     """Write `folder/step-NNNNNN/` atomically (built under a temp name, then renamed)."""
     final = folder / f"step-{step:06d}"
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=folder))
+    tmp = staging_dir(final)
     try:
         save_weights(tmp / WEIGHTS, module)
         atomic_write(tmp / "optimizer.pt", lambda p: torch.save(optimizer.state_dict(), p))

@@ -16,13 +16,13 @@ from typing import Protocol
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from composer.errors import TrainError
 from composer.features.batch import Batch
 from composer.features.data import IGNORE, Example, collate, pad_id
 from composer.model.head import head_kl, head_loss
 from composer.model.mixture import CarryOnModel, Features, Mixture, pad_features
+from composer.progress import counted
 from composer.recipe import PreserveSpec, TrainSpec
 from composer.training.checkpoint import (
     latest_checkpoint,
@@ -220,16 +220,8 @@ def train(
     console = console or Console(stderr=True)
     began = time.perf_counter()
     n = len(train_source.examples)
-    with Progress(
-        TextColumn("[bold]train"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}  {task.fields[speed]} tok/s"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-        disable=not ranks.is_main,
-    ) as progress:
+    detail = "loss {task.fields[loss]}  {task.fields[speed]} tok/s"
+    with counted("train", detail, console=console, disable=not ranks.is_main) as progress:
         task = progress.add_task("train", total=total_steps, completed=start, loss="-", speed="-")
         for step in range(start, total_steps):
             t0 = time.perf_counter()
@@ -243,14 +235,12 @@ def train(
                 kl = _preserve_step(mixture, preserve_source, spec, spec.preserve, step, ranks)
                 result.preserve_kl.append((step + 1, float(ranks.sum(kl.detach()))))
                 loss = loss + spec.preserve.weight * kl
-            value = float(ranks.sum(loss.detach()))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             ranks.sum_grads(params)
-            norm = torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
-            if not (math.isfinite(value) and math.isfinite(float(norm))):
-                raise TrainError(_diverged(step + 1, value, checkpoints))
+            torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
             optimizer.step()
+            value = float(ranks.sum(loss.detach()))
             tokens = int(counts[1])
             result.tokens += tokens
             result.train_loss.append((step + 1, value))
@@ -277,14 +267,6 @@ def train(
     result.steps = total_steps
     result.seconds = time.perf_counter() - began
     return result
-
-
-def _diverged(step: int, loss: float, checkpoints: Path) -> str:
-    """The one line of a run stopped by a non-finite loss or gradient: no step was taken."""
-    what = f"the loss is {loss}" if not math.isfinite(loss) else "a gradient is not finite"
-    last = latest_checkpoint(checkpoints)
-    kept = f"the last good checkpoint, {last}, is kept" if last else "no checkpoint was written"
-    return f"training stopped at step {step}: {what}; {kept} (try a lower train.lr)"
 
 
 def _preserve_step(
