@@ -265,6 +265,13 @@ RepetitionPenalty = Annotated[
 ]
 Seed = Annotated[int | None, typer.Option(min=0, help="The same seed gives the same text.")]
 MixtureDir = Annotated[Path, typer.Argument(help="A directory written by `compose build`.")]
+TrustRemoteCode = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code",
+        help="Let a base whose recipe sets trust_remote_code run the Python shipped with it.",
+    ),
+]
 
 
 @app.command()
@@ -286,6 +293,7 @@ def generate(
     stop: Annotated[
         list[str] | None, typer.Option(help="End the answer before this text (repeatable).")
     ] = None,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Generate from a built mixture (greedy unless --temperature), streamed as it comes."""
     from composer.artifacts.load import load_mixture
@@ -299,7 +307,7 @@ def generate(
         repetition_penalty=repetition_penalty,
         seed=seed,
     )
-    mixture = _run(lambda: load_mixture(mixture_dir))
+    mixture = _run(lambda: load_mixture(mixture_dir, trust_remote_code=trust_remote_code))
     if show_gates:
         err.print(legend(mixture.carry_on.sources))
     pieces = stream_answer(
@@ -401,6 +409,7 @@ def export(
     verify: Annotated[
         bool, typer.Option(help="Load the export back and require identical logits.")
     ] = True,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Write a self-contained, checked mixture checkpoint with a model card."""
     from composer.artifacts.export import export as run_export
@@ -412,6 +421,7 @@ def export(
             include_bases=include_bases,
             shard_bytes=shard_mb * 2**20,
             verify=verify,
+            trust_remote_code=trust_remote_code,
             console=err,
         )
     )

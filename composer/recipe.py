@@ -24,8 +24,11 @@ from pydantic import (
 
 from composer.errors import RecipeError
 
-_FROZEN = ConfigDict(extra="forbid", frozen=True)
+# No inf or NaN in any float field: `lr: .inf` would train to NaN weights with exit 0.
+_FROZEN = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 _TAP = re.compile(r"^([A-Za-z0-9_-]+)@(\d+)$")
+# A base's or a domain's name: it names folders (an export's `bases/<name>`), so no path in it.
+NAME = r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$"
 
 
 class TapRef(BaseModel):
@@ -196,7 +199,7 @@ SourceSpec = Annotated[
 
 class MixPart(BaseModel):
     model_config = _FROZEN
-    domain: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="Label in per-domain metrics.")
+    domain: str = Field(pattern=NAME, description="Label in per-domain metrics.")
     data: SourceSpec
 
 
@@ -353,6 +356,17 @@ class Recipe(BaseModel):
     carry_on: CarryOnSpec
     train: TrainSpec
     output: str = Field(default="runs/{name}", description="Build directory.")
+
+    @field_validator("bases")
+    @classmethod
+    def _base_names(cls, bases: dict[str, BaseSpec]) -> dict[str, BaseSpec]:
+        for name in bases:
+            if not re.fullmatch(NAME, name):
+                raise ValueError(
+                    f"base name {name!r}: use letters, digits, _ and - (at most 64), not "
+                    "starting with -: it names folders"
+                )
+        return bases
 
     @model_validator(mode="after")
     def _cross_fields(self) -> Recipe:

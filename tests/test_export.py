@@ -41,15 +41,14 @@ def _built(tmp_path: Path, tiny, overrides: tuple[str, ...] = (), second: str = 
     return out
 
 
-def test_export_without_bases_gives_identical_logits(tiny, tmp_path):
+def test_export_gives_identical_logits_and_a_model_card(tiny, tmp_path):
     mix = _built(tmp_path, tiny)
     out = tmp_path / "export"
-    result = export(mix, out)
+    result = export(mix, out, include_bases=True)
     assert result.out_dir == out and result.files >= 4
     for name in ("recipe.yaml", "carry_on.safetensors", "README.md", "metrics.json"):
         assert (out / name).is_file()
     assert (out / "tokenizers" / "a" / "tokenizer.json").is_file()
-    assert not (out / "bases").exists()
     assert torch.equal(_logits(out), _logits(mix))
     card = (out / "README.md").read_text()
     manifest = json.loads((out / "export.json").read_text())
@@ -114,7 +113,7 @@ def test_damaged_export_is_refused(tiny, tmp_path, damage):
 def test_export_refuses_a_non_empty_output(tiny, tmp_path):
     mix = _built(tmp_path, tiny)
     with pytest.raises(OutputError, match="already exists and is not empty"):
-        export(mix, mix)
+        export(mix, mix, include_bases=True)
 
 
 def test_export_cli(tiny, tmp_path):

@@ -140,3 +140,11 @@ def test_bad_sampling_settings_name_the_field():
         Sampling(top_p=0)
     with pytest.raises(ValueError, match="temperatur"):
         Sampling(temperatur=1.0)
+
+
+def test_repetition_penalty_discourages_repeats(mixture):
+    def distinct(penalty: float) -> int:
+        sampling = Sampling(repetition_penalty=penalty)
+        return len(set(_run(mixture, 40, sampling=sampling, stop_at_eos=False).ids))
+
+    assert distinct(1.0) < distinct(10.0) == 40  # a strong penalty never repeats here

@@ -153,6 +153,9 @@ def test_completions_models_sampling_and_stop(server, client):
         (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}', "max_tokens"),
         (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 600}', "max_tokens"),
         (b'{"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}', "stream"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "stop": ["a", 1]}', "stop"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "n": 2}', "n"),
+        (b'{"messages": []}', "messages"),
     ],
 )
 def test_bad_requests_get_400_naming_the_field(server, body, param):
@@ -162,6 +165,16 @@ def test_bad_requests_get_400_naming_the_field(server, body, param):
     assert reply["error"]["param"] == param
     if param:
         assert reply["error"]["message"].startswith(param)
+
+
+def test_content_parts_and_an_empty_prompt(server):
+    parts = [{"type": "text", "text": "How many days "}, {"type": "text", "text": "does he work?"}]
+    body = {"messages": [{"role": "user", "content": parts}], "max_tokens": 5, "temperature": 0}
+    status, reply = _post(server, "/v1/chat/completions", json.dumps(body).encode())
+    assert status == 200, reply
+    assert reply["choices"][0]["message"]["content"] == generate(server.mixture, QUESTION, 5)
+    status, reply = _post(server, "/v1/completions", b'{"prompt": "", "max_tokens": 2}')
+    assert status == 400 and reply["error"]["param"] == "prompt"
 
 
 def test_bad_requests_through_the_client(client):
@@ -267,3 +280,29 @@ def test_compose_serve_listens_on_localhost_only(tiny_mixture_dir):
     finally:
         process.terminate()
         process.wait(timeout=20)
+
+
+def test_a_client_that_gives_up_on_a_whole_answer_frees_the_model(server):
+    import socket
+
+    before = _health(server)
+    body = json.dumps(
+        {"messages": _messages(), "max_tokens": 480, "ignore_eos": True, "temperature": 0}
+    ).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as raw:
+        raw.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        deadline = time.monotonic() + 10
+        while not _health(server)["pending"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    deadline = time.monotonic() + 20
+    while (health := _health(server))["pending"]:
+        assert time.monotonic() < deadline, health
+        time.sleep(0.05)
+    assert health["cancelled"] == before["cancelled"] + 1
+    assert health["served"] == before["served"]

@@ -1,6 +1,7 @@
 """`compose export`: a built mixture as one self-contained, checked folder.
 
-    OUT/recipe.yaml            the resolved recipe (bases by relative path with --include-bases)
+    OUT/recipe.yaml            the resolved recipe (bases by card, or by relative path with
+                               --include-bases: a local folder base needs it)
     OUT/carry_on.safetensors   the carry-on's keys, byte for byte
     OUT/tokenizers/<base>/     each base's tokenizer files
     OUT/bases/<base>/          with --include-bases: config, tokenizer, sharded safetensors
@@ -68,11 +69,18 @@ def export(
     include_bases: bool = False,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     verify: bool = True,
+    trust_remote_code: bool = False,
     console: Console | None = None,
 ) -> ExportResult:
     """Write `out` from the built mixture `mixture_dir`; see the module docstring for the layout."""
     console = console or Console(stderr=True)
-    recipe = read_mixture_recipe(mixture_dir)
+    recipe = read_mixture_recipe(mixture_dir, trust_remote_code=trust_remote_code)
+    local = [name for name, spec in recipe.bases.items() if spec.path is not None]
+    if local and not include_bases:
+        raise CheckpointError(
+            f"base '{local[0]}' is a local folder ({recipe.bases[local[0]].path}): an export "
+            "names its bases by card or carries them; pass --include-bases"
+        )
     check_new_output(out)
     with console.status("resolving bases"):
         folders = {name: resolve_folder(spec, fetch=False) for name, spec in recipe.bases.items()}
@@ -91,7 +99,7 @@ def export(
             lora = recipe.bases[name].lora
             if lora is not None:  # the patch travels with the export
                 _copy_files(Path(lora), staging / "adapters" / name, (LORA_CONFIG, LORA_WEIGHTS))
-        exported = _exported_recipe(recipe, folders, include_bases)
+        exported = _exported_recipe(recipe, include_bases)
         write_text(staging / RECIPE_FILE, exported.to_yaml())
         metrics = _read_metrics(mixture_dir)
         if metrics is not None:
@@ -113,7 +121,7 @@ def export(
         write_json(staging / MANIFEST, manifest)
         if verify:
             with console.status("loading the export back and comparing logits"):
-                check_same_logits(mixture_dir, staging)
+                check_same_logits(mixture_dir, staging, trust_remote_code=trust_remote_code)
 
     staged_output(out, fill)
     return ExportResult(out, len(files), sum(f["bytes"] for f in files.values()))
@@ -210,17 +218,15 @@ def _source(recipe: Recipe, name: str, folder: Path) -> dict[str, Any]:
     return entry
 
 
-def _exported_recipe(recipe: Recipe, folders: dict[str, Path], include_bases: bool) -> Recipe:
-    """Included bases by path inside OUT; local folders by absolute path; cards unchanged;
-    LoRA patches by their copy inside OUT."""
+def _exported_recipe(recipe: Recipe, include_bases: bool) -> Recipe:
+    """Included bases by path inside OUT, else by their cards; LoRA patches by their copy
+    inside OUT."""
     data = recipe.model_dump(mode="json")
     for name, spec in data["bases"].items():
         if spec["lora"] is not None:
             spec["lora"] = f"adapters/{name}"
         if include_bases:
             spec["card"], spec["path"] = None, f"bases/{name}"
-        elif spec["path"] is not None:
-            spec["path"] = str(folders[name].resolve())
     return recipe_from_dict(data, "exported recipe")
 
 
@@ -244,7 +250,7 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def check_same_logits(source: Path, exported: Path) -> None:
+def check_same_logits(source: Path, exported: Path, *, trust_remote_code: bool = False) -> None:
     """Load both folders and require bit-identical logits on a probe text."""
     import torch
 
@@ -252,7 +258,7 @@ def check_same_logits(source: Path, exported: Path) -> None:
 
     logits = []
     for folder in (source, exported):
-        mixture = load_mixture(folder, fetch=False)
+        mixture = load_mixture(folder, fetch=False, trust_remote_code=trust_remote_code)
         ids = torch.tensor([mixture.tokenizer(PROBE, add_special_tokens=False)["input_ids"]])
         with torch.no_grad():
             logits.append(mixture(ids))

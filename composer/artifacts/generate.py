@@ -81,6 +81,7 @@ class Generation:
     def _run(self) -> Iterator[str]:
         mixture, stream = self.mixture, self._stream
         choose = TokenChooser(self.sampling)
+        seen = set(self.prompt_ids)  # what the repetition penalty discourages
         state = mixture.new_state() if self.use_cache else None
         pending = list(self.prompt_ids)
         for _ in range(self.max_new_tokens):
@@ -92,11 +93,12 @@ class Generation:
                 logits = mixture.logits(hidden[:, -1])
             if self.gates is not None:
                 self.gates.append(weights[0, -1])
-            token = choose(logits, self.prompt_ids + stream.ids)
+            token = choose(logits, seen)
             if token == self.eos:
                 self.finish_reason = "eos"
                 break
             pending = [token]
+            seen.add(token)
             if delta := stream.push(token):
                 yield delta
             if stream.stopped:

@@ -8,7 +8,7 @@ is refused) and makes those paths absolute, so the recipe loads from any working
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from composer.errors import CheckpointError
@@ -18,15 +18,35 @@ MANIFEST = "export.json"
 FORMAT = "compose-export"
 
 
-def file_entries(folder: Path) -> dict[str, dict[str, Any]]:
-    """Size and sha256 of every regular file under `folder` (relative POSIX paths, sorted)."""
-    entries = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+def _shipped(folder: Path) -> list[str]:
+    """Every file under `folder` an export ships (relative POSIX paths, sorted): all but the
+    manifest and dot-files; a link or anything but a regular file or folder is refused."""
+    found = []
+    for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder).as_posix()
         if rel == MANIFEST or any(part.startswith(".") for part in Path(rel).parts):
             continue
-        entries[rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-    return entries
+        if path.is_symlink() or not (path.is_file() or path.is_dir()):
+            raise CheckpointError(f"{path}: an export holds only regular files and folders")
+        if path.is_file():
+            found.append(rel)
+    return found
+
+
+def file_entries(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file under `folder` an export ships (see `_shipped`)."""
+    return {
+        rel: {"bytes": (folder / rel).stat().st_size, "sha256": sha256_file(folder / rel)}
+        for rel in _shipped(folder)
+    }
+
+
+def inside(rel: Any) -> bool:
+    """`rel` is a relative POSIX path that stays inside its folder (no `..`, no dot-parts)."""
+    if not isinstance(rel, str) or not rel or "\\" in rel or "\0" in rel:
+        return False
+    path = PurePosixPath(rel)  # `a/./b` has parts (a, b): only `..` and dot-names remain
+    return not path.is_absolute() and not any(p.startswith(".") for p in path.parts)
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
@@ -42,9 +62,30 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     return data
 
 
+def _entries(folder: Path, manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The manifest's file list, checked before any listed file is read: each entry a path
+    inside the export with its size and sha256, and every file the folder ships listed."""
+    where = folder / MANIFEST
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(f"{where}: lists no files; an export lists every file it ships")
+    for rel, entry in files.items():
+        if not inside(rel):
+            raise CheckpointError(f"{where}: lists {rel!r}, not a path inside the export")
+        ok = isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+        if not ok or type(entry.get("bytes")) is not int:
+            raise CheckpointError(f"{where}: the entry of {rel!r} needs `bytes` and `sha256`")
+    unlisted = [rel for rel in _shipped(folder) if rel not in files]
+    if unlisted:
+        more = f" (and {len(unlisted) - 1} more)" if len(unlisted) > 1 else ""
+        raise CheckpointError(f"{folder / unlisted[0]}: not listed in {MANIFEST}{more}")
+    return files
+
+
 def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
-    """Every listed file present with its size and sha256; the first mismatch is the error."""
-    for rel, entry in manifest.get("files", {}).items():
+    """Every file listed and every listed file present with its size and sha256; the first
+    mismatch is the error."""
+    for rel, entry in _entries(folder, manifest).items():
         path = folder / rel
         if not path.is_file():
             raise CheckpointError(f"{path}: missing from the export")
@@ -59,8 +100,8 @@ def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
 
 
 def resolve_export(folder: Path, recipe_data: Any) -> Any:
-    """For an export: verify its files and make its bases' (and patches') relative paths
-    absolute.
+    """For an export: verify its files and make its bases' (and patches') paths, which must
+    lie inside it, absolute.
 
     Any other folder's recipe is returned unchanged: a build's relative paths keep meaning
     "relative to where you run".
@@ -71,9 +112,15 @@ def resolve_export(folder: Path, recipe_data: Any) -> Any:
     verify_files(folder, manifest)
     bases = recipe_data.get("bases")
     if isinstance(bases, dict):
-        for spec in bases.values():
+        for name, spec in bases.items():
             for key in ("path", "lora"):
                 path = spec.get(key) if isinstance(spec, dict) else None
-                if isinstance(path, str) and not Path(path).is_absolute():
-                    spec[key] = str((folder / path).resolve())
+                if path is None:
+                    continue
+                if not inside(path):
+                    raise CheckpointError(
+                        f"{folder / 'recipe.yaml'}: bases.{name}.{key} is {path!r}; an export "
+                        "names its bases by card or by a path inside itself"
+                    )
+                spec[key] = str(folder.resolve() / path)
     return recipe_data

@@ -7,6 +7,8 @@ Draws come from one seeded CPU generator, so a seed gives the same text on any d
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -45,7 +47,7 @@ class TokenChooser:
         else:
             self.generator.manual_seed(sampling.seed)
 
-    def __call__(self, logits: torch.Tensor, seen: list[int]) -> int:
+    def __call__(self, logits: torch.Tensor, seen: Collection[int]) -> int:
         """The next token from last-position logits ((1, vocab) or (vocab,))."""
         s = self.sampling
         scores = logits.reshape(-1).float()

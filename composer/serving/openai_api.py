@@ -9,20 +9,36 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from composer.artifacts.sampling import Sampling
+
+# Every token checks each stop string's tail: keep that work small.
+MAX_STOPS = 16
+MAX_STOP_CHARS = 256
+StopText = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
 class Message(_Strict):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: str | list[TextPart]
+
+    def as_dict(self) -> dict[str, str]:
+        """The message as a chat template reads it (text parts joined)."""
+        content = self.content
+        text = content if isinstance(content, str) else "".join(p.text for p in content)
+        return {"role": self.role, "content": text}
 
 
 class StreamOptions(_Strict):
@@ -37,7 +53,7 @@ class _Request(_Strict):
     top_k: int = Field(default=0, ge=0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     seed: int | None = Field(default=None, ge=0)
-    stop: str | list[str] | None = None
+    stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOPS)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1
@@ -96,8 +112,24 @@ def parse(model: type[_Request], data: Any) -> Any:
         return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
+        param = _param(first["loc"], keep_last=first["type"] == "extra_forbidden")
         raise BadRequest(f"{param}: {first['msg']}", param) from None
+
+
+def _param(loc: tuple[Any, ...], keep_last: bool) -> str | None:
+    """`messages.0.content` from pydantic's error location, without the names it gives the
+    members of a union (`str`, `list[constrained-str]`)."""
+    fields = {
+        name
+        for model in (ChatRequest, CompletionRequest, Message, TextPart, StreamOptions)
+        for name in model.model_fields
+    }
+    kept = [
+        str(part)
+        for i, part in enumerate(loc)
+        if isinstance(part, int) or part in fields or (keep_last and i == len(loc) - 1)
+    ]
+    return ".".join(kept) or None
 
 
 def error_body(

@@ -9,6 +9,7 @@ a missing or wrong key, 404 for an unknown model or path, 503 when the queue is 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -31,6 +32,7 @@ from composer.serving.engine import Engine, Job, QueueFull
 log = logging.getLogger(__name__)
 DEFAULT_MAX_TOKENS = 4096  # the most tokens one request may ask for
 MAX_BODY_BYTES = 8 << 20
+DISCONNECT_POLL_S = 0.5  # how often a request that waits for its whole answer checks its client
 
 
 def create_app(
@@ -77,6 +79,8 @@ def create_app(
                 f"max_tokens: {asked} is more than this server allows ({max_tokens})",
                 "max_tokens",
             )
+        if not ids:
+            raise api.BadRequest(f"{field}: empty (no tokens to continue from)", field)
         room = max_tokens if context is None else min(max_tokens, context - len(ids))
         if room < 1:
             raise api.BadRequest(
@@ -98,38 +102,49 @@ def create_app(
 
     async def chat_completions(request: Request) -> Response:
         req = await body(request, api.ChatRequest)
-        ids = chat_ids(mixture, [m.model_dump() for m in req.messages])
+        ids = chat_ids(mixture, [m.as_dict() for m in req.messages])
         job = job_for(req, ids, "messages")
-        return await respond(job, req, chat=True)
+        return await respond(request, job, req, chat=True)
 
     async def completions(request: Request) -> Response:
         req = await body(request, api.CompletionRequest)
         ids = mixture.tokenizer(req.prompt, add_special_tokens=False)["input_ids"]
         job = job_for(req, ids, "prompt")
-        return await respond(job, req, chat=False)
+        return await respond(request, job, req, chat=False)
 
-    async def respond(job: Job, req: Any, *, chat: bool) -> Response:
+    async def respond(request: Request, job: Job, req: Any, *, chat: bool) -> Response:
         id_ = api.new_id("chatcmpl" if chat else "cmpl")
         if req.stream:
             events = stream(job, id_, chat=chat, include_usage=req.include_usage)
             return StreamingResponse(events, media_type="text/event-stream")
         parts: list[str] = []
         generation = None
+        watcher = asyncio.create_task(cancel_on_disconnect(request, job))
         try:
-            while generation is None:
+            while generation is None and not job.cancelled.is_set():
                 item = await job.out.get()
                 if isinstance(item, Exception):
                     raise item
                 if isinstance(item, Generation):
                     generation = item
-                else:
+                elif item is not None:
                     parts.append(item)
         finally:
-            if generation is None:  # the client went away, or the generation failed
+            watcher.cancel()
+            if generation is None:  # the generation failed
                 job.cancelled.set()
+        if generation is None:  # the client went away: nobody to answer
+            return Response(status_code=499)
         make = api.chat_completion if chat else api.completion
         text = "".join(parts)
         return JSONResponse(make(id_, model_name, text, finish(generation), usage(job, generation)))
+
+    async def cancel_on_disconnect(request: Request, job: Job) -> None:
+        """Stop the job once its client has gone (a whole answer is sent only at the end)."""
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+        job.cancelled.set()
+        job.out.put_nowait(None)  # wake the request up
 
     async def stream(job: Job, id_: str, *, chat: bool, include_usage: bool) -> AsyncIterator[str]:
         done = False

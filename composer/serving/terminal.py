@@ -8,7 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from composer.artifacts.generate import Generation, chat_ids, prompt_ids, with_sources
+from composer.artifacts.generate import Generation, prompt_ids, with_sources
 from composer.artifacts.sampling import Sampling
 
 PALETTE = ["cyan", "magenta", "green", "yellow", "blue", "red", "bright_white", "bright_cyan"]
@@ -46,7 +46,7 @@ def print_stream(
 
 def stream_answer(
     mixture: Any,
-    prompt: str | list[dict[str, str]],
+    prompt: str,
     max_new_tokens: int,
     sampling: Sampling,
     stop: Sequence[str] = (),
@@ -54,12 +54,8 @@ def stream_answer(
     chat: bool = True,
     gates: bool = False,
 ) -> Iterator[tuple[str, str | None]]:
-    """The answer to a prompt (or a conversation) as (text, dominant source or None) pieces."""
-    ids = (
-        chat_ids(mixture, prompt)
-        if isinstance(prompt, list)
-        else prompt_ids(mixture, prompt, chat=chat)
-    )
+    """The answer to a prompt as (text, dominant source or None) pieces, as they come."""
+    ids = prompt_ids(mixture, prompt, chat=chat)
     generation = Generation(mixture, ids, max_new_tokens, sampling=sampling, stop=stop, gates=gates)
     if not gates:
         return ((delta, None) for delta in generation)

@@ -57,6 +57,13 @@ def load_weights(path: Path, module: nn.Module) -> None:
                 f"{path}: {key} has shape {tuple(value.shape)}, "
                 f"the carry-on expects {tuple(expected[key].shape)}"
             )
+        # load_state_dict would cast another dtype silently, and NaN weights generate nothing.
+        if value.dtype != expected[key].dtype:
+            raise CheckpointError(
+                f"{path}: {key} is {value.dtype}, the carry-on expects {expected[key].dtype}"
+            )
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{path}: {key} holds NaN or infinite values")
     module.load_state_dict(state, strict=True)
 
 

@@ -40,7 +40,7 @@ def domain_metrics(
                 logits = mixture.logits(h[row, : n - 1][keep])
                 acc[f"nll_{name}"] += float(F.cross_entropy(logits, targets[keep], reduction="sum"))
             acc["tokens"] += int(keep.sum())
-            acc["chars"] += len(_target_text(mixture.tokenizer, example))
+            acc["chars"] += len(target_text(mixture.tokenizer, example))
             acc["examples"] += 1
             g = weights[row, :n].mean(dim=0)
             gates[example.domain] = gates.get(example.domain, torch.zeros_like(g)) + g
@@ -83,7 +83,7 @@ def _split_text(tokenizer: Any, example: Example) -> tuple[str, str]:
     return decode(example.input_ids[:first]), decode(example.input_ids[first:])
 
 
-def _target_text(tokenizer: Any, example: Example) -> str:
+def target_text(tokenizer: Any, example: Example) -> str:
     return _split_text(tokenizer, example)[1]
 
 

@@ -235,12 +235,14 @@ def train(
                 kl = _preserve_step(mixture, preserve_source, spec, spec.preserve, step, ranks)
                 result.preserve_kl.append((step + 1, float(ranks.sum(kl.detach()))))
                 loss = loss + spec.preserve.weight * kl
+            value = float(ranks.sum(loss.detach()))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             ranks.sum_grads(params)
-            torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
+            if not (math.isfinite(value) and math.isfinite(float(norm))):
+                raise TrainError(_diverged(step + 1, value, checkpoints))
             optimizer.step()
-            value = float(ranks.sum(loss.detach()))
             tokens = int(counts[1])
             result.tokens += tokens
             result.train_loss.append((step + 1, value))
@@ -267,6 +269,14 @@ def train(
     result.steps = total_steps
     result.seconds = time.perf_counter() - began
     return result
+
+
+def _diverged(step: int, loss: float, checkpoints: Path) -> str:
+    """The one line of a run stopped by a non-finite loss or gradient: no step was taken."""
+    what = f"the loss is {loss}" if not math.isfinite(loss) else "a gradient is not finite"
+    last = latest_checkpoint(checkpoints)
+    kept = f"the last good checkpoint, {last}, is kept" if last else "no checkpoint was written"
+    return f"training stopped at step {step}: {what}; {kept} (try a lower train.lr)"
 
 
 def _preserve_step(
