@@ -432,24 +432,22 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUTHY
 
 
-def _hub_cached(source: HubSource) -> Path | None:
+def _snapshot(source: HubSource, **how: Any) -> Path:
+    """The card's pinned revision of a hub repo, in our cache's `hub/` folder."""
     from huggingface_hub import snapshot_download
 
+    where = cache_home() / "hub"
+    return Path(snapshot_download(source.repo, revision=source.revision, cache_dir=where, **how))
+
+
+def _hub_cached(source: HubSource) -> Path | None:
     try:
-        path = snapshot_download(
-            source.repo,
-            revision=source.revision,
-            cache_dir=cache_home() / "hub",
-            local_files_only=True,
-        )
+        return _snapshot(source, local_files_only=True)
     except Exception:  # not cached, in any of the ways huggingface_hub can say so
         return None
-    return Path(path)
 
 
 def _pull_hub(card: Card, source: HubSource, *, force: bool) -> Path:
-    from huggingface_hub import snapshot_download
-
     if not force and (cached := _hub_cached(source)) is not None:
         return cached
     if _hub_offline():
@@ -458,17 +456,11 @@ def _pull_hub(card: Card, source: HubSource, *, force: bool) -> Path:
             f"and {source.repo} is not cached"
         )
     try:
-        path = snapshot_download(
-            source.repo,
-            revision=source.revision,
-            cache_dir=cache_home() / "hub",
-            force_download=force,
-        )
+        return _snapshot(source, force_download=force)
     except Exception as exc:  # network, auth and missing-repo errors all end the same way
         raise BaseSourceError(
             f"base '{card.name}': cannot fetch {source.repo} from the hub: {first_line(exc)}"
         ) from exc
-    return Path(path)
 
 
 # --- display ------------------------------------------------------------------------------------

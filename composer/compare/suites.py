@@ -190,82 +190,55 @@ def mtbench_items(n: int, recipes: Sequence[Recipe]) -> list[Item]:
 
 # --- the registry -------------------------------------------------------------------------------
 
+# The registry is a table: each suite keeps its fields on a few lines, in the same order, which
+# the formatter would spread one to a line (hence `fmt: skip` on each registration).
 SUITES = SuiteRegistry()
 SUITES.register(
     Suite(
         name="loss-chat",
         description="held-out next-token loss on the replies of English dialogs (chatterbot)",
-        kind="loss",
-        metric="loss",
-        higher_is_better=False,
-        size=300,
-        load=chat_items,
-        run=scoring.run_chat_loss,
-        settings={"seq_len": 512},
+        kind="loss", metric="loss", higher_is_better=False, size=300,
+        load=chat_items, run=scoring.run_chat_loss, settings={"seq_len": 512},
     )
-)
+)  # fmt: skip
 SUITES.register(
     Suite(
         name="loss-code",
         description="held-out next-token loss on HumanEval's reference solutions",
-        kind="loss",
-        metric="loss",
-        higher_is_better=False,
-        size=164,
-        load=humaneval_items,
-        run=scoring.run_code_loss,
-        settings={"seq_len": 768},
+        kind="loss", metric="loss", higher_is_better=False, size=164,
+        load=humaneval_items, run=scoring.run_code_loss, settings={"seq_len": 768},
     )
-)
+)  # fmt: skip
 SUITES.register(
     Suite(
         name="loss-math",
         description="held-out next-token loss on worked GSM-style answers (unseen seed)",
-        kind="loss",
-        metric="loss",
-        higher_is_better=False,
-        size=200,
-        load=gsm_items,
-        run=scoring.run_math_loss,
-        settings={"seq_len": 768},
+        kind="loss", metric="loss", higher_is_better=False, size=200,
+        load=gsm_items, run=scoring.run_math_loss, settings={"seq_len": 768},
     )
-)
+)  # fmt: skip
 SUITES.register(
     Suite(
         name="gsm",
         description="GSM-style word problems: exact match of the final number, greedy answers",
-        kind="pass",
-        metric="exact match",
-        higher_is_better=True,
-        size=250,
-        load=gsm_items,
-        run=scoring.run_gsm,
-        settings={"max_new_tokens": 320},
+        kind="pass", metric="exact match", higher_is_better=True, size=250,
+        load=gsm_items, run=scoring.run_gsm, settings={"max_new_tokens": 320},
     )
-)
+)  # fmt: skip
 SUITES.register(
     Suite(
         name="humaneval",
         description="HumanEval pass@1, greedy completions run in a sandboxed subprocess",
-        kind="pass",
-        metric="pass@1",
-        higher_is_better=True,
-        size=164,
-        load=humaneval_items,
-        run=scoring.run_humaneval,
+        kind="pass", metric="pass@1", higher_is_better=True, size=164,
+        load=humaneval_items, run=scoring.run_humaneval,
         settings={"max_new_tokens": 384, "timeout_s": 10.0, "memory_mb": 1024},
     )
-)
+)  # fmt: skip
 SUITES.register(
     Suite(
         name="mtbench",
         description="MT-Bench first turns by category: generations side by side, not scored",
-        kind="generations",
-        metric="",
-        higher_is_better=True,
-        size=80,
-        load=mtbench_items,
-        run=scoring.run_generation,
-        settings={"max_new_tokens": 192},
+        kind="generations", metric="", higher_is_better=True, size=80,
+        load=mtbench_items, run=scoring.run_generation, settings={"max_new_tokens": 192},
     )
-)
+)  # fmt: skip
