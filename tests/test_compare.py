@@ -178,9 +178,13 @@ def mixtures(tiny, tmp_path_factory) -> dict[str, Path]:
 def test_strictly_worse_side_loses(mixtures, tmp_path):
     out = tmp_path / "report"
     result = compare(
-        str(mixtures["good"]), str(mixtures["bad"]), suites=["loss-math", "loss-code"],
-        limit=5, out=out, cache_dir=tmp_path / "cache",
-    )  # fmt: skip
+        str(mixtures["good"]),
+        str(mixtures["bad"]),
+        suites=["loss-math", "loss-code"],
+        limit=5,
+        out=out,
+        cache_dir=tmp_path / "cache",
+    )
     for suite in result.suites:
         assert suite.comparison is not None
         assert suite.comparison.verdict == A_BETTER, suite.suite.name
@@ -219,23 +223,40 @@ def test_base_alone_generation_suites_and_recipe_sides(mixtures, tiny, tmp_path,
         f"name: tiny-llama\nrole: chat\nfamily: llama\nsource: {{kind: folder, path: {tiny['llama']}}}\n"
     )
     monkeypatch.setenv("COMPOSE_BASES_DIR", str(cards))
-    prompts = [Item("p/1", {"category": "writing", "prompt": "Write a line."}),
-               Item("p/2", {"category": "math", "prompt": "What is 6 * 2?"})]  # fmt: skip
+    prompts = [
+        Item("p/1", {"category": "writing", "prompt": "Write a line."}),
+        Item("p/2", {"category": "math", "prompt": "What is 6 * 2?"}),
+    ]
     registry = SuiteRegistry()
     registry.register(dataclasses.replace(SUITES.get("gsm"), settings={"max_new_tokens": 8}))
-    registry.register(dataclasses.replace(
-        SUITES.get("humaneval"), settings={"max_new_tokens": 8, "timeout_s": 5, "memory_mb": 512},
-    ))  # fmt: skip
-    registry.register(Suite(
-        name="prompts", description="side by side", kind="generations", metric="",
-        higher_is_better=True, size=2, load=lambda n, recipes: prompts[:n],
-        run=scoring.run_generation, settings={"max_new_tokens": 6},
-    ))  # fmt: skip
+    registry.register(
+        dataclasses.replace(
+            SUITES.get("humaneval"),
+            settings={"max_new_tokens": 8, "timeout_s": 5, "memory_mb": 512},
+        )
+    )
+    registry.register(
+        Suite(
+            name="prompts",
+            description="side by side",
+            kind="generations",
+            metric="",
+            higher_is_better=True,
+            size=2,
+            load=lambda n, recipes: prompts[:n],
+            run=scoring.run_generation,
+            settings={"max_new_tokens": 6},
+        )
+    )
     out = tmp_path / "report"
     result = compare(
-        "tiny-llama", str(mixtures["good"]), limit=2, out=out, cache_dir=tmp_path / "cache",
+        "tiny-llama",
+        str(mixtures["good"]),
+        limit=2,
+        out=out,
+        cache_dir=tmp_path / "cache",
         registry=registry,
-    )  # fmt: skip
+    )
     assert result.a.kind == "base" and result.b.kind == "mixture"
     gsm, humaneval, side_by_side = result.suites
     assert gsm.comparison.test == "mcnemar" and len(gsm.items) == 2
@@ -256,8 +277,8 @@ def test_base_alone_generation_suites_and_recipe_sides(mixtures, tiny, tmp_path,
 
 def test_compare_cli(mixtures, tmp_path):
     runner = CliRunner()
-    args = ["compare", str(mixtures["good"]), str(mixtures["bad"]), "--suite", "loss-code",
-            "--limit", "3", "--out", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c")]  # fmt: skip
+    args = ["compare", str(mixtures["good"]), str(mixtures["bad"]), "--suite", "loss-code"]
+    args += ["--limit", "3", "--out", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c")]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "A better" in result.stdout and "loss-code" in result.stdout
