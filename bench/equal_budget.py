@@ -1,0 +1,394 @@
+"""Does composing bases pay? Every arm on the same data, tokens, steps and held-out items.
+
+Run by hand (not in CI), with the three bases pulled and the `bench` extra installed:
+
+    compose bases pull qwen2.5-coder-0.5b-instruct qwen2.5-coder-1.5b-instruct smollm2-135m-instruct
+    pip install -e '.[bench]'
+    python bench/equal_budget.py [--per-domain 48] [--steps 60] [--seq-len 192] [--out runs/eb]
+
+The anchor is Qwen2.5-Coder-0.5B (the strongest base whose LoRA training fits 2 CPU cores);
+the mixture adds Qwen2.5-Coder-1.5B (same tokenizer) and SmolLM2-135M (chat, aligned across
+tokenizers). Training data: chatterbot replies (chat), standard-library windows (code) and
+GSM-style worked answers (math), `--per-domain` examples each, a quarter held out per domain.
+Arms, each in a fresh process (its wall time and peak RSS are its own):
+
+    bases             the anchor alone and each base alone (held-out loss, no training)
+    lora              PEFT LoRA on the anchor, rank matched to the mixture's trainable count ±10%
+    carry-on-anchor   a carry-on reading the anchor's own layers only, with preservation
+    mixture-plain     the mixture without preservation (train.preserve: none)
+    mixture           the mixture with preservation (the default)
+
+All train `--steps` steps on the same batches (the same seeded function of the step) with the
+same batch size. The carry-on arms read one feature cache of every tapped state (float32, so
+the cached anchor equals the live one), written once by the `cache` step and timed there.
+Losses are nats per character of the target text on the held-out items of each domain and on
+the held-out general text (off-domain: prose, dialog, code the recipe does not train on).
+Results land in OUT (one JSON per arm, `table.md`, `equal_budget.png`); a rerun skips arms whose
+JSON exists. Nothing is tuned on the held-out items: the settings below were fixed beforehand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+ANCHOR, STRONG = "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"
+CHAT = "smollm2-135m-instruct"
+ARMS = ["cache", "bases", "lora", "carry-on-anchor", "mixture-plain", "mixture"]
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+DOMAINS = ["chat", "code", "math"]
+
+
+def recipe_dict(args: argparse.Namespace, arm: str) -> dict[str, Any]:
+    """The recipe of an arm; every arm shares data, steps, batches and the cache's taps."""
+    mixture_taps = ["code@12", "strong@14", "chat@20"]
+    anchor_taps = ["code@6", "code@12", "code@18"]
+    own = anchor_taps if arm == "carry-on-anchor" else mixture_taps
+    n = args.per_domain
+    data = {
+        "kind": "mix",
+        "parts": [
+            {"domain": "chat", "data": {"kind": "chatterbot", "size": n, "seed": 0}},
+            {"domain": "code", "data": {"kind": "python_stdlib", "size": n, "seed": 0}},
+            {"domain": "math", "data": {"kind": "gsm_symbolic", "size": n, "seed": 0}},
+        ],
+    }
+    general = {
+        "kind": "mix",
+        "parts": [
+            {"domain": "prose", "data": {"kind": "python_docs", "size": n // 2}},
+            {"domain": "dialog", "data": {"kind": "chatterbot", "size": n // 2, "seed": 7}},
+            {"domain": "code", "data": {"kind": "python_stdlib", "part": "tests", "size": n // 2}},
+        ],
+    }
+    return {
+        "name": f"equal-budget-{arm}",
+        "anchor": "code",
+        "bases": {"code": {"card": ANCHOR}, "strong": {"card": STRONG}, "chat": {"card": CHAT}},
+        # The cache taps everything any arm reads; each arm's carry-on reads its own taps.
+        "taps": own if arm not in ("cache",) else sorted(set(mixture_taps + anchor_taps)),
+        "carry_on": {
+            "width": 256,
+            "heads": 4,
+            "blocks": [{"shortcuts": [own[1]]}, {"shortcuts": [own[2]]}],
+        },
+        "train": {
+            "data": data,
+            "eval_fraction": 0.25,
+            "steps": args.steps,
+            "batch_size": 4,
+            "seq_len": args.seq_len,
+            "lr": 1.0e-3,
+            "warmup_steps": max(1, args.steps // 10),
+            "eval_every": args.steps,
+            "checkpoint_every": args.steps,
+            "cache": {
+                "dtype": "float32",
+                "dir": str(Path(args.out).resolve() / "cache"),
+                "shard_examples": 16,
+            },
+            "preserve": None if arm == "mixture-plain" else {"data": general},
+        },
+    }
+
+
+def load(args: argparse.Namespace, arm: str) -> Any:
+    from composer.recipe import recipe_from_dict
+
+    return recipe_from_dict(recipe_dict(args, arm), f"equal-budget:{arm}")
+
+
+def held_out(recipe: Any, tokenizer: Any) -> dict[str, list[Any]]:
+    from composer.features.data import load_splits
+
+    splits = load_splits(recipe, tokenizer)
+    return {"eval": splits["eval"], "general": splits["general"], "train": splits["train"]}
+
+
+def per_char(losses: list[tuple[str, float, int]]) -> dict[str, float]:
+    """(domain, summed nll, target chars) rows -> nats/char per domain, plus `off-domain`."""
+    sums: dict[str, list[float]] = {}
+    for domain, nll, chars in losses:
+        key = "off-domain" if domain.startswith("general/") else domain
+        acc = sums.setdefault(key, [0.0, 0.0])
+        acc[0] += nll
+        acc[1] += chars
+    return {k: v[0] / max(v[1], 1.0) for k, v in sums.items()}
+
+
+# --- arms ------------------------------------------------------------------------------------
+
+
+def arm_cache(args: argparse.Namespace) -> dict[str, Any]:
+    from composer.features.cache import write_cache
+
+    cache = write_cache(load(args, "cache"))
+    return {"tokens": cache.tokens, "examples": cache.examples}
+
+
+def arm_bases(args: argparse.Namespace) -> dict[str, Any]:
+    """Held-out nats/char of the anchor and of each base alone, live, in float32."""
+    from composer.model.mixture import Mixture
+    from composer.training.metrics import domain_metrics
+
+    recipe = load(args, "mixture")
+    mixture = Mixture.from_recipe(recipe)
+    splits = held_out(recipe, mixture.tokenizer)
+    report = domain_metrics(mixture, splits["eval"] + splits["general"], batch_size=4)
+    out: dict[str, dict[str, float]] = {}
+    for domain, d in report.items():
+        key = "off-domain" if domain.startswith("general/") else domain
+        for name, value in d["nats_per_char"].items():
+            if name == "mixture":
+                continue
+            acc = out.setdefault(name, {}).setdefault(key, 0.0)
+            out[name][key] = acc + value * d["target_chars"]
+    chars: dict[str, float] = {}
+    for domain, d in report.items():
+        key = "off-domain" if domain.startswith("general/") else domain
+        chars[key] = chars.get(key, 0) + d["target_chars"]
+    return {"losses": {n: {k: v / chars[k] for k, v in d.items()} for n, d in out.items()}}
+
+
+def arm_carry_on(args: argparse.Namespace, arm: str) -> dict[str, Any]:
+    """A carry-on trained from the shared cache for the common steps; held-out per char."""
+    from composer.features.cache import open_cache
+    from composer.model.mixture import HeadMixture
+    from composer.training.checkpoint import RECIPE_FILE, WEIGHTS, save_weights
+    from composer.training.metrics import target_text
+    from composer.training.train import train
+
+    recipe = load(args, arm)
+    cache = open_cache(load(args, "cache"))
+    model = HeadMixture.from_recipe(recipe, seed=recipe.train.seed)
+    sources = {name: cache.source(name) for name in cache.manifest["shards"]}
+    out = Path(args.out) / arm
+    train(
+        model,
+        sources["train"],
+        sources["eval"],
+        recipe.train,
+        out / "checkpoints",
+        preserve_source=sources.get("preserve") if recipe.train.preserve else None,
+    )
+    save_weights(out / WEIGHTS, model.carry_on)
+    (out / RECIPE_FILE).write_text(recipe.to_yaml())
+    from transformers import AutoTokenizer
+
+    from composer.bases.frozen import resolve_folder
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_folder(recipe.bases["code"], fetch=False))
+    splits = held_out(load(args, "mixture"), tokenizer)
+    rows = []
+    gates: dict[str, list[torch.Tensor]] = {}
+    with torch.no_grad():
+        for split in ("eval", "general"):
+            source = sources[split]
+            assert [e.input_ids for e in source.examples] == [e.input_ids for e in splits[split]]
+            for i, example in enumerate(splits[split]):
+                batch = source.batch([i])
+                hidden, weights, _ = model.hidden(batch.features, batch.attention_mask)
+                targets = batch.labels[0, 1:]
+                keep = targets != -100
+                logits = model.head.logits(hidden[0, :-1][keep])
+                nll = float(F.cross_entropy(logits, targets[keep], reduction="sum"))
+                rows.append((example.domain, nll, len(target_text(tokenizer, example))))
+                gates.setdefault(example.domain, []).append(weights[0].mean(dim=0))
+    sources_names = model.carry_on.sources
+    gate_means = {
+        d: dict(zip(sources_names, torch.stack(v).mean(0).tolist(), strict=True))
+        for d, v in gates.items()
+    }
+    trainable = sum(p.numel() for p in model.carry_on.parameters() if p.requires_grad)
+    return {"losses": per_char(rows), "trainable": trainable, "gates": gate_means}
+
+
+def arm_lora(args: argparse.Namespace, target_params: int) -> dict[str, Any]:
+    """PEFT LoRA on the anchor, on the same batches, rank matched to `target_params`."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from composer.bases.frozen import resolve_folder
+    from composer.features.data import collate, pad_id
+    from composer.training.metrics import target_text
+    from composer.training.train import batch_indices, lr_at
+
+    recipe = load(args, "mixture")
+    spec = recipe.train
+    folder = resolve_folder(recipe.bases["code"], fetch=False)
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    per_rank = sum(
+        m.in_features + m.out_features
+        for name, m in base.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in LORA_TARGETS
+    )
+    rank = max(1, round(target_params / per_rank))
+    model = get_peft_model(
+        base,
+        LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LORA_TARGETS),
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = 2e-4  # PEFT's usual LoRA rate, fixed beforehand; the carry-on's 1e-3 is its recipe's
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=spec.weight_decay)
+    splits = held_out(recipe, tokenizer)
+    train_ex, pad = splits["train"], pad_id(tokenizer)
+    lora_spec = spec.model_copy(update={"lr": lr})
+    model.train()
+    for step in range(spec.steps):
+        idx = batch_indices(step, len(train_ex), spec.batch_size, spec.seed)
+        batch = collate([train_ex[i] for i in idx], pad)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, lora_spec, spec.steps)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        targets = batch["labels"][:, 1:]
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
+        optimizer.step()
+    model.eval()
+    model.save_pretrained(str(Path(args.out) / "lora-adapter"))
+    rows = []
+    with torch.no_grad():
+        for split in ("eval", "general"):
+            for example in splits[split]:
+                ids = torch.tensor([example.input_ids])
+                labels = torch.tensor(example.labels[1:])
+                keep = labels != -100
+                logits = model(input_ids=ids).logits[0, :-1][keep]
+                nll = float(F.cross_entropy(logits.float(), labels[keep], reduction="sum"))
+                rows.append((example.domain, nll, len(target_text(tokenizer, example))))
+    return {"losses": per_char(rows), "trainable": sum(p.numel() for p in params), "rank": rank}
+
+
+# --- driver ----------------------------------------------------------------------------------
+
+
+def child(args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    began = time.perf_counter()
+    if args.arm == "cache":
+        result = arm_cache(args)
+    elif args.arm == "bases":
+        result = arm_bases(args)
+    elif args.arm == "lora":
+        result = arm_lora(args, args.lora_params)
+    else:
+        result = arm_carry_on(args, args.arm)
+    result["seconds"] = round(time.perf_counter() - began, 1)
+    result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    (Path(args.out) / f"arm-{args.arm}.json").write_text(json.dumps(result, indent=2))
+
+
+def run_arm(arm: str, args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
+    path = Path(args.out) / f"arm-{arm}.json"
+    if not path.is_file():
+        cmd = [sys.executable, __file__, "--arm", arm, "--out", args.out]
+        cmd += ["--per-domain", str(args.per_domain), "--steps", str(args.steps)]
+        cmd += ["--seq-len", str(args.seq_len)]
+        for key, value in extra.items():
+            cmd += [f"--{key.replace('_', '-')}", str(value)]
+        print(f"[{time.strftime('%H:%M:%S')}] arm {arm} ...", flush=True)
+        subprocess.run(cmd, check=True)
+    return json.loads(path.read_text())
+
+
+def table(results: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    rows_of: dict[str, dict[str, Any]] = {}
+    base_losses = results["bases"]["losses"]
+    for name, losses in base_losses.items():
+        if name == "code alone":  # the anchor itself: its row is "anchor alone"
+            continue
+        label = "anchor alone (0.5B coder)" if name == "anchor" else name
+        rows_of[label] = {"losses": losses, "seconds": None, "peak_rss_mib": None}
+    rows_of["lora (anchor)"] = results["lora"]
+    rows_of["carry-on, anchor only"] = results["carry-on-anchor"]
+    rows_of["mixture, no preservation"] = results["mixture-plain"]
+    rows_of["mixture, preservation"] = results["mixture"]
+    head = ["arm", *DOMAINS, "off-domain", "trainable", "wall s", "peak MiB"]
+    rows = []
+    for label, r in rows_of.items():
+        rows.append(
+            [
+                label,
+                *(f"{r['losses'].get(d, float('nan')):.4f}" for d in [*DOMAINS, "off-domain"]),
+                f"{r['trainable']:,}" if r.get("trainable") else "-",
+                f"{r['seconds']:.0f}" if r.get("seconds") else "-",
+                f"{r['peak_rss_mib']:.0f}" if r.get("peak_rss_mib") else "-",
+            ]
+        )
+    return head, rows
+
+
+def plot(head: list[str], rows: list[list[str]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = head[1:5]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / len(rows)
+    for i, row in enumerate(rows):
+        values = [float(v) for v in row[1:5]]
+        ax.bar([m + i * width for m in range(len(metrics))], values, width, label=row[0])
+    ax.set_xticks([m + 0.4 - width / 2 for m in range(len(metrics))], metrics)
+    ax.set_ylabel("held-out nats per character (lower is better)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--per-domain", type=int, default=48)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--seq-len", type=int, default=192)
+    parser.add_argument("--out", default="runs/equal-budget")
+    parser.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)
+    parser.add_argument("--lora-params", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    if args.arm:
+        child(args)
+        return
+    (Path(args.out) / "recipe-mixture.yaml").write_text(
+        yaml.safe_dump(recipe_dict(args, "mixture"))
+    )
+    results = {arm: run_arm(arm, args) for arm in ["cache", "bases", "mixture"]}
+    for arm in ["carry-on-anchor", "mixture-plain"]:
+        results[arm] = run_arm(arm, args)
+    results["lora"] = run_arm("lora", args, lora_params=results["mixture"]["trainable"])
+    lora, mix = results["lora"]["trainable"], results["mixture"]["trainable"]
+    head, rows = table(results)
+    lines = ["| " + " | ".join(r) + " |" for r in [head, ["---"] * len(head), *rows]]
+    text = "\n".join(lines)
+    text += (
+        f"\n\nLoRA rank {results['lora']['rank']}: {lora:,} trainable vs the mixture's {mix:,} "
+        f"({lora / mix - 1:+.1%}). Cache: {results['cache']['tokens']:,} tokens in "
+        f"{results['cache']['seconds']:.0f} s (shared by the carry-on arms).\n"
+    )
+    gates = results["mixture"]["gates"]
+    text += "\nMixture's mean router weight per source, by held-out domain:\n\n"
+    sources = list(next(iter(gates.values())))
+    text += "| domain | " + " | ".join(sources) + " |\n|---|" + "---|" * len(sources) + "\n"
+    for domain, g in sorted(gates.items()):
+        text += f"| {domain} | " + " | ".join(f"{g[s]:.3f}" for s in sources) + " |\n"
+    print(text)
+    (Path(args.out) / "table.md").write_text(text)
+    plot(head, rows, Path(args.out) / "equal_budget.png")
+
+
+if __name__ == "__main__":
+    main()
