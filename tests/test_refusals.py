@@ -83,3 +83,59 @@ def test_bad_carry_on_weights_are_refused_on_load(tiny_mixture_dir, tmp_path, da
     result = runner.invoke(app, ["generate", str(mixture), "--prompt", "hi"])
     assert result.exit_code == 1
     assert message in _one_line(result.output)
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_an_unrelated_folder_is_never_written_into(recipe_path, tmp_path, resume):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "README.md").write_text("my notes\n")
+    (out / "metrics.json").write_text("{}\n")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    args = ["build", str(recipe_path), "--out", str(out), "--steps", "2"]
+    result = runner.invoke(app, [*args, *(["--resume"] if resume else [])])
+    assert result.exit_code == 1
+    assert "is not empty and holds no build" in _one_line(result.output)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "recipe.yaml"]
+
+
+def test_the_root_folder_is_refused(recipe_path):
+    result = runner.invoke(app, ["build", str(recipe_path), "--out", "/", "--resume"])
+    assert result.exit_code == 1
+    assert "output / is not empty and holds no build" in _one_line(result.output)
+
+
+def test_a_second_run_to_the_same_output_is_refused_at_once(recipe_path, tmp_path):
+    """Another process holds the output's lock, as a running build does."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    hold = "import sys; from filelock import FileLock; lock = FileLock(sys.argv[1]); "
+    hold += "lock.acquire(); print('held', flush=True); sys.stdin.read()"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(tmp_path / ".out.lock")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        began = time.monotonic()
+        for command in ("build", "train"):
+            result = runner.invoke(app, [command, str(recipe_path), "--out", str(out)])
+            assert result.exit_code == 1
+            assert f"output {out} is being written by another run" in _one_line(result.output)
+        assert time.monotonic() - began < 30 and not out.exists()
+    finally:
+        holder.communicate("")
+
+
+def test_a_build_leaves_no_lock_behind(recipe_path, tmp_path):
+    out = tmp_path / "runs" / "out"
+    args = ["build", str(recipe_path), "--out", str(out), "--steps", "1", "train.eval_every=1"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in out.parent.iterdir()] == ["out"]

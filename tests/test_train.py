@@ -153,6 +153,7 @@ def test_resume_accepts_a_build_written_before_a_field_existed(recipe, tmp_path)
     saved = recipe.model_dump(mode="json")
     del saved["train"]["cache"]["shard_examples"]
     (out / "recipe.yaml").write_text(yaml.safe_dump(saved))
+    (out / "checkpoints").mkdir()  # with its recipe, what makes the folder a build
     check_output_dir(out, recipe, resume=True)
     saved["train"]["lr"] = recipe.train.lr * 2
     (out / "recipe.yaml").write_text(yaml.safe_dump(saved))

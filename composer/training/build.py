@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
+from filelock import FileLock, Timeout
 from rich.console import Console
 
 from composer.errors import OutputError, RecipeError, ResourceError, TrainError
@@ -55,19 +58,49 @@ def check_output_dir(out_dir: Path, recipe: Recipe, resume: bool) -> None:
     if not out_dir.is_dir() or not any(out_dir.iterdir()):
         return
     saved = out_dir / RECIPE_FILE
+    # A build writes its recipe first, then checkpoints, then the carry-on: anything else with
+    # files in it is somebody else's folder, never written into, --resume or not.
+    if not saved.is_file() or not (
+        (out_dir / "checkpoints").is_dir() or (out_dir / WEIGHTS).is_file()
+    ):
+        raise OutputError(f"output {out_dir} is not empty and holds no build; choose another --out")
     if not resume:
         raise OutputError(
             f"output {out_dir} already holds a build: pass --resume to continue it, "
             "or choose another --out"
         )
-    if not saved.is_file():
-        return
     try:
         before = read_comparable(saved)
     except RecipeError as exc:
         raise OutputError(f"output {out_dir}: its {saved.name} is unreadable ({exc})") from exc
     if _resumable(before) != _resumable(comparable(recipe)):
         raise OutputError(f"output {out_dir} was built from a different recipe; cannot resume")
+
+
+_HELD: set[Path] = set()  # outputs this process has locked: build holds it across train_mixture
+
+
+@contextmanager
+def output_lock(out_dir: Path) -> Iterator[None]:
+    """Hold `.<name>.lock` beside `out_dir` for a run: a second run to the same output, from
+    any process, is refused at once instead of writing into it too."""
+    key = out_dir.resolve()
+    if key in _HELD:
+        yield
+        return
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(out_dir.parent / f".{out_dir.name}.lock")
+    try:
+        lock.acquire(blocking=False)
+    except Timeout:
+        raise OutputError(f"output {out_dir} is being written by another run") from None
+    _HELD.add(key)
+    try:
+        yield
+    finally:
+        _HELD.discard(key)
+        Path(lock.lock_file).unlink(missing_ok=True)  # while held: no other run has it open
+        lock.release()
 
 
 def _resumable(data: dict[str, Any]) -> dict[str, Any]:
@@ -88,9 +121,22 @@ def build(
     `train.cache.enabled` off, train with the bases running live. Then write the mixture.
 
     A plan whose memory estimate exceeds the available memory is refused unless `force`."""
-    console = console or Console(stderr=True)
     out_dir = out or recipe.output_dir()
     check_output_dir(out_dir, recipe, resume)
+    with output_lock(out_dir):
+        return _build(recipe, out_dir, steps, resume, force, console)
+
+
+def _build(
+    recipe: Recipe,
+    out_dir: Path,
+    steps: int | None,
+    resume: bool,
+    force: bool,
+    console: Console | None,
+) -> BuildResult:
+    console = console or Console(stderr=True)
+    check_output_dir(out_dir, recipe, resume)  # again, now that no other run can write there
     check_memory(make_plan(recipe, fetch=True), force)
     cache = None
     if recipe.train.cache.enabled:
@@ -149,8 +195,24 @@ def train_mixture(
     """Train the carry-on and write the mixture directory. From the recipe's feature cache
     (`cache`, when already opened), no base weights are loaded but the anchor's LM head;
     otherwise the bases run live."""
-    console = console or Console(stderr=True)
     out_dir = out or recipe.output_dir()
+    if not Ranks.current().is_main:  # the processes of one data-parallel run share the output
+        return _train_mixture(recipe, from_cache, out_dir, steps, resume, console, cache)
+    check_output_dir(out_dir, recipe, resume)
+    with output_lock(out_dir):
+        return _train_mixture(recipe, from_cache, out_dir, steps, resume, console, cache)
+
+
+def _train_mixture(
+    recipe: Recipe,
+    from_cache: bool,
+    out_dir: Path,
+    steps: int | None,
+    resume: bool,
+    console: Console | None,
+    cache: FeatureCache | None,
+) -> BuildResult:
+    console = console or Console(stderr=True)
     ranks = Ranks.current()
     if ranks.world > 1 and not from_cache:
         raise TrainError(
