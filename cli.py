@@ -153,12 +153,16 @@ def build(
             console=err,
         )
     )
-    m = result.metrics
-    out.print(
-        f"[green]built[/] {result.out_dir}: eval loss {m['eval_loss_mixture']:.4f} "
-        f"(anchor alone {m['eval_loss_anchor']:.4f}), {m['trainable_params']:,} trainable params",
-        highlight=False,
-    )
+    _report("built", result)
+
+
+def _report(verb: str, result: Any) -> None:
+    """A build's last lines: held-out losses per domain and off-domain; a warning on harm."""
+    from composer.training.build import harm_warning, summary
+
+    if warning := harm_warning(result.metrics):
+        err.print(f"[yellow]{warning}[/]", highlight=False)
+    out.print(f"[green]{verb}[/] {result.out_dir}: {summary(result.metrics)}", highlight=False)
 
 
 class Engine(enum.StrEnum):
@@ -247,12 +251,7 @@ def train(
 
     if not Ranks.current().is_main:  # launched on several processes: rank 0 reports
         return
-    m = result.metrics
-    out.print(
-        f"[green]trained[/] {result.out_dir}: eval loss {m['eval_loss_mixture']:.4f} "
-        f"(anchor alone {m['eval_loss_anchor']:.4f}), {m['trainable_params']:,} trainable params",
-        highlight=False,
-    )
+    _report("trained", result)
 
 
 Temperature = Annotated[
