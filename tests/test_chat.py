@@ -13,7 +13,8 @@ from composer.artifacts.load import load_mixture
 from composer.artifacts.sampling import Sampling
 from composer.serving.chat import ChatSession
 
-LONG = "The quick brown fox jumps over the lazy dog. " * 10  # ~150 tiny-tokenizer tokens
+# ~150 tiny-tokenizer tokens; no trailing space, which the terminal's line would lose
+LONG = " ".join(["The quick brown fox jumps over the lazy dog."] * 10)
 
 
 def _visible(text: str) -> str:

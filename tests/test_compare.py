@@ -296,6 +296,7 @@ def test_held_out_suites_skip_what_a_recipe_trained_on(tiny, write_recipe):
 
     from composer.compare.suites import chat_items, gsm_items, trained_chat_pairs
     from composer.features.data import encode_qa, load_chatterbot
+    from composer.recipe import MixData
 
     mix = """
         train:
@@ -306,14 +307,20 @@ def test_held_out_suites_skip_what_a_recipe_trained_on(tiny, write_recipe):
               - {domain: math, data: {kind: gsm_symbolic, size: 30, seed: 0}}
         """
     recipe = load_recipe(write_recipe(recipe_yaml({"a": tiny["llama"]}, "a", ["a@1"], train=mix)))
-    spec = recipe.train.data.parts[0].data
+    # The chat training reads: its own part and the chatterbot part of the preservation text.
+    assert recipe.train.preserve is not None and isinstance(recipe.train.preserve.data, MixData)
+    specs = [recipe.train.data.parts[0].data]
+    specs += [p.data for p in recipe.train.preserve.data.parts if p.data.kind == "chatterbot"]
+    assert len(specs) == 2
     # The pairs we exclude are exactly the ones training reads.
     tokenizer = AutoTokenizer.from_pretrained(tiny["llama"])
     ours = sorted(
         encode_qa(tokenizer, [{"role": "user", "content": q}], a, 320).input_ids
         for q, a in trained_chat_pairs([recipe])
     )
-    theirs = sorted({tuple(e.input_ids) for e in load_chatterbot(spec, tokenizer, 320)})
+    theirs = sorted(
+        {tuple(e.input_ids) for spec in specs for e in load_chatterbot(spec, tokenizer, 320)}
+    )
     assert [tuple(x) for x in ours] == theirs
     trained = trained_chat_pairs([recipe])
     for item in chat_items(10_000, [recipe]):

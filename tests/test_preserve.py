@@ -69,7 +69,10 @@ def test_head_kl_equals_full_softmax_kl(softcap, stored, monkeypatch):
 
 def test_preservation_loss_is_zero_untrained_and_positive_once_the_carry_on_moves(mixture):
     batch = _general_batch(mixture)
-    chosen = preserve_positions(batch, 8, seed=0, step=0)
+    chosen = preserve_positions(batch, range(4), 8, seed=0, step=0)
+    # Each example's positions are its own: the same when the batch is split over ranks.
+    odd = Batch(batch.features, batch.attention_mask[1::2], batch.labels[1::2])
+    assert torch.equal(preserve_positions(odd, [1, 3], 8, 0, 0), chosen[1::2])
     assert 0 < int(chosen.sum()) <= 8 * batch.attention_mask.shape[0]
     assert not bool((chosen & ~batch.attention_mask.bool()).any())  # real tokens only
     assert float(preserve_loss(mixture, batch, chosen)) == 0.0

@@ -82,8 +82,13 @@ def test_ray_and_local_engines_write_the_same_bytes(caches):
     manifest = json.loads((local / MANIFEST).read_text())
     assert manifest["complete"]
     assert all(manifest["planned"][s] >= 2 for s in ("train", "eval"))
-    names = [s["file"] for split in ("train", "eval") for s in manifest["shards"][split]]
-    assert names == sorted(names, key=lambda n: (not n.startswith("train"), n))
+    assert {"train", "eval", "preserve", "general"} == set(manifest["shards"])
+    names = [s["file"] for split in manifest["shards"] for s in manifest["shards"][split]]
+    assert all(
+        s["file"].startswith(f"{split}-")
+        for split in manifest["shards"]
+        for s in manifest["shards"][split]
+    )
     assert (ray / MANIFEST).read_text() == (local / MANIFEST).read_text()
     assert _files(ray) == _files(local)
     assert sorted(_files(local)) == sorted(names)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import resource
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -106,13 +106,16 @@ def token_loss(mixture: CarryOnModel, batch: Batch, use_carry_on: bool = True) -
     return head_loss(mixture.head, rows, wanted)
 
 
-def preserve_positions(batch: Batch, per_example: int, seed: int, step: int) -> torch.Tensor:
-    """(B, T) bool: up to `per_example` real tokens of each example, a seeded function of
-    (seed, step) — where the preservation KL is taken."""
-    generator = torch.Generator().manual_seed(seed * 100_003 + step + 7)
+def preserve_positions(
+    batch: Batch, indices: Sequence[int], per_example: int, seed: int, step: int
+) -> torch.Tensor:
+    """(B, T) bool: up to `per_example` real tokens of each example, where the preservation
+    KL is taken — a seeded function of (seed, step, the example's index), so a batch split
+    over ranks picks the same positions as one process."""
     mask = batch.attention_mask.bool()
     chosen = torch.zeros_like(mask)
-    for row in range(mask.shape[0]):
+    for row, index in enumerate(indices):
+        generator = torch.Generator().manual_seed((seed * 100_003 + step) * 1_000_003 + index)
         real = mask[row].nonzero().squeeze(-1).cpu()
         pick = real[torch.randperm(len(real), generator=generator)[:per_example]]
         chosen[row, pick] = True
@@ -293,6 +296,6 @@ def _preserve_step(
     indices = ranks.share(batch_indices(step, n, preserve.batch_size, spec.seed + 1))
     batch = source.batch(indices).to(ranks.device)
     # The mean is over every rank's positions together, as one process would take it.
-    chosen = preserve_positions(batch, preserve.positions, spec.seed, step)
+    chosen = preserve_positions(batch, indices, preserve.positions, spec.seed, step)
     count = ranks.sum(torch.tensor([int(chosen.sum())]))
     return preserve_loss(model, batch, chosen) / max(int(count[0]), 1)
