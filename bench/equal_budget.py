@@ -2,7 +2,8 @@
 
 Run by hand (not in CI), with the three bases pulled and the `bench` extra installed:
 
-    compose bases pull qwen2.5-coder-0.5b-instruct qwen2.5-coder-1.5b-instruct smollm2-135m-instruct
+    for b in qwen2.5-coder-0.5b-instruct qwen2.5-coder-1.5b-instruct smollm2-135m-instruct; do
+        compose bases pull $b; done
     pip install -e '.[bench]'
     python bench/equal_budget.py [--per-domain 48] [--steps 60] [--seq-len 192] [--out runs/eb]
 
