@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,22 +121,30 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
     return out
 
 
+def _by_row_chunks(
+    ctx: Any, pass_: Callable[..., Any], head: LMHead, rows: torch.Tensor, other: torch.Tensor
+) -> torch.Tensor:
+    """Sum `pass_(head, rows, other, want_grad)` over chunks of ROW_CHUNK rows, keeping the
+    gradient to `rows` it computes for the backward."""
+    want_grad = ctx.needs_input_grad[0]
+    grad = torch.empty_like(rows) if want_grad else None
+    total = torch.zeros((), dtype=torch.float32, device=rows.device)
+    for start in range(0, rows.shape[0], ROW_CHUNK):
+        stop = start + ROW_CHUNK
+        value, g = pass_(head, rows[start:stop], other[start:stop], want_grad)
+        total += value
+        if grad is not None and g is not None:
+            grad[start:stop] = g.to(rows.dtype)
+    ctx.save_for_backward(grad if grad is not None else rows.new_empty(0))
+    return total
+
+
 class _HeadCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of head(rows) against targets; d/d rows computed in the forward."""
 
     @staticmethod
     def forward(ctx: Any, rows: torch.Tensor, targets: torch.Tensor, head: LMHead) -> torch.Tensor:
-        want_grad = ctx.needs_input_grad[0]
-        grad = torch.empty_like(rows) if want_grad else None
-        total = torch.zeros((), dtype=torch.float32, device=rows.device)
-        for start in range(0, rows.shape[0], ROW_CHUNK):
-            stop = start + ROW_CHUNK
-            loss, g = _online_cross_entropy(head, rows[start:stop], targets[start:stop], want_grad)
-            total += loss
-            if grad is not None and g is not None:
-                grad[start:stop] = g.to(rows.dtype)
-        ctx.save_for_backward(grad if grad is not None else rows.new_empty(0))
-        return total
+        return _by_row_chunks(ctx, _online_cross_entropy, head, rows, targets)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None]:
@@ -199,17 +208,7 @@ class _HeadKL(torch.autograd.Function):
     def forward(
         ctx: Any, rows: torch.Tensor, anchor_rows: torch.Tensor, head: LMHead
     ) -> torch.Tensor:
-        want_grad = ctx.needs_input_grad[0]
-        grad = torch.empty_like(rows) if want_grad else None
-        total = torch.zeros((), dtype=torch.float32, device=rows.device)
-        for start in range(0, rows.shape[0], ROW_CHUNK):
-            stop = start + ROW_CHUNK
-            kl, g = _online_kl(head, rows[start:stop], anchor_rows[start:stop], want_grad)
-            total += kl
-            if grad is not None and g is not None:
-                grad[start:stop] = g.to(rows.dtype)
-        ctx.save_for_backward(grad if grad is not None else rows.new_empty(0))
-        return total
+        return _by_row_chunks(ctx, _online_kl, head, rows, anchor_rows)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None]:
