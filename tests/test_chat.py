@@ -107,3 +107,20 @@ def test_chat_in_a_terminal(tiny_mixture_dir, mixture):
     finally:
         child.close(force=True)
     assert child.exitstatus == 0
+
+
+def test_piped_stream_is_written_exactly():
+    import io
+
+    from rich.console import Console
+
+    from composer.serving.terminal import print_stream
+
+    pieces = [("\x08a", "a@1"), ("\x07é", None), ("\x1b[2J!", "a@1")]
+    piped = io.StringIO()
+    whole = print_stream(Console(file=piped), pieces, ["a@1"])
+    assert whole == "\x08a\x07é\x1b[2J!"
+    assert piped.getvalue() == whole + "\n"  # control characters kept when redirected
+    screen = io.StringIO()
+    print_stream(Console(file=screen, force_terminal=True, no_color=True), pieces, ["a@1"])
+    assert "\x07" not in screen.getvalue() and "\x08" not in screen.getvalue()

@@ -32,15 +32,23 @@ def print_stream(
     pieces: Iterable[tuple[str, str | None]],
     sources: Sequence[str] = (),
 ) -> str:
-    """Print (text, source or None) pieces as they come; returns the whole text."""
+    """Print (text, source or None) pieces as they come; returns the whole text. Piped or
+    redirected, the text is written exactly; on a terminal rich drops control characters
+    (a model's text must not move the cursor or ring the bell)."""
     colours = source_colours(sources)
     parts = []
     for text, source in pieces:
         parts.append(text)
-        style = colours.get(source) if source else None
-        console.print(Text(text, style=style or ""), end="", soft_wrap=True)
+        if console.is_terminal:
+            style = colours.get(source) if source else None
+            console.print(Text(text, style=style or ""), end="", soft_wrap=True)
+        else:
+            console.file.write(text)
         console.file.flush()
-    console.print()
+    if console.is_terminal:
+        console.print()
+    else:
+        console.file.write("\n")
     return "".join(parts)
 
 
