@@ -45,10 +45,7 @@ def print_stream(
         else:
             console.file.write(text)
         console.file.flush()
-    if console.is_terminal:
-        console.print()
-    else:
-        console.file.write("\n")
+    console.file.write("\n")
     return "".join(parts)
 
 
