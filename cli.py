@@ -143,17 +143,9 @@ def build(
     from composer.recipe import load_recipe
     from composer.training.build import build as run_build
 
-    result = _run(
-        lambda: run_build(
-            load_recipe(recipe, overrides or []),
-            out=out_dir,
-            steps=steps,
-            resume=resume,
-            force=force,
-            console=err,
-        )
-    )
-    _report("built", result)
+    spec = _run(lambda: load_recipe(recipe, overrides or []))
+    where: dict[str, Any] = {"out": out_dir, "steps": steps, "resume": resume, "console": err}
+    _report("built", _run(lambda: run_build(spec, force=force, **where)))
 
 
 def _report(verb: str, result: Any) -> None:
@@ -237,16 +229,9 @@ def train(
     from composer.recipe import load_recipe
     from composer.training.build import train_mixture
 
-    result = _run(
-        lambda: train_mixture(
-            load_recipe(recipe, overrides or []),
-            from_cache=from_cache,
-            out=out_dir,
-            steps=steps,
-            resume=resume,
-            console=err,
-        )
-    )
+    spec = _run(lambda: load_recipe(recipe, overrides or []))
+    where: dict[str, Any] = {"out": out_dir, "steps": steps, "resume": resume, "console": err}
+    result = _run(lambda: train_mixture(spec, from_cache=from_cache, **where))
     from composer.training.distributed import Ranks
 
     if not Ranks.current().is_main:  # launched on several processes: rank 0 reports
@@ -263,6 +248,9 @@ RepetitionPenalty = Annotated[
     float, typer.Option(min=0.01, max=10.0, help="Above 1 discourages repeated tokens.")
 ]
 Seed = Annotated[int | None, typer.Option(min=0, help="The same seed gives the same text.")]
+ShowGates = Annotated[
+    bool, typer.Option(help="Colour each token by the source the router weighs most.")
+]
 MixtureDir = Annotated[Path, typer.Argument(help="A directory written by `compose build`.")]
 TrustRemoteCode = Annotated[
     bool,
@@ -273,6 +261,20 @@ TrustRemoteCode = Annotated[
 ]
 
 
+def _sampling(
+    temperature: float, top_p: float, top_k: int, repetition_penalty: float, seed: int | None
+) -> Any:
+    from composer.artifacts.sampling import Sampling
+
+    return Sampling(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    )
+
+
 @app.command()
 def generate(
     mixture_dir: MixtureDir,
@@ -281,9 +283,7 @@ def generate(
     raw: Annotated[
         bool, typer.Option(help="Feed the prompt as is, without chat template.")
     ] = False,
-    show_gates: Annotated[
-        bool, typer.Option(help="Colour each token by the source the router weighs most.")
-    ] = False,
+    show_gates: ShowGates = False,
     temperature: Temperature = 0.0,
     top_p: TopP = 1.0,
     top_k: TopK = 0,
@@ -296,16 +296,9 @@ def generate(
 ) -> None:
     """Generate from a built mixture (greedy unless --temperature), streamed as it comes."""
     from composer.artifacts.load import load_mixture
-    from composer.artifacts.sampling import Sampling
     from composer.serving.terminal import legend, print_stream, stream_answer
 
-    sampling = Sampling(
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-    )
+    sampling = _sampling(temperature, top_p, top_k, repetition_penalty, seed)
     mixture = _run(lambda: load_mixture(mixture_dir, trust_remote_code=trust_remote_code))
     if show_gates:
         err.print(legend(mixture.carry_on.sources))
@@ -341,26 +334,17 @@ def serve(
 def chat(
     mixture_dir: MixtureDir,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens per answer at most.")] = 256,
-    show_gates: Annotated[
-        bool, typer.Option(help="Colour each answer by the source the router weighs most.")
-    ] = False,
     temperature: Temperature = 0.0,
     top_p: TopP = 1.0,
     top_k: TopK = 0,
     repetition_penalty: RepetitionPenalty = 1.0,
     seed: Seed = None,
+    show_gates: ShowGates = False,
 ) -> None:
     """Talk with a mixture in the terminal (multi-turn, streamed; /help lists the commands)."""
-    from composer.artifacts.sampling import Sampling
     from composer.serving.chat import run_chat
 
-    sampling = Sampling(
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-    )
+    sampling = _sampling(temperature, top_p, top_k, repetition_penalty, seed)
     _run(
         lambda: run_chat(
             mixture_dir, sampling=sampling, max_new_tokens=max_new_tokens, show_gates=show_gates

@@ -56,6 +56,28 @@ def write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+MAX_JSON_BYTES = 64 * 2**20  # a manifest lists files, it does not hold them
+
+
+def read_json(path: Path, fmt: object) -> dict[str, Any] | None:
+    """The JSON object in the regular file `path` whose "format" is `fmt`, or None where there
+    is no such file; ValueError, one line, for anything else (too big, not JSON, other format)."""
+    if not path.exists():
+        return None
+    if not path.is_file():
+        raise ValueError("not a regular file")
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise ValueError(f"larger than {MAX_JSON_BYTES // 2**20} MiB")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(str(exc)) from exc
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"format {found!r}, expected {fmt!r}")
+    return data
+
+
 def write_json(path: Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2) + "\n")
 

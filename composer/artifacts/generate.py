@@ -167,14 +167,10 @@ def with_sources(mixture: Any, generation: Generation) -> Iterator[tuple[str, st
 
 
 def generate_with_gates(
-    mixture: Any,
-    prompt: str,
-    max_new_tokens: int = 128,
-    *,
-    chat: bool = True,
-    sampling: Sampling | None = None,
+    mixture: Any, prompt: str, max_new_tokens: int = 128, *, chat: bool = True, **decoding: Any
 ) -> list[tuple[str, str, float]]:
-    """(text, dominant source, its router weight) for each piece of the answer."""
+    """(text, dominant source, its router weight) for each piece of the answer; `decoding`
+    takes Generation's `sampling` and `stop`."""
     ids = prompt_ids(mixture, prompt, chat=chat)
-    generation = Generation(mixture, ids, max_new_tokens, sampling=sampling, gates=True)
+    generation = Generation(mixture, ids, max_new_tokens, gates=True, **decoding)
     return list(with_sources(mixture, generation))

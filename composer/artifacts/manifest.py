@@ -7,12 +7,11 @@ is refused) and makes those paths absolute, so the recipe loads from any working
 
 from __future__ import annotations
 
-import json
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from composer.errors import CheckpointError
-from composer.files import sha256_file
+from composer.files import read_json, sha256_file
 
 MANIFEST = "export.json"
 FORMAT = "compose-export"
@@ -50,16 +49,12 @@ def inside(rel: Any) -> bool:
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
-    path = folder / MANIFEST
-    if not path.is_file():
-        return None
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: cannot read the export manifest: {exc}") from exc
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a compose export manifest")
-    return data
+        return read_json(folder / MANIFEST, FORMAT)
+    except ValueError as exc:
+        raise CheckpointError(
+            f"{folder / MANIFEST}: not a compose export manifest ({exc})"
+        ) from exc
 
 
 def _entries(folder: Path, manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -31,16 +31,21 @@ class Item:
     data: dict[str, Any]
 
 
+Kind = Literal["loss", "pass", "generations"]
+Loader = Callable[[int, Sequence[Recipe]], list[Item]]  # (n, recipes compared) -> first n
+Runner = Callable[[Any, Item, dict[str, Any]], dict[str, Any]]  # (mixture, item, settings)
+
+
 @dataclass(frozen=True)
 class Suite:
     name: str
     description: str
-    kind: Literal["loss", "pass", "generations"]
+    kind: Kind
     metric: str
     higher_is_better: bool
     size: int  # items in the full suite
-    load: Callable[[int, Sequence[Recipe]], list[Item]]  # (n, recipes compared) -> first n
-    run: Callable[[Any, Item, dict[str, Any]], dict[str, Any]]  # (mixture, item, settings)
+    load: Loader
+    run: Runner
     settings: dict[str, Any] = field(default_factory=dict)
 
     def items(self, limit: int | None, recipes: Sequence[Recipe] = ()) -> list[Item]:
@@ -190,55 +195,28 @@ def mtbench_items(n: int, recipes: Sequence[Recipe]) -> list[Item]:
 
 # --- the registry -------------------------------------------------------------------------------
 
-# The registry is a table: each suite keeps its fields on a few lines, in the same order, which
-# the formatter would spread one to a line (hence `fmt: skip` on each registration).
+# What each suite measures, as `compose compare --help` shows it.
+DESCRIPTIONS = {
+    "loss-chat": "held-out next-token loss on the replies of English dialogs (chatterbot)",
+    "loss-code": "held-out next-token loss on HumanEval's reference solutions",
+    "loss-math": "held-out next-token loss on worked GSM-style answers (unseen seed)",
+    "gsm": "GSM-style word problems: exact match of the final number, greedy answers",
+    "humaneval": "HumanEval pass@1, greedy completions run in a sandboxed subprocess",
+    "mtbench": "MT-Bench first turns by category: generations side by side, not scored",
+}
+LOSS: tuple[Kind, str, bool] = ("loss", "loss", False)  # kind, metric, higher_is_better
+HUMANEVAL = {"max_new_tokens": 384, "timeout_s": 10.0, "memory_mb": 1024}
+MTBENCH = {"max_new_tokens": 192}
+
+# name, kind, metric, higher_is_better, items in the full suite, load, run, settings
+TABLE: list[tuple[str, Kind, str, bool, int, Loader, Runner, dict[str, Any]]] = [
+    ("loss-chat", *LOSS, 300, chat_items, scoring.run_chat_loss, {"seq_len": 512}),
+    ("loss-code", *LOSS, 164, humaneval_items, scoring.run_code_loss, {"seq_len": 768}),
+    ("loss-math", *LOSS, 200, gsm_items, scoring.run_math_loss, {"seq_len": 768}),
+    ("gsm", "pass", "exact match", True, 250, gsm_items, scoring.run_gsm, {"max_new_tokens": 320}),
+    ("humaneval", "pass", "pass@1", True, 164, humaneval_items, scoring.run_humaneval, HUMANEVAL),
+    ("mtbench", "generations", "", True, 80, mtbench_items, scoring.run_generation, MTBENCH),
+]
 SUITES = SuiteRegistry()
-SUITES.register(
-    Suite(
-        name="loss-chat",
-        description="held-out next-token loss on the replies of English dialogs (chatterbot)",
-        kind="loss", metric="loss", higher_is_better=False, size=300,
-        load=chat_items, run=scoring.run_chat_loss, settings={"seq_len": 512},
-    )
-)  # fmt: skip
-SUITES.register(
-    Suite(
-        name="loss-code",
-        description="held-out next-token loss on HumanEval's reference solutions",
-        kind="loss", metric="loss", higher_is_better=False, size=164,
-        load=humaneval_items, run=scoring.run_code_loss, settings={"seq_len": 768},
-    )
-)  # fmt: skip
-SUITES.register(
-    Suite(
-        name="loss-math",
-        description="held-out next-token loss on worked GSM-style answers (unseen seed)",
-        kind="loss", metric="loss", higher_is_better=False, size=200,
-        load=gsm_items, run=scoring.run_math_loss, settings={"seq_len": 768},
-    )
-)  # fmt: skip
-SUITES.register(
-    Suite(
-        name="gsm",
-        description="GSM-style word problems: exact match of the final number, greedy answers",
-        kind="pass", metric="exact match", higher_is_better=True, size=250,
-        load=gsm_items, run=scoring.run_gsm, settings={"max_new_tokens": 320},
-    )
-)  # fmt: skip
-SUITES.register(
-    Suite(
-        name="humaneval",
-        description="HumanEval pass@1, greedy completions run in a sandboxed subprocess",
-        kind="pass", metric="pass@1", higher_is_better=True, size=164,
-        load=humaneval_items, run=scoring.run_humaneval,
-        settings={"max_new_tokens": 384, "timeout_s": 10.0, "memory_mb": 1024},
-    )
-)  # fmt: skip
-SUITES.register(
-    Suite(
-        name="mtbench",
-        description="MT-Bench first turns by category: generations side by side, not scored",
-        kind="generations", metric="", higher_is_better=True, size=80,
-        load=mtbench_items, run=scoring.run_generation, settings={"max_new_tokens": 192},
-    )
-)  # fmt: skip
+for name, *fields in TABLE:
+    SUITES.register(Suite(name, DESCRIPTIONS[name], *fields))  # type: ignore[arg-type]

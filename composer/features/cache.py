@@ -44,7 +44,7 @@ from composer.bases.registry import cache_home
 from composer.errors import CacheError
 from composer.features.data import Example, collate, load_splits, pad_id
 from composer.features.shards import CachedSource, Encoded, encode, pack
-from composer.files import atomic_write, sha256_file, write_json
+from composer.files import atomic_write, read_json, sha256_file, write_json
 from composer.model.factory import check_compatible
 from composer.model.mixture import Mixture
 from composer.progress import counted
@@ -136,15 +136,9 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
 
 
 def _read_manifest(folder: Path) -> dict[str, Any] | None:
-    path = folder / MANIFEST
-    if not path.is_file():
-        return None
     try:
-        manifest = json.loads(path.read_text())
-        if manifest.get("format") != FORMAT:
-            raise ValueError(f"format {manifest.get('format')}, expected {FORMAT}")
-        return manifest
-    except (OSError, ValueError) as exc:
+        return read_json(folder / MANIFEST, FORMAT)
+    except ValueError as exc:
         raise CacheError(f"cache {folder}: unreadable {MANIFEST} ({exc})") from exc
 
 

@@ -121,35 +121,35 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
     return out
 
 
-def _by_row_chunks(
-    ctx: Any, pass_: Callable[..., Any], head: LMHead, rows: torch.Tensor, other: torch.Tensor
-) -> torch.Tensor:
-    """Sum `pass_(head, rows, other, want_grad)` over chunks of ROW_CHUNK rows, keeping the
-    gradient to `rows` it computes for the backward."""
-    want_grad = ctx.needs_input_grad[0]
-    grad = torch.empty_like(rows) if want_grad else None
-    total = torch.zeros((), dtype=torch.float32, device=rows.device)
-    for start in range(0, rows.shape[0], ROW_CHUNK):
-        stop = start + ROW_CHUNK
-        value, g = pass_(head, rows[start:stop], other[start:stop], want_grad)
-        total += value
-        if grad is not None and g is not None:
-            grad[start:stop] = g.to(rows.dtype)
-    ctx.save_for_backward(grad if grad is not None else rows.new_empty(0))
-    return total
-
-
-class _HeadCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of head(rows) against targets; d/d rows computed in the forward."""
+class _HeadPass(torch.autograd.Function):
+    """The sum of `pass_(head, rows, other, want_grad)` over chunks of ROW_CHUNK rows (a loss
+    of head(rows), the cross-entropy or the KL below); its gradient to `rows` is computed in
+    the same pass over the vocabulary and kept for the backward."""
 
     @staticmethod
-    def forward(ctx: Any, rows: torch.Tensor, targets: torch.Tensor, head: LMHead) -> torch.Tensor:
-        return _by_row_chunks(ctx, _online_cross_entropy, head, rows, targets)
+    def forward(
+        ctx: Any,
+        rows: torch.Tensor,
+        other: torch.Tensor,
+        head: LMHead,
+        pass_: Callable[..., Any],
+    ) -> torch.Tensor:
+        want_grad = ctx.needs_input_grad[0]
+        grad = torch.empty_like(rows) if want_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=rows.device)
+        for start in range(0, rows.shape[0], ROW_CHUNK):
+            stop = start + ROW_CHUNK
+            value, g = pass_(head, rows[start:stop], other[start:stop], want_grad)
+            total += value
+            if grad is not None and g is not None:
+                grad[start:stop] = g.to(rows.dtype)
+        ctx.save_for_backward(grad if grad is not None else rows.new_empty(0))
+        return total
 
     @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         (grad,) = ctx.saved_tensors
-        return grad * grad_output, None, None
+        return grad * grad_output, None, None, None
 
 
 def _online_cross_entropy(
@@ -197,23 +197,8 @@ def head_loss(head: LMHead, rows: torch.Tensor, targets: torch.Tensor) -> torch.
     """Summed next-token cross-entropy of `rows` (N, D) against `targets` (N,), computed where
     the head is (an anchor spread over devices keeps its head on its last one)."""
     device = head.weight.device
-    loss = _HeadCrossEntropy.apply(rows.to(device), targets.to(device), head)
+    loss = _HeadPass.apply(rows.to(device), targets.to(device), head, _online_cross_entropy)
     return loss.to(rows.device)
-
-
-class _HeadKL(torch.autograd.Function):
-    """Summed KL(softmax(head(anchor_rows)) ‖ softmax(head(rows))); d/d rows in the forward."""
-
-    @staticmethod
-    def forward(
-        ctx: Any, rows: torch.Tensor, anchor_rows: torch.Tensor, head: LMHead
-    ) -> torch.Tensor:
-        return _by_row_chunks(ctx, _online_kl, head, rows, anchor_rows)
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        (grad,) = ctx.saved_tensors
-        return grad * grad_output, None, None
 
 
 def _online_kl(
@@ -271,5 +256,5 @@ def head_kl(head: LMHead, rows: torch.Tensor, anchor_rows: torch.Tensor) -> torc
     """Summed KL(anchor ‖ mixture) of the next-token distributions the head gives `anchor_rows`
     and `rows` (N, D): zero where the carry-on leaves the anchor's state as it was."""
     device = head.weight.device
-    kl = _HeadKL.apply(rows.to(device), anchor_rows.to(device), head)
+    kl = _HeadPass.apply(rows.to(device), anchor_rows.to(device), head, _online_kl)
     return kl.to(rows.device)

@@ -111,9 +111,9 @@ def run_chat(
     *,
     sampling: Sampling,
     max_new_tokens: int,
-    show_gates: bool = False,
     console: Console | None = None,
     read: Callable[[str], str] | None = None,
+    show_gates: bool = False,
 ) -> None:
     """The chat loop: read a line, answer it streamed, until /quit or end of input."""
     from composer.artifacts.load import load_mixture

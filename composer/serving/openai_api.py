@@ -150,50 +150,36 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def chat_completion(id_: str, model: str, text: str, finish: str, use: dict) -> dict[str, Any]:
-    return {
+def _response(
+    id_: str, model: str, obj: str, choice: dict[str, Any], use: dict | None = None
+) -> dict[str, Any]:
+    """The envelope every OpenAI response and stream chunk shares, around its one choice."""
+    out = {
         "id": id_,
-        "object": "chat.completion",
+        "object": obj,
         "created": int(time.time()),
         "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": finish,
-                "logprobs": None,
-            }
-        ],
-        "usage": use,
+        "choices": [{"index": 0, **choice, "logprobs": None}],
     }
+    if use is not None:
+        out["usage"] = use
+    return out
+
+
+def chat_completion(id_: str, model: str, text: str, finish: str, use: dict) -> dict[str, Any]:
+    message = {"role": "assistant", "content": text}
+    choice = {"message": message, "finish_reason": finish}
+    return _response(id_, model, "chat.completion", choice, use)
 
 
 def completion(id_: str, model: str, text: str, finish: str, use: dict) -> dict[str, Any]:
-    return {
-        "id": id_,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
-        "usage": use,
-    }
+    return _response(id_, model, "text_completion", {"text": text, "finish_reason": finish}, use)
 
 
 def chat_chunk(id_: str, model: str, delta: dict, finish: str | None) -> dict[str, Any]:
-    return {
-        "id": id_,
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
-    }
+    choice = {"delta": delta, "finish_reason": finish}
+    return _response(id_, model, "chat.completion.chunk", choice)
 
 
 def completion_chunk(id_: str, model: str, text: str, finish: str | None) -> dict[str, Any]:
-    return {
-        "id": id_,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
-    }
+    return _response(id_, model, "text_completion", {"text": text, "finish_reason": finish})
