@@ -18,14 +18,22 @@ from typing import Any
 from composer.errors import OutputError
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Call `write(tmp)` on a temp file beside `path`, fsync it, then rename it to `path`."""
+    """Call `write(tmp)` on a temp file beside `path`, fsync it, then rename it to `path`;
+    the file gets the mode any new file of the user gets (mkstemp alone makes it 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        tmp.chmod(0o666 & ~_umask())
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -92,11 +100,11 @@ def check_new_output(out: Path) -> None:
 
 
 def staging_dir(final: Path) -> Path:
-    """A fresh hidden folder beside `final`, to fill and then rename to `final`; readable like
-    any folder once in place (mkdtemp makes it 0700)."""
+    """A fresh hidden folder beside `final`, to fill and then rename to `final`; with the mode
+    any new folder of the user gets once in place (mkdtemp alone makes it 0700)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     path = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    path.chmod(0o755)
+    path.chmod(0o777 & ~_umask())
     return path
 
 

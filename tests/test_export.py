@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -108,6 +110,26 @@ def test_damaged_export_is_refused(tiny, tmp_path, damage):
         message = "sha256 differs"
     with pytest.raises(CheckpointError, match=message):
         load_mixture(out)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_build_and_export_files_take_the_users_umask(tiny, tmp_path, umask):
+    """Written like any file of the user: not mkstemp's 0600 nor mkdtemp's 0700."""
+    old = os.umask(umask)
+    try:
+        mix = _built(tmp_path, tiny)
+        out = tmp_path / "export"
+        export(mix, out, include_bases=True)
+    finally:
+        os.umask(old)
+    for folder in (mix, out):
+        paths = [folder, *folder.rglob("*")]
+        modes = {stat.S_IMODE(p.stat().st_mode) for p in paths if p.is_dir()}
+        assert modes == {0o777 & ~umask}, (folder, sorted(map(oct, modes)))
+    for name in ("recipe.yaml", "carry_on.safetensors", "metrics.json", "README.md"):
+        for folder in (mix, out):
+            assert stat.S_IMODE((folder / name).stat().st_mode) == 0o666 & ~umask, name
+    assert stat.S_IMODE((out / "export.json").stat().st_mode) == 0o666 & ~umask
 
 
 def test_export_refuses_a_non_empty_output(tiny, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import recipe_yaml
@@ -61,6 +63,14 @@ def test_cached_generation_equals_uncached(mixture):
         assert cached.ids == uncached.ids
     ids = generate_ids(mixture, _ids(mixture), 16)
     assert ids == generate_ids(mixture, _ids(mixture), 16, use_cache=False)
+
+
+def test_cached_forwards_pass_no_deprecated_transformers_argument(mixture):
+    """transformers warns (FutureWarning) on a renamed argument it will remove in a later
+    version (`past_key_values`): no forward of a cached generation may pass one."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        assert len(_run(mixture, 4, stop_at_eos=False).ids) == 4
 
 
 def test_streamed_deltas_are_the_text_and_keep_characters_whole(mixture, tiny):

@@ -94,7 +94,7 @@ class _StopForward(Exception):
 class BaseStates:
     taps: dict[int, torch.Tensor]  # layer -> (B, T, D)
     final: torch.Tensor | None  # (B, T, D), the LM head's input; None if not asked for
-    past_key_values: Any
+    cache: Any  # the KV cache this forward updated in place (None without one)
 
 
 class FrozenBase:
@@ -128,7 +128,7 @@ class FrozenBase:
         attention_mask: torch.Tensor | None,
         layers: list[int],
         need_final: bool,
-        past_key_values: Any = None,
+        cache: Any = None,
         position_ids: torch.Tensor | None = None,
     ) -> BaseStates:
         captured: dict[int, torch.Tensor] = {}
@@ -153,8 +153,8 @@ class FrozenBase:
             self.decoder(
                 input_ids=input_ids.to(self.device),
                 attention_mask=mask,
-                past_key_values=past_key_values,
-                use_cache=past_key_values is not None,
+                cache=cache,
+                use_cache=cache is not None,
                 position_ids=position_ids.to(self.device) if position_ids is not None else None,
             )
         except _StopForward:
@@ -166,7 +166,7 @@ class FrozenBase:
         return BaseStates(
             taps={layer: captured[layer] for layer in layers},
             final=final,
-            past_key_values=past_key_values,
+            cache=cache,
         )
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

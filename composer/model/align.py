@@ -104,7 +104,7 @@ def aligned_states(
     present = torch.zeros(T, dtype=torch.bool)
     if alignment.full:
         ids = torch.tensor([alignment.full])
-        states = base.forward(ids, None, layers, need_final=False, past_key_values=cache)
+        states = base.forward(ids, None, layers, need_final=False, cache=cache)
         for t, j in enumerate(alignment.index):
             if j >= 0:
                 for layer in layers:
@@ -147,7 +147,7 @@ def _run_tails(
                 i,
             )
     states = base.forward(
-        ids, mask, layers, need_final=False, past_key_values=batched, position_ids=positions
+        ids, mask, layers, need_final=False, cache=batched, position_ids=positions
     )
     return [
         {layer: states.taps[layer][r, len(tail) - 1].float() for layer in layers}
@@ -200,7 +200,7 @@ def stream_step(
     new = torch.tensor([tokens[shared:]])
     positions = torch.arange(shared, len(tokens))[None]
     states = base.forward(
-        new, None, layers, need_final=False, past_key_values=stream.cache, position_ids=positions
+        new, None, layers, need_final=False, cache=stream.cache, position_ids=positions
     )
     stream.tokens = tokens
     return {layer: states.taps[layer][0, -1].float() for layer in layers}, True
