@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar, cast
 
+import click
 import typer
 from rich import box
 from rich.console import Console
@@ -49,6 +50,22 @@ def _run(fn: Callable[[], T]) -> T:
     except KeyboardInterrupt:
         err.print("[bold red]interrupted[/]")
         raise typer.Exit(130) from None
+    except (typer.Exit, click.exceptions.Abort):
+        raise
+    except Exception as exc:  # e.g. a full disk (ENOSPC) under a library's writer
+        if _state["debug"]:
+            raise
+        err.print(f"[bold red]error:[/] {_one_line(exc)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def _one_line(exc: BaseException) -> str:
+    """What failed outside our own checks, in one line: the OS's words where it has them."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    text = " ".join(str(exc).split())[:300] or type(exc).__name__
+    return f"{text} ({type(exc).__name__}; --debug shows the traceback)"
 
 
 @app.callback()

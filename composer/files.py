@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -64,6 +65,25 @@ def write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+def read_text_file(path: Path, limit: int) -> str:
+    """The UTF-8 text of the regular file `path`, at most `limit` bytes; ValueError (one line)
+    otherwise. Checked on the opened file, so a FIFO or a device never blocks or streams."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("not a regular file")
+        if info.st_size > limit:
+            raise ValueError(f"{info.st_size:,} bytes, more than the {limit:,} read at most")
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            data = handle.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise ValueError(f"more than the {limit:,} bytes read at most")
+    return data.decode("utf-8")
+
+
 MAX_JSON_BYTES = 64 * 2**20  # a manifest lists files, it does not hold them
 
 
@@ -72,14 +92,10 @@ def read_json(path: Path, fmt: object) -> dict[str, Any] | None:
     is no such file; ValueError, one line, for anything else (too big, not JSON, other format)."""
     if not path.exists():
         return None
-    if not path.is_file():
-        raise ValueError("not a regular file")
-    if path.stat().st_size > MAX_JSON_BYTES:
-        raise ValueError(f"larger than {MAX_JSON_BYTES // 2**20} MiB")
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(str(exc)) from exc
+        data = json.loads(read_text_file(path, MAX_JSON_BYTES))
+    except OSError as exc:
+        raise ValueError(exc.strerror or str(exc)) from exc
     if not isinstance(data, dict) or data.get("format") != fmt:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise ValueError(f"format {found!r}, expected {fmt!r}")

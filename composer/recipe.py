@@ -8,6 +8,7 @@ need a base's config.json (layer in range, shared tokenizer) are checked by `tra
 from __future__ import annotations
 
 import re
+import string
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -23,6 +24,7 @@ from pydantic import (
 )
 
 from composer.errors import RecipeError
+from composer.files import read_text_file
 
 # No inf or NaN in any float field: `lr: .inf` would train to NaN weights with exit 0.
 _FROZEN = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -275,7 +277,7 @@ class TrainSpec(BaseModel):
     steps: int = Field(default=300, gt=0)
     batch_size: int = Field(default=8, gt=0)
     seq_len: int = Field(default=256, gt=1, description="Tokens per example (truncated).")
-    lr: float = Field(default=3e-4, gt=0)
+    lr: float = Field(default=3e-4, gt=0, le=1e30)  # beyond, AdamW overflows float32
     warmup_steps: int = Field(default=20, ge=0)
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="Cosine floor / lr.")
     weight_decay: float = Field(default=0.01, ge=0)
@@ -360,6 +362,20 @@ class Recipe(BaseModel):
     carry_on: CarryOnSpec
     train: TrainSpec
     output: str = Field(default="runs/{name}", description="Build directory.")
+
+    @field_validator("output")
+    @classmethod
+    def _output_template(cls, output: str) -> str:
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(output) if f is not None]
+        except ValueError as exc:
+            raise ValueError(f"{exc} (write {{{{ and }}}} for literal braces)") from exc
+        for field in fields:
+            if field != "name":
+                raise ValueError(f"unknown placeholder {{{field}}}: only {{name}} is filled in")
+        if "\0" in output:
+            raise ValueError("a path cannot hold a NUL byte")
+        return output
 
     @field_validator("bases")
     @classmethod
@@ -452,10 +468,31 @@ def recipe_from_dict(data: Any, source: str = "recipe", overrides: Sequence[str]
         raise RecipeError(f"{source}: a recipe must be a YAML mapping, got {kind}")
     for assignment in overrides:
         apply_override(data, assignment)
+    where = _nul_byte(data)
+    if where is not None:
+        raise RecipeError(f"{source}: {where}: a NUL byte in a string (paths cannot hold one)")
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
         raise RecipeError(f"{source}: {format_validation_error(exc)}") from exc
+
+
+def _nul_byte(node: Any, where: str = "") -> str | None:
+    """The dotted place of the first string holding a NUL byte, or None."""
+    if isinstance(node, str):
+        return (where or "recipe") if "\0" in node else None
+    items = (
+        node.items()
+        if isinstance(node, dict)
+        else enumerate(node)
+        if isinstance(node, list)
+        else ()
+    )
+    for key, value in items:
+        found = _nul_byte(value, f"{where}.{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -473,14 +510,21 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+MAX_RECIPE_BYTES = 2**20  # a recipe is a page of YAML
+
+
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """Read, override and validate a recipe file; every failure is a one-line RecipeError."""
     path = Path(path)
+    if "\0" in str(path):
+        raise RecipeError(f"{str(path)!r}: a path cannot hold a NUL byte")
     try:
-        text = path.read_text()
+        text = read_text_file(path, MAX_RECIPE_BYTES)
     except FileNotFoundError as exc:
         raise RecipeError(f"{path}: no such recipe file") from exc
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except ValueError as exc:  # not a regular file, too big, not UTF-8
         raise RecipeError(f"{path}: cannot read: {exc}") from exc
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no objects built

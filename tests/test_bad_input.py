@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import pytest
 from conftest import recipe_yaml
 from typer.testing import CliRunner
@@ -84,3 +87,71 @@ def test_empty_data_file(recipe_text, write_recipe, tmp_path):
     )
     assert "no examples from text" in line
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("output='{foo}'", "output: unknown placeholder {foo}: only {name} is filled in"),
+        ("output='{0}'", "output: unknown placeholder {0}"),
+        ("output='runs/{name'", "output: expected '}' before end of string"),
+        ("train.lr=1e38", "train.lr: Input should be less than or equal to"),
+    ],
+)
+def test_bad_output_templates_and_rates_are_refused(recipe_text, write_recipe, override, message):
+    line = _one_line_error(["validate", write_recipe(recipe_text), override])
+    assert message in line, line
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "nul"])
+def test_a_recipe_or_data_path_that_is_no_regular_file_is_refused_at_once(
+    recipe_text, write_recipe, tmp_path, kind
+):
+    if kind == "fifo":
+        path = tmp_path / "pipe.yaml"
+        os.mkfifo(path)
+        path = str(path)
+    else:
+        path = {"device": "/dev/zero", "nul": "bad\0name.yaml"}[kind]
+    if kind != "nul":  # (a NUL byte in an argument is the argument parser's usage error)
+        assert "not a regular file" in _one_line_error(["validate", path])  # no blocking read
+    out = tmp_path / "out"
+    quoted = path.replace("\0", "\\0")  # YAML's double quotes read \0 back as NUL
+    data = f'train.data={{kind: text, path: "{quoted}"}}'
+    line = _one_line_error(["build", write_recipe(recipe_text), "--out", out, data])
+    assert ("NUL byte" if kind == "nul" else "not a regular file") in line, line
+    assert not out.exists()
+    features = tmp_path / "features"  # this test's feature caches (conftest)
+    assert not features.exists() or not any(features.iterdir())
+
+
+@pytest.fixture()
+def full_disk(tmp_path):
+    """A 2 MiB tmpfs (root only): a build that writes more than that meets ENOSPC."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True
+        ).returncode
+    ):
+        pytest.skip("a small tmpfs needs root (mount)")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_half_written_file(
+    recipe_text, write_recipe, full_disk
+):
+    (full_disk / "filler").write_bytes(b"\0" * (2 * 2**20 - 64 * 1024))
+    out = full_disk / "out"
+    args = ["build", str(write_recipe(recipe_text)), "--out", str(out), "train.steps=1"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    last = result.output.strip().splitlines()[-1] if result.output.strip() else ""
+    assert last.startswith("error: ") and "No space left on device" in last, last
+    # every file is whole or absent (atomic writes): no temp file is left, and what stays is
+    # a build `--resume` recognises (its recipe), not a half-written one
+    assert not [p for p in full_disk.rglob("*") if p.name.endswith(".tmp")]
+    assert not out.exists() or (out / "recipe.yaml").is_file()

@@ -217,6 +217,9 @@ def _locked(folder: Path) -> Iterator[None]:
         yield
     finally:
         lock.release()
+        if [p.name for p in folder.iterdir()] == [".lock"]:  # failed before writing anything
+            (folder / ".lock").unlink()
+            folder.rmdir()
 
 
 @dataclass(frozen=True)

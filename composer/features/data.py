@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from composer.errors import DataError
+from composer.files import read_text_file
 from composer.recipe import (
     ChatterbotData,
     DataSpec,
@@ -158,10 +159,15 @@ def load_python_docs(spec: PythonDocsData, tokenizer: Any, seq_len: int) -> list
     return text_windows(tokenizer, docs, seq_len, spec.size)
 
 
+MAX_DATA_BYTES = 512 * 2**20  # read whole: split a larger corpus into several files
+
+
 def _read(path: str) -> str:
     try:
-        return Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        return read_text_file(Path(path), MAX_DATA_BYTES)
+    except OSError as exc:
+        raise DataError(f"train.data.path: cannot read {path}: {exc.strerror or exc}") from exc
+    except ValueError as exc:  # not a regular file, too big, not UTF-8
         raise DataError(f"train.data.path: cannot read {path}: {exc}") from exc
 
 
