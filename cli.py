@@ -319,8 +319,10 @@ def generate(
     mixture = _run(lambda: load_mixture(mixture_dir, trust_remote_code=trust_remote_code))
     if show_gates:
         err.print(legend(mixture.carry_on.sources))
-    pieces = stream_answer(
-        mixture, prompt, max_new_tokens, sampling, stop or [], chat=not raw, gates=show_gates
+    pieces = _run(
+        lambda: stream_answer(
+            mixture, prompt, max_new_tokens, sampling, stop or [], chat=not raw, gates=show_gates
+        )
     )
     _run(lambda: print_stream(out, pieces, mixture.carry_on.sources))
 

@@ -6,7 +6,7 @@ import os
 import subprocess
 
 import pytest
-from conftest import recipe_yaml
+from conftest import recipe_yaml, write_mixture_dir
 from typer.testing import CliRunner
 
 from cli import app
@@ -155,3 +155,32 @@ def test_a_full_disk_is_one_line_and_leaves_no_half_written_file(
     # a build `--resume` recognises (its recipe), not a half-written one
     assert not [p for p in full_disk.rglob("*") if p.name.endswith(".tmp")]
     assert not out.exists() or (out / "recipe.yaml").is_file()
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        (
+            "{% for a in range(99999) %}{% for b in range(99999) %}{% endfor %}{% endfor %}",
+            "the anchor's chat template ran past 2 s and was stopped",
+        ),
+        ("{{ ''.__class__.__mro__ }}", "the anchor's chat template failed: access to attribute"),
+        ("{{ raise_exception('no system role') }}", "chat template failed: no system role"),
+    ],
+)
+def test_a_hostile_chat_template_is_one_line(tiny, tmp_path, template, message):
+    """A template that never ends, that Jinja's sandbox rejects, or that raises."""
+    import shutil
+    import time
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny["llama"], base)
+    (base / "chat_template.jinja").write_text(template)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(recipe_yaml({"a": base}, "a", ["a@1"]))
+    mixture = tmp_path / "mix"
+    write_mixture_dir(recipe, mixture)
+    began = time.perf_counter()
+    line = _one_line_error(["generate", mixture, "--prompt", "hi", "--max-new-tokens", "2"])
+    assert message in line, line
+    assert time.perf_counter() - began < 30

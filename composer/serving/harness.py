@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from composer.artifacts.generate import Generation, context_length
 from composer.artifacts.sampling import Sampling
+from composer.features.data import render_chat
 
 
 @register_model("compose")
@@ -119,11 +120,7 @@ class ComposeLM(LM):
     def apply_chat_template(
         self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
     ) -> str:
-        return str(
-            self.tokenizer.apply_chat_template(
-                chat_history, tokenize=False, add_generation_prompt=add_generation_prompt
-            )
-        )
+        return render_chat(self.tokenizer, chat_history, add_generation_prompt)
 
 
 def sampling_from(kwargs: dict[str, Any]) -> Sampling:
