@@ -306,3 +306,20 @@ def test_a_client_that_gives_up_on_a_whole_answer_frees_the_model(server):
         time.sleep(0.05)
     assert health["cancelled"] == before["cancelled"] + 1
     assert health["served"] == before["served"]
+
+
+def test_messages_the_chat_template_refuses_get_400(server):
+    tokenizer = server.mixture.tokenizer
+    template = tokenizer.chat_template
+    tokenizer.chat_template = "{{ raise_exception('no system role here') }}"
+    try:
+        status, reply = _post(
+            server,
+            "/v1/chat/completions",
+            json.dumps({"model": "tiny", "messages": _messages()}).encode(),
+        )
+    finally:
+        tokenizer.chat_template = template
+    assert status == 400, reply
+    assert reply["error"]["param"] == "messages"
+    assert "no system role here" in reply["error"]["message"]

@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from composer.artifacts.generate import Generation, chat_ids, context_length
+from composer.errors import DataError
 from composer.serving import openai_api as api
 from composer.serving.engine import Engine, Job, QueueFull
 
@@ -102,7 +103,10 @@ def create_app(
 
     async def chat_completions(request: Request) -> Response:
         req = await body(request, api.ChatRequest)
-        ids = chat_ids(mixture, [m.as_dict() for m in req.messages])
+        try:
+            ids = chat_ids(mixture, [m.as_dict() for m in req.messages])
+        except DataError as exc:  # the chat template refused these messages, or ran too long
+            raise api.BadRequest(str(exc), param="messages") from None
         job = job_for(req, ids, "messages")
         return await respond(request, job, req, chat=True)
 
