@@ -20,7 +20,6 @@ import contextlib
 import functools
 import json
 import os
-import resource
 import secrets
 import signal
 import subprocess
@@ -29,6 +28,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
+
+from composer.compare.jail import set_limits
 
 NO_NETWORK = "network access is disabled in the sandbox"
 _PREAMBLE = f"""\
@@ -102,11 +103,6 @@ def _processes_of(uid: int) -> int:
     return count
 
 
-def _set_limits(limits: dict[str, int]) -> None:
-    for name, value in limits.items():
-        resource.setrlimit(getattr(resource, name), (value, value))
-
-
 def _jail_command(workdir: str, limits: Limits) -> list[str]:
     python = os.path.realpath(sys.executable)
     prefixes = {os.path.realpath(p) for p in (sys.base_prefix, os.path.dirname(python))}
@@ -159,7 +155,7 @@ def run_untrusted(
             for name in ("harness.py", "program.py", ".token"):
                 os.replace(os.path.join(workdir, name), os.path.join(box, name))
             command = [sys.executable, "-I", "-B", os.path.join(box, "harness.py"), box]
-            cwd, preexec = box, functools.partial(_set_limits, _rlimits(limits))
+            cwd, preexec = box, functools.partial(set_limits, _rlimits(limits))
         env = {"PATH": "/usr/bin:/bin", "HOME": cwd, "TMPDIR": cwd, "LANG": "C.UTF-8"}
         began = time.perf_counter()
         process = subprocess.Popen(
