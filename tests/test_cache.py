@@ -48,6 +48,16 @@ def test_cache_and_live_give_the_same_training(recipe_path, tmp_path):
     assert cached.metrics["eval_loss_anchor"] == pytest.approx(
         live.metrics["eval_loss_anchor"], rel=1e-5
     )
+    # The held-out report per domain reads the cache in the cached build, the bases live in the
+    # other: the same figures.
+    assert cached.metrics["domains"].keys() == live.metrics["domains"].keys()
+    for domain, report in cached.metrics["domains"].items():
+        other = live.metrics["domains"][domain]
+        assert report["nats_per_char"].keys() == other["nats_per_char"].keys()
+        for who, value in report["nats_per_char"].items():
+            assert value == pytest.approx(other["nats_per_char"][who], rel=1e-4), who
+        for source, weight in report["gate_mean"].items():
+            assert weight == pytest.approx(other["gate_mean"][source], abs=1e-5), source
 
 
 def test_a_cache_being_written_by_another_process_is_refused(recipe_path):

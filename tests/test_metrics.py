@@ -42,3 +42,29 @@ def test_domain_metrics(mixture):
     assert report["math"]["target_chars"] == len("He works 12 days.") + len(
         "2 + 3 = 5 #### 5"
     ) + 2 * len("<|im_end|>\n")
+
+
+def test_qa_without_a_chat_template_keeps_the_prompt_tokens(tiny):
+    """A base without a chat template gets the plain "User: …\\nAssistant: " prompt, whose
+    trailing space a byte-level BPE merges into the answer's first word; the example still
+    exists, starts with the prompt's own tokens (what generation continues from) and has the
+    answer as its targets."""
+    from transformers import AutoTokenizer
+
+    from composer.features.data import IGNORE, format_prompt
+
+    tok = AutoTokenizer.from_pretrained(tiny["llama"])
+    tok.chat_template = None
+    messages = [{"role": "user", "content": "How many days?"}]
+    prompt = format_prompt(tok, messages)
+    assert prompt.endswith("Assistant: ")
+    merged = tok(prompt + "works for 2 weeks.", add_special_tokens=False)["input_ids"]
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    assert merged[: len(prompt_ids)] != prompt_ids  # the case: tokens merge across the boundary
+    example = encode_qa(tok, messages, "works for 2 weeks.", 256)
+    assert example is not None
+    assert example.input_ids[: len(prompt_ids)] == prompt_ids
+    targets = [
+        t for t, label in zip(example.input_ids, example.labels, strict=True) if label != IGNORE
+    ]
+    assert tok.decode(targets) == "works for 2 weeks." + tok.eos_token

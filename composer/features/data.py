@@ -102,9 +102,15 @@ def encode_qa(
     else:
         full = prompt + answer + (tokenizer.eos_token or "")
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    ids = tokenizer(full, add_special_tokens=False)["input_ids"][:seq_len]
+    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
     n_prompt = len(prompt_ids)
-    if ids[:n_prompt] != prompt_ids or len(ids) <= n_prompt:
+    if ids[:n_prompt] != prompt_ids:
+        # The prompt's last token merged with the answer's first (the plain "Assistant: "
+        # prompt's trailing space, for a base without a chat template): the answer is encoded
+        # after the prompt's own tokens, which is what generation continues from.
+        ids = prompt_ids + tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
+    ids = ids[:seq_len]
+    if len(ids) <= n_prompt:
         return None
     return Example(input_ids=ids, labels=[IGNORE] * n_prompt + ids[n_prompt:])
 

@@ -153,7 +153,7 @@ def _build(
         cache=cache,
     )
     with console.status("held-out metrics per domain, the bases alone included"):
-        result.metrics["domains"] = domain_report(recipe, out_dir)
+        result.metrics["domains"] = domain_report(recipe, out_dir, cache)
         result.metrics["gate_separation"] = gate_separation(result.metrics["domains"])
     write_json(out_dir / "metrics.json", result.metrics)
     write_text(out_dir / "README.md", model_card(recipe, result.metrics))
@@ -170,16 +170,23 @@ def check_memory(plan: Plan, force: bool) -> None:
         )
 
 
-def domain_report(recipe: Recipe, out_dir: Path) -> dict[str, Any]:
+def domain_report(
+    recipe: Recipe, out_dir: Path, cache: FeatureCache | None = None
+) -> dict[str, Any]:
     """Per data domain, on the held-out split: loss of the anchor, of the mixture and of each
     base alone (per character, so tokenizers compare), and the router's mean weight per source;
-    with preservation, the held-out general text too (`general/...` domains: off-domain)."""
+    with preservation, the held-out general text too (`general/...` domains: off-domain).
+    With the build's feature `cache`, the mixture and the anchor read its states."""
     mixture = Mixture.from_recipe(recipe, fetch=True, seed=recipe.train.seed)
     load_weights(out_dir / WEIGHTS, mixture.carry_on)
     mixture.carry_on.eval()
     splits = load_splits(recipe, mixture.tokenizer)
-    held = splits["eval"] + splits.get("general", [])
-    return domain_metrics(mixture, held, recipe.train.batch_size)
+    report: dict[str, Any] = {}
+    for name in ("eval", "general"):
+        if name in splits:
+            source = cache.source(name) if cache is not None else None
+            report |= domain_metrics(mixture, splits[name], recipe.train.batch_size, source)
+    return report
 
 
 def train_mixture(

@@ -9,7 +9,7 @@ log-likelihood of the target characters divided by their number, whichever token
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -17,20 +17,39 @@ import torch.nn.functional as F
 from composer.features.data import IGNORE, Example, collate, pad_id
 from composer.model.mixture import Mixture
 
+if TYPE_CHECKING:
+    from composer.training.train import Source
+
 
 @torch.no_grad()
 def domain_metrics(
-    mixture: Mixture, examples: list[Example], batch_size: int = 8
+    mixture: Mixture,
+    examples: list[Example],
+    batch_size: int = 8,
+    cached: Source | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """{domain: {examples, target_chars, loss_per_token, nats_per_char, gate_mean}}."""
+    """{domain: {examples, target_chars, loss_per_token, nats_per_char, gate_mean}}.
+
+    With `cached` (the examples' split in the feature cache, in the same order), the mixture
+    and the anchor read the cached states, the ones training read, instead of running the
+    bases again; each base alone still runs on its own tokens."""
+    if cached is not None and [e.input_ids for e in cached.examples] != [
+        e.input_ids for e in examples
+    ]:
+        raise ValueError("the cached split does not hold these examples")
     sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     gates: dict[str, torch.Tensor] = {}
     pad = pad_id(mixture.tokenizer)
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        batch = collate(chunk, pad)
-        features = mixture.features(batch["input_ids"], batch["attention_mask"])
-        hidden, weights, _ = mixture.hidden(features, batch["attention_mask"])
+        if cached is not None:
+            batch = cached.batch(list(range(start, start + len(chunk))))
+            features, mask = batch.features, batch.attention_mask
+        else:
+            tensors = collate(chunk, pad)
+            mask = tensors["attention_mask"]
+            features = mixture.features(tensors["input_ids"], mask)
+        hidden, weights, _ = mixture.hidden(features, mask)
         for row, example in enumerate(chunk):
             n = len(example.input_ids)
             acc = sums[example.domain]
@@ -44,9 +63,9 @@ def domain_metrics(
             acc["examples"] += 1
             g = weights[row, :n].mean(dim=0)
             gates[example.domain] = gates.get(example.domain, torch.zeros_like(g)) + g
-        for example in chunk:
-            for name, base in mixture.bases.items():
-                sums[example.domain][f"nll_base_{name}"] += base_target_nll(base, mixture, example)
+        for name, base in mixture.bases.items():
+            for example, nll in zip(chunk, base_target_nll(base, mixture, chunk), strict=True):
+                sums[example.domain][f"nll_base_{name}"] += nll
     report = {}
     for domain, acc in sums.items():
         chars = max(acc["chars"], 1.0)
@@ -87,20 +106,35 @@ def target_text(tokenizer: Any, example: Example) -> str:
     return _split_text(tokenizer, example)[1]
 
 
-def base_target_nll(base: Any, mixture: Mixture, example: Example) -> float:
-    """A base's own summed NLL of the example's target text, in its own tokenization."""
-    context, target = _split_text(mixture.tokenizer, example)
-    encoded = base.tokenizer(context + target, add_special_tokens=True, return_offsets_mapping=True)
-    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
-    # Targets: tokens that end inside the target text (a token straddling the boundary counts,
-    # so every target character is covered once).
-    wanted = [j for j in range(1, len(ids)) if offsets[j][1] > len(context)]
-    if not wanted:
-        return 0.0
-    states = base.forward(torch.tensor([ids]), None, [], need_final=True)
+def base_target_nll(base: Any, mixture: Mixture, examples: list[Example]) -> list[float]:
+    """Each example's target text scored by a base alone, in its own tokenization: the summed
+    NLL of the tokens that end inside the target text (a token straddling the boundary counts,
+    so every target character is covered once). One right-padded forward for all of them."""
+    rows = []
+    for example in examples:
+        context, target = _split_text(mixture.tokenizer, example)
+        encoded = base.tokenizer(
+            context + target, add_special_tokens=True, return_offsets_mapping=True
+        )
+        ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+        rows.append((ids, [j for j in range(1, len(ids)) if offsets[j][1] > len(context)]))
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for r, (ids, _) in enumerate(rows):
+        input_ids[r, : len(ids)] = torch.tensor(ids)
+        mask[r, : len(ids)] = 1
+    states = base.forward(input_ids, mask, [], need_final=True)
     assert states.final is not None
-    logits = base.logits(states.final[0, [j - 1 for j in wanted]])
-    return float(F.cross_entropy(logits, torch.tensor([ids[j] for j in wanted]), reduction="sum"))
+    out = []
+    for r, (ids, wanted) in enumerate(rows):
+        if not wanted:
+            out.append(0.0)
+            continue
+        logits = base.logits(states.final[r, [j - 1 for j in wanted]])
+        nll = F.cross_entropy(logits, torch.tensor([ids[j] for j in wanted]), reduction="sum")
+        out.append(float(nll))
+    return out
 
 
 def gate_separation(domains: dict[str, dict[str, Any]]) -> dict[str, float]:
