@@ -282,6 +282,12 @@ class TrainSpec(BaseModel):
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="Cosine floor / lr.")
     weight_decay: float = Field(default=0.01, ge=0)
     grad_clip: float = Field(default=1.0, gt=0)
+    autocast: Literal["none", "bfloat16"] = Field(
+        default="none",
+        description="The carry-on's training forward and backward in bfloat16 mixed precision "
+        "(weights, optimizer state, the exact head loss and every evaluation stay float32): "
+        "faster where the CPU or GPU has bfloat16 matmuls.",
+    )
     seed: int = 0
     eval_every: int = Field(default=100, gt=0)
     checkpoint_every: int = Field(default=100, gt=0)

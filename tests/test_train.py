@@ -159,3 +159,33 @@ def test_resume_accepts_a_build_written_before_a_field_existed(recipe, tmp_path)
     (out / "recipe.yaml").write_text(yaml.safe_dump(saved))
     with pytest.raises(OutputError, match="built from a different recipe"):
         check_output_dir(out, recipe, resume=True)
+
+
+def test_autocast_trains_in_bfloat16_with_an_exact_head(recipe, tmp_path):
+    """`train.autocast: bfloat16` runs the carry-on's matmuls in bfloat16 while it trains; its
+    weights stay float32, and the head's loss is exact: at the first step the carry-on adds
+    nothing yet, so both runs start from the same loss to the last bit."""
+    from composer.model.head import LMHead, head_loss
+
+    plain = build(recipe, out=tmp_path / "fp32", steps=6)
+    mixed_recipe = load_recipe(tmp_path / "fp32" / "recipe.yaml", ["train.autocast=bfloat16"])
+    mixed = build(mixed_recipe, out=tmp_path / "bf16", steps=6)
+    assert mixed.metrics["train_loss_first"] == plain.metrics["train_loss_first"]
+    assert mixed.metrics["train_loss_last"] != plain.metrics["train_loss_last"]  # it did apply
+    assert mixed.metrics["train_loss_last"] < mixed.metrics["train_loss_first"]
+    assert mixed.metrics["eval_loss_mixture"] < mixed.metrics["eval_loss_anchor"]
+    weights = load_file(tmp_path / "bf16" / WEIGHTS)
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+    # The head under autocast: the same value and gradient as outside it.
+    generator = torch.Generator().manual_seed(0)
+    head = LMHead(torch.randn(50, 16, generator=generator), None, None, torch.float32)
+    rows = torch.randn(7, 16, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 50, (7,), generator=generator)
+    head_loss(head, rows, targets).backward()
+    plain_grad = rows.grad.clone()
+    rows.grad = None
+    with torch.autocast("cpu", torch.bfloat16):
+        loss = head_loss(head, rows, targets)
+    loss.backward()
+    assert loss == head_loss(head, rows.detach(), targets)
+    assert torch.equal(rows.grad, plain_grad)

@@ -233,11 +233,12 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, spec, total_steps)
             counts = ranks.sum(torch.tensor([batch.n_targets, int(batch.attention_mask.sum())]))
-            loss = token_loss(mixture, batch) / max(int(counts[0]), 1)
-            if spec.preserve is not None and preserve_source is not None:
-                kl = _preserve_step(mixture, preserve_source, spec, spec.preserve, step, ranks)
-                result.preserve_kl.append((step + 1, float(ranks.sum(kl.detach()))))
-                loss = loss + spec.preserve.weight * kl
+            with _autocast(spec, batch.attention_mask.device):
+                loss = token_loss(mixture, batch) / max(int(counts[0]), 1)
+                if spec.preserve is not None and preserve_source is not None:
+                    kl = _preserve_step(mixture, preserve_source, spec, spec.preserve, step, ranks)
+                    result.preserve_kl.append((step + 1, float(ranks.sum(kl.detach()))))
+                    loss = loss + spec.preserve.weight * kl
             value = float(ranks.sum(loss.detach()))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -272,6 +273,12 @@ def train(
     result.steps = total_steps
     result.seconds = time.perf_counter() - began
     return result
+
+
+def _autocast(spec: TrainSpec, device: torch.device) -> torch.autocast:
+    """`train.autocast`: the carry-on's matmuls in bfloat16 inside (the head's exact loss
+    turns autocast off for itself: composer.model.head)."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=spec.autocast == "bfloat16")
 
 
 def _diverged(step: int, loss: float, checkpoints: Path) -> str:
