@@ -3,6 +3,7 @@
 Run by hand (not in CI):
 
     python bench/generation_cost.py [--recipe recipes/chat-code-general.yaml] [--new 16]
+                                    [--threads 1]
 
 Builds the recipe's mixture untrained (the cost does not depend on the weights), then for a
 short and a long prompt times greedy decoding of `--new` tokens with every base's KV cache (each
@@ -10,6 +11,12 @@ aligned base re-tokenizes the grown text and reuses its cache up to the common p
 as the peer, without caches. The prompt's forward is timed apart (decoding 1 token) and taken
 out. Prints seconds per new token and the long/short ratios: near 1 for the cached path,
 growing with the prompt for the uncached one.
+
+In the same run, each base's own cached decode step is timed as plain transformers runs it
+(the same loaded model, so the same dtype and quantization: `model(token, cache=...)` with its
+own LM head, greedy, after a prompt of the same text in its own tokens), and the mixture's
+tokens/s is printed against 1 / Σ(base steps): the speed of running every base's own decoder
+one after the other, which the mixture's step contains.
 """
 
 from __future__ import annotations
@@ -17,10 +24,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Any
 
 import torch
 
 from composer.artifacts.generate import generate_ids
+from composer.model.align import anchor_text
 from composer.model.mixture import Mixture
 from composer.recipe import load_recipe
 
@@ -47,13 +56,36 @@ def per_token_seconds(mixture: Mixture, prompt: list[int], new: int, cached: boo
     return statistics.median(runs)
 
 
+@torch.no_grad()
+def base_step_seconds(base: Any, text: str, new: int) -> float:
+    """Seconds per cached greedy decode step of `base` on its own, after `text` as the prompt."""
+    from transformers import DynamicCache
+
+    ids = base.tokenizer(text, add_special_tokens=True, return_tensors="pt")["input_ids"]
+    runs = []
+    for _ in range(3):
+        cache = DynamicCache(config=base.model.config)
+        out = base.model(input_ids=ids.to(base.device), cache=cache, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for _ in range(new):
+            out = base.model(input_ids=token, cache=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+        runs.append((time.perf_counter() - start) / new)
+    return statistics.median(runs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="recipes/chat-code-general.yaml")
     parser.add_argument("--short", type=int, default=32, help="short prompt, anchor tokens")
     parser.add_argument("--long", type=int, default=384, help="long prompt, anchor tokens")
     parser.add_argument("--new", type=int, default=16, help="tokens to generate")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: fair on shared cores)"
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     mixture = Mixture.from_recipe(load_recipe(args.recipe))
     ids = mixture.tokenizer(TEXT * 40, add_special_tokens=False)["input_ids"]
@@ -73,6 +105,16 @@ def main() -> None:
     for cached, short, long in rows:
         name = "cached" if cached else "no cache"
         print(f"{name:<10}{short:>16.3f}{long:>16.3f}{long / short:>12.2f}")
+    text = anchor_text(mixture.tokenizer, ids[: args.short])
+    steps = {name: base_step_seconds(base, text, args.new) for name, base in mixture.bases.items()}
+    print(f"\nbases' own cached decode step (plain transformers) after the @{args.short} prompt:")
+    for name, seconds in steps.items():
+        print(f"  {name:<10}{seconds:>10.4f} s/token")
+    ours = rows[0][1]
+    print(
+        f"mixture {1 / ours:.1f} tokens/s vs 1/sum(base steps) {1 / sum(steps.values()):.1f} "
+        f"tokens/s: ratio {sum(steps.values()) / ours:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ All weights are float32 (the recipe's default base dtype); the cache stores bflo
 uses `--threads` torch threads (default 1: with other work on the cores, multi-threaded kernels
 spend their time waiting for each other). The
 cache phase's tokens/s is compared with a plain transformers forward of the same base's decoder
-over the same batches (the limit of that phase). Ratios a/c and a/d are printed per base.
+over the same batches (the limit of that phase). Ratios a/c and a/d are printed per base, and
+the from-cache step against its floor: the anchor head's two matmuls of the step's shapes
+(logits, and the gradient to the carry-on's output), timed alone in the same run.
 """
 
 from __future__ import annotations
@@ -87,10 +89,13 @@ class Timed:
         self.inner = inner
         self.examples = inner.examples
         self.stamps: list[float] = []
+        self.rows: list[int] = []  # target rows of each batch: the head's work in that step
 
     def batch(self, indices: list[int]) -> Batch:
         self.stamps.append(time.perf_counter())
-        return self.inner.batch(indices)
+        batch = self.inner.batch(indices)
+        self.rows.append(batch.n_targets)
+        return batch
 
 
 def step_times(stamps: list[float], warmup: int) -> list[float]:
@@ -123,7 +128,12 @@ def run_carry_on(recipe: Recipe, from_cache: bool, args: argparse.Namespace) -> 
     with tempfile.TemporaryDirectory() as tmp:
         train(model, timed, eval_source, recipe.train, Path(tmp), steps=steps, console=quiet)
     trainable = sum(p.numel() for p in model.carry_on.parameters() if p.requires_grad)
-    return {"trainable": trainable, "steps": step_times(timed.stamps, args.warmup)}
+    rows = timed.rows[args.warmup : args.warmup + args.steps]
+    return {
+        "trainable": trainable,
+        "steps": step_times(timed.stamps, args.warmup),
+        "rows": round(statistics.mean(rows)),
+    }
 
 
 def examples(recipe: Recipe, tokenizer: Any) -> tuple[list[Example], list[Example]]:
@@ -204,6 +214,41 @@ def run_forward(recipe: Recipe) -> dict[str, Any]:
     return {"tokens": tokens, "seconds": seconds}
 
 
+def run_floor(recipe: Recipe, rows: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The from-cache step's floor: the anchor head's two matmuls of a step's shapes, logits
+    (rows, D) @ (D, vocab) and the gradient to the rows (rows, vocab) @ (vocab, D), in the
+    head's compute dtype; and the exact cross-entropy pass (composer.model.head) on the same
+    rows, forward and backward, for how close that pass comes to it."""
+    from composer.bases.frozen import DTYPES, resolve_folder
+    from composer.model.head import LMHead, head_loss
+
+    folder = resolve_folder(recipe.bases[recipe.anchor], fetch=False)
+    head = LMHead.from_folder(folder, DTYPES[recipe.bases[recipe.anchor].dtype])
+    weight = head.weight.to(head.dtype)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, weight.shape[1], generator=generator, dtype=head.dtype)
+    targets = torch.randint(0, weight.shape[0], (rows,), generator=generator)
+
+    def floor() -> None:
+        logits = x @ weight.T
+        logits @ weight
+
+    def head_pass() -> None:
+        leaf = x.clone().requires_grad_(True)
+        head_loss(head, leaf, targets).backward()
+
+    def median_seconds(work: Any) -> float:
+        work()  # warm-up
+        times = []
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            work()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    return {"floor": median_seconds(floor), "head": median_seconds(head_pass), "rows": rows}
+
+
 def child(arm: str, recipe_path: str, args: argparse.Namespace) -> None:
     # Subnormal softmax probabilities make the peers' cross-entropy backward ~40x slower on
     # x86; flushing them in every arm keeps the comparison about the method, not about that.
@@ -216,6 +261,8 @@ def child(arm: str, recipe_path: str, args: argparse.Namespace) -> None:
         result = run_forward(recipe)
     elif arm in ("a", "b"):
         result = run_carry_on(recipe, arm == "a", args)
+    elif arm == "floor":
+        result = run_floor(recipe, args.rows, args)
     elif arm == "c":
         result = run_hf(recipe, args.lora_params, args)
     else:
@@ -248,6 +295,7 @@ def bench_base(card: str, args: argparse.Namespace, tmp: Path) -> None:
     cache = spawn("cache", path, args)
     forward = spawn("forward", path, args)
     arms = {"a": spawn("a", path, args)}
+    floor = spawn("floor", path, args, rows=arms["a"]["rows"])
     arms["b"] = spawn("b", path, args)
     arms["c"] = spawn("c", path, args, lora_params=arms["a"]["trainable"])
     if args.full and (full := spawn("d", path, args)):
@@ -272,6 +320,12 @@ def bench_base(card: str, args: argparse.Namespace, tmp: Path) -> None:
         if peer in arms:
             rss = arms["a"]["peak_mib"] / arms[peer]["peak_mib"]
             print(f"a/{peer}: peak RSS {rss:.3f}, step time {median['a'] / median[peer]:.3f}")
+    step = median["a"]
+    print(
+        f"head floor (two matmuls, {floor['rows']} rows): {floor['floor']:.3f} s; exact "
+        f"cross-entropy pass {floor['head']:.3f} s ({floor['head'] / floor['floor']:.2f}x); "
+        f"from-cache step {step:.3f} s: step/floor {step / floor['floor']:.2f}"
+    )
     ours = cache["tokens"] / cache["seconds"]
     plain = forward["tokens"] / forward["seconds"]
     print(
@@ -295,6 +349,7 @@ def main() -> None:
     parser.add_argument("--arm", help=argparse.SUPPRESS)
     parser.add_argument("--recipe", help=argparse.SUPPRESS)
     parser.add_argument("--lora-params", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--rows", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.arm:
         child(args.arm, args.recipe, args)
