@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from composer.artifacts.generate import generate_ids
+from composer.artifacts.generate import Generation
 from composer.model.align import anchor_text
 from composer.model.mixture import Mixture
 from composer.recipe import load_recipe
@@ -41,7 +41,7 @@ TEXT = (
 
 def _seconds(mixture: Mixture, prompt: list[int], new: int, cached: bool) -> float:
     start = time.perf_counter()
-    out = generate_ids(mixture, prompt, new, use_cache=cached, stop_at_eos=False)
+    out = Generation(mixture, prompt, new, use_cache=cached, stop_at_eos=False).run().ids
     assert len(out) == new
     return time.perf_counter() - start
 
