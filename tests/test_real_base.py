@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from composer.bases import pull, registry
+from composer.bases.frozen import DTYPES
 from composer.model.mixture import Mixture
 from composer.recipe import load_recipe
 from composer.training.build import build
@@ -27,17 +28,19 @@ def smollm2() -> Path:
 
 
 def test_untrained_demo_mixture_equals_smollm2(smollm2):
-    mixture = Mixture.from_recipe(load_recipe(DEMO))
-    reference = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
+    recipe = load_recipe(DEMO)
+    dtype = DTYPES[recipe.bases["chat"].dtype]  # the reference loads as the recipe says
+    mixture = Mixture.from_recipe(recipe)
+    reference = AutoModelForCausalLM.from_pretrained(smollm2, dtype=dtype)
     text = "Natalia sold clips to 48 of her friends in April."
     ids = torch.tensor([mixture.tokenizer(text)["input_ids"]])
     with torch.no_grad():
         expected = reference(ids, output_hidden_states=True)
         got = mixture(ids)
         taps = mixture.features(ids).taps
-    torch.testing.assert_close(got, expected.logits, rtol=0, atol=1e-4)
+    torch.testing.assert_close(got, expected.logits.float(), rtol=0, atol=1e-4)
     for layer in (10, 20, 30):
-        torch.testing.assert_close(taps[f"chat@{layer}"], expected.hidden_states[layer])
+        torch.testing.assert_close(taps[f"chat@{layer}"], expected.hidden_states[layer].float())
 
 
 def test_short_demo_build_beats_the_anchor(smollm2, tmp_path):
