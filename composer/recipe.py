@@ -285,8 +285,8 @@ class TrainSpec(BaseModel):
     autocast: Literal["none", "bfloat16"] = Field(
         default="none",
         description="The carry-on's training forward and backward in bfloat16 mixed precision "
-        "(weights, optimizer state, the exact head loss and every evaluation stay float32): "
-        "faster where the CPU or GPU has bfloat16 matmuls.",
+        "(weights, optimizer state and every evaluation stay float32; the head's loss stays "
+        "exact, in the anchor's own dtype): faster where the CPU or GPU has bfloat16 matmuls.",
     )
     seed: int = 0
     eval_every: int = Field(default=100, gt=0)

@@ -118,13 +118,8 @@ def base_target_nll(base: Any, mixture: Mixture, examples: list[Example]) -> lis
         )
         ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
         rows.append((ids, [j for j in range(1, len(ids)) if offsets[j][1] > len(context)]))
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for r, (ids, _) in enumerate(rows):
-        input_ids[r, : len(ids)] = torch.tensor(ids)
-        mask[r, : len(ids)] = 1
-    states = base.forward(input_ids, mask, [], need_final=True)
+    batch = collate([Example(input_ids=ids, labels=ids) for ids, _ in rows], pad_id(base.tokenizer))
+    states = base.forward(batch["input_ids"], batch["attention_mask"], [], need_final=True)
     assert states.final is not None
     out = []
     for r, (ids, wanted) in enumerate(rows):
