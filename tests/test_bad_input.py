@@ -89,6 +89,23 @@ def test_empty_data_file(recipe_text, write_recipe, tmp_path):
     assert not out.exists()
 
 
+def test_empty_preservation_file_names_its_field(recipe_text, write_recipe, tmp_path):
+    data = tmp_path / "empty.txt"
+    data.write_text("\n\n")
+    out = tmp_path / "out"
+    line = _one_line_error(
+        [
+            "build",
+            write_recipe(recipe_text),
+            "--out",
+            out,
+            f"train.preserve.data={{kind: text, path: {data}}}",
+        ]
+    )
+    assert "train.preserve.data: no examples from text" in line, line
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

@@ -270,8 +270,11 @@ DATA_SOURCES: dict[str, Callable[[Any, Any, int], list[Example]]] = {
 }
 
 
-def load_examples(spec: DataSpec, tokenizer: Any, seq_len: int) -> list[Example]:
-    """Every example of `spec`, labelled with its domain (the part's, or the source kind)."""
+def load_examples(
+    spec: DataSpec, tokenizer: Any, seq_len: int, where: str = "train.data"
+) -> list[Example]:
+    """Every example of `spec`, labelled with its domain (the part's, or the source kind);
+    `where` is the recipe field `spec` came from, named by the errors."""
     parts = spec.parts if isinstance(spec, MixData) else None
     if parts is None:
         examples = DATA_SOURCES[spec.kind](spec, tokenizer, seq_len)
@@ -282,13 +285,13 @@ def load_examples(spec: DataSpec, tokenizer: Any, seq_len: int) -> list[Example]
         for i, part in enumerate(parts):
             loaded = DATA_SOURCES[part.data.kind](part.data, tokenizer, seq_len)
             if not loaded:
-                raise DataError(f"train.data.parts.{i}: no examples from {part.data.kind}")
+                raise DataError(f"{where}.parts.{i}: no examples from {part.data.kind}")
             for e in loaded:
                 e.domain = part.domain
             examples += loaded
     if not examples:
         raise DataError(
-            f"train.data: no examples from {spec.kind} after tokenizing and filtering "
+            f"{where}: no examples from {spec.kind} after tokenizing and filtering "
             f"(is train.seq_len={seq_len} shorter than the prompts?)"
         )
     return examples
@@ -347,7 +350,9 @@ def load_splits(recipe: Recipe, tokenizer: Any) -> dict[str, list[Example]]:
         # Repeated texts (a reply shared by two dialogs) once, so none is both kept and held.
         unique = {
             tuple(e.input_ids): e
-            for e in load_examples(spec.preserve.data, tokenizer, spec.seq_len)
+            for e in load_examples(
+                spec.preserve.data, tokenizer, spec.seq_len, "train.preserve.data"
+            )
         }
         general = list(unique.values())
         for example in general:
