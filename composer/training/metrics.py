@@ -32,7 +32,8 @@ def domain_metrics(
 
     With `cached` (the examples' split in the feature cache, in the same order), the mixture
     and the anchor read the cached states, the ones training read, instead of running the
-    bases again; each base alone still runs on its own tokens."""
+    bases again. Each other base alone runs on its own tokens; the anchor alone is the anchor's
+    own score (running it again on its re-encoded text would only repeat that forward)."""
     if cached is not None and [e.input_ids for e in cached.examples] != [
         e.input_ids for e in examples
     ]:
@@ -64,6 +65,8 @@ def domain_metrics(
             g = weights[row, :n].mean(dim=0)
             gates[example.domain] = gates.get(example.domain, torch.zeros_like(g)) + g
         for name, base in mixture.bases.items():
+            if base is mixture.anchor:
+                continue
             for example, nll in zip(chunk, base_target_nll(base, mixture, chunk), strict=True):
                 sums[example.domain][f"nll_base_{name}"] += nll
     report = {}
@@ -80,7 +83,13 @@ def domain_metrics(
             "nats_per_char": {
                 "anchor": acc["nll_anchor"] / chars,
                 "mixture": acc["nll_mixture"] / chars,
-                **{f"{name} alone": acc[f"nll_base_{name}"] / chars for name in mixture.bases},
+                **{
+                    f"{name} alone": acc[
+                        "nll_anchor" if base is mixture.anchor else f"nll_base_{name}"
+                    ]
+                    / chars
+                    for name, base in mixture.bases.items()
+                },
             },
             "gate_mean": {
                 src: float(v)
