@@ -105,6 +105,40 @@ def test_general_text_is_held_out_and_varied(mixture):
     assert not any(tuple(e.input_ids) in kept for e in splits["general"])
 
 
+def test_held_out_text_is_never_training_text(tiny, write_recipe):
+    """The chatterbot corpus repeats exchanges across topics and shares some with the general
+    text's dialogs: no eval example repeats a training one, no general text (kept or held)
+    repeats a task example, and a draw of pairs holds each exchange once."""
+    from composer.features.data import Example, chatterbot_pairs, split
+    from composer.recipe import ChatterbotData
+
+    drawn = chatterbot_pairs(ChatterbotData(kind="chatterbot", size=400, seed=0))
+    assert len(drawn) == 400 and len(set(drawn)) == 400
+    text = recipe_yaml({"a": tiny["llama"]}, "a", ["a@1"]).replace(
+        "data: {kind: gsm_symbolic, size: 24, seed: 0}",
+        "data: {kind: chatterbot, size: 300, seed: 3}",
+    )
+    recipe = load_recipe(write_recipe(text))
+    assert recipe.train.data.kind == "chatterbot"
+    splits = load_splits(recipe, Mixture.from_recipe(recipe).tokenizer)
+    seen = {tuple(e.input_ids) for e in splits["train"]}
+    assert not any(tuple(e.input_ids) in seen for e in splits["eval"])
+    seen |= {tuple(e.input_ids) for e in splits["eval"]}
+    dialogs = [e for name in ("preserve", "general") for e in splits[name]]
+    assert any(e.domain == "general/dialog" for e in dialogs)
+    assert not any(tuple(e.input_ids) in seen for e in dialogs)
+    # Copies of one text fall on one side of a split, held once.
+    a, b, c = ([i, i + 1] for i in (1, 5, 9))
+    copies = [Example(input_ids=x, labels=x) for x in (a, a, a, b, c, c)]
+    train, held = split(copies, 0.5, 0)
+    held_ids = [tuple(e.input_ids) for e in held]
+    assert len(held_ids) == len(set(held_ids)) == 2
+    assert not set(held_ids) & {tuple(e.input_ids) for e in train}
+    assert (
+        len(train) + sum(len([e for e in copies if tuple(e.input_ids) == h]) for h in held_ids) == 6
+    )
+
+
 def test_preserve_none_trains_on_the_task_loss_alone(tiny, write_recipe, tmp_path):
     """With `preserve: none` the loop is the plain one: the same weights as a hand-written
     AdamW loop over the task loss, bit for bit, even when a general-text source is passed."""

@@ -51,6 +51,9 @@ from composer.progress import counted
 from composer.recipe import CacheSpec, DataSpec, Recipe
 
 FORMAT = 1
+# How load_splits draws a recipe's examples; part of the key, so a cache written under an
+# older rule is rebuilt. 2: chatterbot pairs distinct, no held-out example equal to a task one.
+SPLITS = 2
 MANIFEST = "manifest.json"
 
 
@@ -98,6 +101,7 @@ def cache_key(recipe: Recipe, folders: dict[str, Path]) -> tuple[str, dict[str, 
     spec = recipe.train
     components = {
         "format": FORMAT,
+        "splits": SPLITS,
         "anchor": recipe.anchor,
         "bases": bases,
         "taps": sorted(str(t) for t in recipe.tap_refs),

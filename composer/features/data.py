@@ -182,7 +182,11 @@ def chatterbot_pairs(spec: ChatterbotData) -> list[tuple[str, str]]:
     """The (question, answer) pairs `kind: chatterbot` trains on: the first exchange of each
     dialog, shuffled by the data seed, the first `size`. The held-out chat suite leaves out
     exactly these (compare.suites), so both read them here."""
-    pairs = [(turns[0], turns[1]) for _, turns in chatterbot_dialogs() if len(turns) >= 2]
+    # The corpus repeats many exchanges across topics (2,025 first exchanges, 897 distinct):
+    # each once, so a draw holds no copies and its held-out part none of its training part.
+    pairs = list(
+        dict.fromkeys((turns[0], turns[1]) for _, turns in chatterbot_dialogs() if len(turns) >= 2)
+    )
     random.Random(spec.seed).shuffle(pairs)
     return pairs[: spec.size]
 
@@ -298,22 +302,27 @@ def load_examples(
 
 
 def split(
-    examples: list[Example], eval_fraction: float, seed: int
+    examples: list[Example], eval_fraction: float, seed: int, where: str = "train.data"
 ) -> tuple[list[Example], list[Example]]:
-    """A seeded held-out split per domain; both sides non-empty in every domain."""
+    """A seeded held-out split per domain; both sides non-empty in every domain. Copies of
+    one text fall on one side: a held-out text is never also a training text (held once)."""
     train: list[Example] = []
     held: list[Example] = []
     for domain in dict.fromkeys(e.domain for e in examples):
-        group = [e for e in examples if e.domain == domain]
-        if len(group) < 2:
+        copies: dict[tuple[int, ...], list[Example]] = {}
+        for e in examples:
+            if e.domain == domain:
+                copies.setdefault(tuple(e.input_ids), []).append(e)
+        if len(copies) < 2:
             raise DataError(
-                f"train.data: {len(group)} example(s) of '{domain}' cannot be split into "
-                "train and eval"
+                f"{where}: {len(copies)} distinct example(s) of '{domain}' cannot be split "
+                "into train and eval"
             )
-        random.Random(seed).shuffle(group)
-        n_eval = min(len(group) - 1, max(1, round(eval_fraction * len(group))))
-        held += group[:n_eval]
-        train += group[n_eval:]
+        texts = list(copies.values())
+        random.Random(seed).shuffle(texts)
+        n_eval = min(len(texts) - 1, max(1, round(eval_fraction * len(texts))))
+        held += [group[0] for group in texts[:n_eval]]
+        train += [e for group in texts[n_eval:] for e in group]
     random.Random(seed + 1).shuffle(train)
     return train, held
 
@@ -340,23 +349,26 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
 def load_splits(recipe: Recipe, tokenizer: Any) -> dict[str, list[Example]]:
     """Every split a build uses: `train` and `eval` of the task data and, with preservation,
     `preserve` (general text trained to keep the anchor) and `general` (its held-out part,
-    where off-domain harm is measured)."""
+    where off-domain harm is measured).
+
+    Held-out means unseen: no eval text is also a training text (split), and general text
+    equal to any task example is left out of both general splits."""
     spec = recipe.train
     examples = load_examples(spec.data, tokenizer, spec.seq_len)
     splits = dict(
         zip(("train", "eval"), split(examples, spec.eval_fraction, spec.seed), strict=True)
     )
     if spec.preserve is not None:
-        # Repeated texts (a reply shared by two dialogs) once, so none is both kept and held.
-        unique = {
-            tuple(e.input_ids): e
+        task = {tuple(e.input_ids) for e in examples}
+        general = [
+            e
             for e in load_examples(
                 spec.preserve.data, tokenizer, spec.seq_len, "train.preserve.data"
             )
-        }
-        general = list(unique.values())
+            if tuple(e.input_ids) not in task
+        ]
         for example in general:
             example.domain = f"general/{example.domain}"
-        kept, held = split(general, spec.preserve.eval_fraction, spec.seed)
+        kept, held = split(general, spec.preserve.eval_fraction, spec.seed, "train.preserve.data")
         splits["preserve"], splits["general"] = kept, held
     return splits
