@@ -360,13 +360,14 @@ def load_splits(recipe: Recipe, tokenizer: Any) -> dict[str, list[Example]]:
     )
     if spec.preserve is not None:
         task = {tuple(e.input_ids) for e in examples}
-        general = [
-            e
+        # Repeated texts (a reply shared by two dialogs) once; none that is also a task text.
+        unique = {
+            tuple(e.input_ids): e
             for e in load_examples(
                 spec.preserve.data, tokenizer, spec.seq_len, "train.preserve.data"
             )
-            if tuple(e.input_ids) not in task
-        ]
+        }
+        general = [e for ids, e in unique.items() if ids not in task]
         for example in general:
             example.domain = f"general/{example.domain}"
         kept, held = split(general, spec.preserve.eval_fraction, spec.seed, "train.preserve.data")
