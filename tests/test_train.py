@@ -172,8 +172,10 @@ def test_autocast_trains_in_bfloat16_with_an_exact_head(recipe, tmp_path):
     mixed = build(mixed_recipe, out=tmp_path / "bf16", steps=6)
     assert mixed.metrics["train_loss_first"] == plain.metrics["train_loss_first"]
     assert mixed.metrics["train_loss_last"] != plain.metrics["train_loss_last"]  # it did apply
-    assert mixed.metrics["train_loss_last"] < mixed.metrics["train_loss_first"]
+    # It learned, judged on the same held-out items for both runs: a training batch's loss at
+    # step 6 against step 1 compares different batches and can rise on a machine's rounding.
     assert mixed.metrics["eval_loss_mixture"] < mixed.metrics["eval_loss_anchor"]
+    assert plain.metrics["eval_loss_mixture"] < plain.metrics["eval_loss_anchor"]
     weights = load_file(tmp_path / "bf16" / WEIGHTS)
     assert {t.dtype for t in weights.values()} == {torch.float32}
     # The head under autocast: the same value and gradient as outside it.
