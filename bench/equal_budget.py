@@ -25,7 +25,9 @@ the cached anchor equals the live one), written once by the `cache` step and tim
 Losses are nats per character of the target text on the held-out items of each domain and on
 the held-out general text (off-domain: prose, dialog, code the recipe does not train on).
 Results land in OUT (one JSON per arm, `table.md`, `equal_budget.png`); a rerun skips arms whose
-JSON exists. Nothing is tuned on the held-out items: the settings below were fixed beforehand.
+JSON exists. Nothing is tuned on the held-out items: the settings below were fixed beforehand;
+`bench/carry_on_dev.py` picks the rates on a development split of the training items instead
+(`--carry-on-lr`, `--lora-lr` take its picks; `--cache-out` reuses an earlier OUT's cache).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ CHAT = "smollm2-135m-instruct"
 ARMS = ["cache", "bases", "lora", "carry-on-anchor", "mixture-plain", "mixture"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 DOMAINS = ["chat", "code", "math"]
+CARRY_ON_LR = 1.0e-3  # fixed before the first run; bench/carry_on_dev.py tries others
 
 
 def recipe_dict(args: argparse.Namespace, arm: str) -> dict[str, Any]:
@@ -72,7 +75,7 @@ def recipe_dict(args: argparse.Namespace, arm: str) -> dict[str, Any]:
             {"domain": "code", "data": {"kind": "python_stdlib", "part": "tests", "size": n // 2}},
         ],
     }
-    return {
+    recipe = {
         "name": f"equal-budget-{arm}",
         "anchor": "code",
         "bases": {"code": {"card": ANCHOR}, "strong": {"card": STRONG}, "chat": {"card": CHAT}},
@@ -89,18 +92,45 @@ def recipe_dict(args: argparse.Namespace, arm: str) -> dict[str, Any]:
             "steps": args.steps,
             "batch_size": 4,
             "seq_len": args.seq_len,
-            "lr": 1.0e-3,
+            "lr": getattr(args, "carry_on_lr", CARRY_ON_LR),
             "warmup_steps": max(1, args.steps // 10),
             "eval_every": args.steps,
             "checkpoint_every": args.steps,
             "cache": {
                 "dtype": "float32",
-                "dir": str(Path(args.out).resolve() / "cache"),
+                "dir": str(Path(getattr(args, "cache_out", None) or args.out).resolve() / "cache"),
                 "shard_examples": 16,
             },
             "preserve": None if arm == "mixture-plain" else {"data": general},
         },
     }
+    if getattr(args, "final_tap", False) and arm != "cache":
+        add_final_tap(recipe)
+    return recipe
+
+
+FINAL = "code@24"  # the anchor's final norm: the LM head's input, cached as the anchor state
+
+
+def add_final_tap(recipe: dict[str, Any]) -> None:
+    """Let the carry-on read the anchor's final state: a router source and a shortcut into the
+    last block (the paper's carry-on reads the base's last layer)."""
+    recipe["taps"] = [*recipe["taps"], FINAL]
+    recipe["carry_on"]["blocks"][-1]["shortcuts"].append(FINAL)
+
+
+class WithFinalTap:
+    """A feature source whose batches also hold the anchor's final state as the tap FINAL (the
+    shared cache stores it once, as the anchor state; its taps key stays unchanged)."""
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+        self.examples = source.examples
+
+    def batch(self, indices: list[int]) -> Any:
+        batch = self.source.batch(indices)
+        batch.features.taps[FINAL] = batch.features.anchor_hidden
+        return batch
 
 
 def load(args: argparse.Namespace, arm: str) -> Any:
@@ -166,13 +196,14 @@ def arm_carry_on(args: argparse.Namespace, arm: str) -> dict[str, Any]:
     from composer.features.cache import open_cache
     from composer.model.mixture import HeadMixture
     from composer.training.checkpoint import RECIPE_FILE, WEIGHTS, save_weights
-    from composer.training.metrics import target_text
     from composer.training.train import train
 
     recipe = load(args, arm)
     cache = open_cache(load(args, "cache"))
     model = HeadMixture.from_recipe(recipe, seed=recipe.train.seed)
     sources = {name: cache.source(name) for name in cache.manifest["shards"]}
+    if args.final_tap:
+        sources = {name: WithFinalTap(s) for name, s in sources.items()}
     out = Path(args.out) / arm
     train(
         model,
@@ -192,19 +223,14 @@ def arm_carry_on(args: argparse.Namespace, arm: str) -> dict[str, Any]:
     splits = held_out(load(args, "mixture"), tokenizer)
     rows = []
     gates: dict[str, list[torch.Tensor]] = {}
-    with torch.no_grad():
-        for split in ("eval", "general"):
-            source = sources[split]
-            assert [e.input_ids for e in source.examples] == [e.input_ids for e in splits[split]]
-            for i, example in enumerate(splits[split]):
-                batch = source.batch([i])
-                hidden, weights, _ = model.hidden(batch.features, batch.attention_mask)
-                targets = batch.labels[0, 1:]
-                keep = targets != -100
-                logits = model.head.logits(hidden[0, :-1][keep])
-                nll = float(F.cross_entropy(logits, targets[keep], reduction="sum"))
-                rows.append((example.domain, nll, len(target_text(tokenizer, example))))
-                gates.setdefault(example.domain, []).append(weights[0].mean(dim=0))
+    for split in ("eval", "general"):
+        source = sources[split]
+        assert [e.input_ids for e in source.examples] == [e.input_ids for e in splits[split]]
+        for (domain, nll, _, chars), weights in score_carry_on(
+            model, source, splits[split], range(len(splits[split])), tokenizer
+        ):
+            rows.append((domain, nll, chars))
+            gates.setdefault(domain, []).append(weights)
     sources_names = model.carry_on.sources
     gate_means = {
         d: dict(zip(sources_names, torch.stack(v).mean(0).tolist(), strict=True))
@@ -214,8 +240,66 @@ def arm_carry_on(args: argparse.Namespace, arm: str) -> dict[str, Any]:
     return {"losses": per_char(rows), "trainable": trainable, "gates": gate_means}
 
 
+@torch.no_grad()
+def score_carry_on(
+    model: Any,
+    source: Any,
+    examples: list[Any],
+    indices: Any,
+    tokenizer: Any,
+    anchor: bool = False,
+) -> list[tuple[tuple[str, float, float | None, int], torch.Tensor]]:
+    """Per example `i` of `indices` (a row of `source`, `examples[i]` its text): ((domain,
+    summed NLL of the mixture, of the anchor alone when `anchor`, target chars), the router's
+    mean weight per source)."""
+    from composer.training.metrics import target_text
+
+    out = []
+    for i in indices:
+        batch = source.batch([i])
+        hidden, weights, _ = model.hidden(batch.features, batch.attention_mask)
+        targets = batch.labels[0, 1:]
+        keep = targets != -100
+        states = [hidden, batch.features.anchor_hidden] if anchor else [hidden]
+        nlls = [
+            float(
+                F.cross_entropy(model.head.logits(h[0, :-1][keep]), targets[keep], reduction="sum")
+            )
+            for h in states
+        ]
+        chars = len(target_text(tokenizer, examples[i]))
+        anchor_nll = nlls[1] if anchor else None
+        out.append(((examples[i].domain, nlls[0], anchor_nll, chars), weights[0].mean(dim=0)))
+    return out
+
+
+def size_arguments(parser: argparse.ArgumentParser) -> None:
+    """The bench's size and output folder: the same in every script that reads its cache."""
+    parser.add_argument("--per-domain", type=int, default=48)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--seq-len", type=int, default=192)
+    parser.add_argument("--out", default="runs/equal-budget")
+
+
 def arm_lora(args: argparse.Namespace, target_params: int) -> dict[str, Any]:
     """PEFT LoRA on the anchor, on the same batches, rank matched to `target_params`."""
+    from transformers import AutoTokenizer
+
+    from composer.bases.frozen import resolve_folder
+
+    recipe = load(args, "mixture")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_folder(recipe.bases["code"], fetch=False))
+    splits = held_out(recipe, tokenizer)
+    scored = splits["eval"] + splits["general"]
+    result, model = lora_run(args, target_params, args.lora_lr, splits["train"], scored)
+    model.save_pretrained(str(Path(args.out) / "lora-adapter"))
+    return result
+
+
+def lora_run(
+    args: argparse.Namespace, target_params: int, lr: float, train_ex: list[Any], scored: list[Any]
+) -> tuple[dict[str, Any], Any]:
+    """Train LoRA on `train_ex` for the common steps at `lr`; nats/char on `scored`."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -240,10 +324,8 @@ def arm_lora(args: argparse.Namespace, target_params: int) -> dict[str, Any]:
         LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LORA_TARGETS),
     )
     params = [p for p in model.parameters() if p.requires_grad]
-    lr = 2e-4  # PEFT's usual LoRA rate, fixed beforehand; the carry-on's 1e-3 is its recipe's
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=spec.weight_decay)
-    splits = held_out(recipe, tokenizer)
-    train_ex, pad = splits["train"], pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     lora_spec = spec.model_copy(update={"lr": lr})
     model.train()
     for step in range(spec.steps):
@@ -259,18 +341,17 @@ def arm_lora(args: argparse.Namespace, target_params: int) -> dict[str, Any]:
         torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
         optimizer.step()
     model.eval()
-    model.save_pretrained(str(Path(args.out) / "lora-adapter"))
     rows = []
     with torch.no_grad():
-        for split in ("eval", "general"):
-            for example in splits[split]:
-                ids = torch.tensor([example.input_ids])
-                labels = torch.tensor(example.labels[1:])
-                keep = labels != -100
-                logits = model(input_ids=ids).logits[0, :-1][keep]
-                nll = float(F.cross_entropy(logits.float(), labels[keep], reduction="sum"))
-                rows.append((example.domain, nll, len(target_text(tokenizer, example))))
-    return {"losses": per_char(rows), "trainable": sum(p.numel() for p in params), "rank": rank}
+        for example in scored:
+            ids = torch.tensor([example.input_ids])
+            labels = torch.tensor(example.labels[1:])
+            keep = labels != -100
+            logits = model(input_ids=ids).logits[0, :-1][keep]
+            nll = float(F.cross_entropy(logits.float(), labels[keep], reduction="sum"))
+            rows.append((example.domain, nll, len(target_text(tokenizer, example))))
+    trainable = sum(p.numel() for p in params)
+    return {"losses": per_char(rows), "trainable": trainable, "rank": rank, "lr": lr}, model
 
 
 # --- driver ----------------------------------------------------------------------------------
@@ -297,7 +378,10 @@ def run_arm(arm: str, args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
     if not path.is_file():
         cmd = [sys.executable, __file__, "--arm", arm, "--out", args.out]
         cmd += ["--per-domain", str(args.per_domain), "--steps", str(args.steps)]
-        cmd += ["--seq-len", str(args.seq_len)]
+        cmd += ["--seq-len", str(args.seq_len), "--carry-on-lr", str(args.carry_on_lr)]
+        cmd += ["--lora-lr", str(args.lora_lr)]
+        cmd += ["--cache-out", args.cache_out] if args.cache_out else []
+        cmd += ["--final-tap"] if args.final_tap else []
         for key, value in extra.items():
             cmd += [f"--{key.replace('_', '-')}", str(value)]
         print(f"[{time.strftime('%H:%M:%S')}] arm {arm} ...", flush=True)
@@ -353,10 +437,17 @@ def plot(head: list[str], rows: list[list[str]], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--per-domain", type=int, default=48)
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--seq-len", type=int, default=192)
-    parser.add_argument("--out", default="runs/equal-budget")
+    size_arguments(parser)
+    parser.add_argument(
+        "--carry-on-lr", type=float, default=CARRY_ON_LR, help="the carry-on arms' lr"
+    )
+    parser.add_argument(
+        "--final-tap", action="store_true", help="carry-on arms also read the anchor's final state"
+    )
+    parser.add_argument(
+        "--lora-lr", type=float, default=2.0e-4, help="the LoRA arm's lr (PEFT's usual rate)"
+    )
+    parser.add_argument("--cache-out", help="read the feature cache of this earlier OUT")
     parser.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)
     parser.add_argument("--lora-params", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()

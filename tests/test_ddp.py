@@ -71,12 +71,22 @@ def test_two_processes_reach_the_one_process_parameters(cached_recipe, tmp_path)
     assert "2 processes" in two.stderr
     assert two.stdout.count("trained") == 1  # rank 0 alone reports (and writes)
     one_w, two_w = _weights(tmp_path / "one"), _weights(tmp_path / "two")
-    initial = HeadMixture.from_recipe(load_recipe(cached_recipe)).carry_on.state_dict()
+    recipe = load_recipe(cached_recipe)
+    initial = HeadMixture.from_recipe(recipe).carry_on.state_dict()
     assert one_w.keys() == two_w.keys()
     moved = [n for n in one_w if not torch.equal(one_w[n], initial[n])]
     assert len(moved) > len(one_w) // 2  # training changed the carry-on ...
-    for name in one_w:  # ... and both runs changed it the same way
-        torch.testing.assert_close(two_w[name], one_w[name], rtol=1e-4, atol=1e-5)
+    # ... and both runs changed it the same way. The all-reduce sums the gradient in another
+    # order, and Adam divides by the gradient's own size, so an element whose gradient is at
+    # rounding level may take a visibly different step (CI saw 0.5% of one step): each element
+    # agrees within a tenth of a step, and all of them together within 0.1% of the movement.
+    step = recipe.train.lr
+    for name in one_w:
+        torch.testing.assert_close(two_w[name], one_w[name], rtol=0, atol=step / 10)
+    names = list(one_w)
+    apart = torch.cat([(two_w[n] - one_w[n]).flatten() for n in names])
+    movement = torch.cat([(one_w[n] - initial[n]).flatten() for n in names])
+    assert apart.norm() <= 1e-3 * movement.norm()
 
     # Resume on 2 processes from the step-2 checkpoint: the same weights, bit for bit. The
     # checkpoint's token count is marked, to see that the run continued from it.
