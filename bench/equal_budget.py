@@ -55,7 +55,7 @@ CARRY_ON_LR = 1.0e-3  # fixed before the first run; bench/carry_on_dev.py tries 
 
 def recipe_dict(args: argparse.Namespace, arm: str) -> dict[str, Any]:
     """The recipe of an arm; every arm shares data, steps, batches and the cache's taps."""
-    mixture_taps = ["code@12", "strong@14", "chat@20"]
+    mixture_taps = ["code@12", f"strong@{getattr(args, 'strong_layer', 14)}", "chat@20"]
     anchor_taps = ["code@6", "code@12", "code@18"]
     own = anchor_taps if arm == "carry-on-anchor" else mixture_taps
     n = args.per_domain
@@ -106,6 +106,8 @@ def recipe_dict(args: argparse.Namespace, arm: str) -> dict[str, Any]:
     }
     if getattr(args, "final_tap", False) and arm != "cache":
         add_final_tap(recipe)
+    if getattr(args, "experts", False) and arm in ("mixture", "mixture-plain"):
+        recipe["carry_on"]["experts"] = ["strong"]
     return recipe
 
 
@@ -382,6 +384,8 @@ def run_arm(arm: str, args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
         cmd += ["--lora-lr", str(args.lora_lr)]
         cmd += ["--cache-out", args.cache_out] if args.cache_out else []
         cmd += ["--final-tap"] if args.final_tap else []
+        cmd += ["--strong-layer", str(args.strong_layer)]
+        cmd += ["--experts"] if args.experts else []
         for key, value in extra.items():
             cmd += [f"--{key.replace('_', '-')}", str(value)]
         print(f"[{time.strftime('%H:%M:%S')}] arm {arm} ...", flush=True)
@@ -448,6 +452,15 @@ def main() -> None:
         "--lora-lr", type=float, default=2.0e-4, help="the LoRA arm's lr (PEFT's usual rate)"
     )
     parser.add_argument("--cache-out", help="read the feature cache of this earlier OUT")
+    parser.add_argument(
+        "--strong-layer", type=int, default=14, help="the 1.5B coder's layer the mixture taps"
+    )
+    parser.add_argument(
+        "--experts",
+        action="store_true",
+        help="the mixture arms fuse the 1.5B coder's own next-token log-probabilities "
+        "(carry_on.experts; needs --strong-layer 28, its last layer)",
+    )
     parser.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)
     parser.add_argument("--lora-params", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()

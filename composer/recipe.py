@@ -126,6 +126,16 @@ class CarryOnSpec(BaseModel):
         "`shared` is one scorer shared by all sources plus a bias per source.",
     )
 
+    experts: list[str] = Field(
+        default_factory=list,
+        description="Bases whose own next-token log-probabilities join the output, each "
+        "weighted per token by the carry-on (a product of experts; the weights start at 0, so "
+        "an untrained mixture is still its anchor): logits = W_pred(x + α·g⊙Δx) + Σ_e β_e · "
+        "log_softmax(W_e h_e). Each must share the anchor's tokenizer and tap its last layer "
+        "(its head reads that state). This is how a mixture can reach what its best base "
+        "predicts on its own.",
+    )
+
     @model_validator(mode="after")
     def _heads_divide_width(self) -> CarryOnSpec:
         if self.width % self.heads:
@@ -412,6 +422,15 @@ class Recipe(BaseModel):
                     raise ValueError(
                         f"carry_on.blocks.{k}.shortcuts.{j}: '{text}' is not a declared tap"
                     )
+        for i, name in enumerate(self.carry_on.experts):
+            if name not in self.bases:
+                raise ValueError(f"carry_on.experts.{i}: '{name}' is not among ({self._names()})")
+            if name == self.anchor:
+                raise ValueError(
+                    f"carry_on.experts.{i}: '{name}' is the anchor; its head is the output already"
+                )
+            if name in self.carry_on.experts[:i]:
+                raise ValueError(f"carry_on.experts.{i}: '{name}' is listed twice")
         return self
 
     def _names(self) -> str:

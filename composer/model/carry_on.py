@@ -112,6 +112,7 @@ class CarryOnOutput:
     hidden: torch.Tensor  # x + α g ⊙ Δx, (B, T, D_anchor)
     source_weights: torch.Tensor  # router weights per source, (B, T, n_src)
     cache: KVCache
+    expert_weights: torch.Tensor | None = None  # β per expert base, (B, T, n_experts)
 
 
 class CarryOn(nn.Module):
@@ -123,11 +124,14 @@ class CarryOn(nn.Module):
         tap_dims: dict[str, int],
         anchor_dim: int,
         optional: set[str] | frozenset[str] = frozenset(),
+        expert_taps: list[str] | tuple[str, ...] = (),
     ) -> None:
         """`optional` sources (bases aligned across tokenizers) may have no state at a position
-        yet; there they contribute a learned null vector instead."""
+        yet; there they contribute a learned null vector instead. `expert_taps` are the last
+        layers of `spec.experts` (the states their heads read), one β per token each."""
         super().__init__()
         self.sources = list(tap_dims)
+        self.expert_taps = list(expert_taps)
         d = spec.width
         self.nulls = nn.ParameterDict(
             {module_key(s): nn.Parameter(torch.zeros(d)) for s in self.sources if s in optional}
@@ -158,6 +162,7 @@ class CarryOn(nn.Module):
         self.out_norm = RMSNorm(d)
         self.up = nn.Linear(d, anchor_dim, bias=False)
         self.gate = nn.Linear(d, anchor_dim) if spec.gate == "elementwise" else None
+        self.expert_weights = nn.Linear(d, len(expert_taps)) if expert_taps else None
         alpha = torch.tensor(float(spec.alpha.init))
         if spec.alpha.learnable:
             self.alpha = nn.Parameter(alpha)
@@ -176,6 +181,8 @@ class CarryOn(nn.Module):
         else:
             nn.init.zeros_(self.router.weight)
         nn.init.zeros_(self.up.weight)  # step 0 equals the anchor exactly
+        if self.expert_weights is not None:  # and the experts start with no say
+            nn.init.zeros_(self.expert_weights.weight)
         for block in self.blocks:
             # Residual branches start small so the stack starts near the identity.
             assert isinstance(block, Block)
@@ -221,7 +228,8 @@ class CarryOn(nn.Module):
         if self.gate is not None:
             delta = torch.sigmoid(self.gate(z)) * delta
         hidden = anchor_hidden + (self.alpha * delta).to(anchor_hidden.dtype)
-        return CarryOnOutput(hidden=hidden, source_weights=weights, cache=cache)
+        betas = self.expert_weights(z) if self.expert_weights is not None else None
+        return CarryOnOutput(hidden, weights, cache, betas)
 
     def route(self, stacked: torch.Tensor, anchor_hidden: torch.Tensor) -> torch.Tensor:
         """Source weights (B, T, n_src) from the projected taps (B, T, n_src, d)."""

@@ -27,11 +27,17 @@ def new_carry_on(
     tap_dims = {str(t): int(configs[t.base]["hidden_size"]) for t in recipe.tap_refs}
     optional = {str(t) for t in recipe.tap_refs if t.base in aligned}
     anchor_dim = int(configs[recipe.anchor]["hidden_size"])
-    return CarryOn(recipe.carry_on, tap_dims, anchor_dim, optional), aligned
+    experts = expert_taps(recipe, configs)
+    return CarryOn(recipe.carry_on, tap_dims, anchor_dim, optional, experts), aligned
+
+
+def expert_taps(recipe: Recipe, configs: dict[str, dict[str, Any]]) -> list[str]:
+    """The tap of each expert base's last layer (the state its head reads), in recipe order."""
+    return [f"{e}@{configs[e]['num_hidden_layers']}" for e in recipe.carry_on.experts]
 
 
 def check_compatible(recipe: Recipe, folders: dict[str, Path]) -> dict[str, dict[str, Any]]:
-    """Rules that need the bases' configs: layers in range, context length."""
+    """Rules that need the bases' configs: layers in range, experts, context length."""
     configs = {name: read_config(folder) for name, folder in folders.items()}
     for i, tap in enumerate(recipe.tap_refs):
         n = configs[tap.base]["num_hidden_layers"]
@@ -39,6 +45,26 @@ def check_compatible(recipe: Recipe, folders: dict[str, Path]) -> dict[str, dict
             raise RecipeError(
                 f"taps.{i}: layer {tap.layer} out of range for base '{tap.base}' "
                 f"(it has {n} layers; taps go from 0, the embeddings, to {n}, the final norm)"
+            )
+    taps = {str(t) for t in recipe.tap_refs}
+    aligned = aligned_bases(recipe, folders) if recipe.carry_on.experts else set()
+    for i, name in enumerate(recipe.carry_on.experts):
+        if name in aligned:
+            raise RecipeError(
+                f"carry_on.experts.{i}: base '{name}' does not share the anchor's tokenizer, "
+                "so its next-token log-probabilities are over other tokens"
+            )
+        last = expert_taps(recipe, configs)[i]
+        if last not in taps:
+            raise RecipeError(
+                f"carry_on.experts.{i}: tap {last}, the last layer of '{name}' (its head reads "
+                "that state), is not among the taps"
+            )
+        if configs[name].get("vocab_size") != configs[recipe.anchor].get("vocab_size"):
+            raise RecipeError(
+                f"carry_on.experts.{i}: base '{name}' has a vocabulary of "
+                f"{configs[name].get('vocab_size')} tokens, the anchor "
+                f"{configs[recipe.anchor].get('vocab_size')}"
             )
     context = configs[recipe.anchor].get("max_position_embeddings")
     if context and recipe.train.seq_len > context:

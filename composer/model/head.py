@@ -20,7 +20,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +71,16 @@ class LMHead:
         bias = tensors.get(bias_key) if len(names) > 1 else None
         return cls(tensors[key], bias, float(cap) if cap else None, dtype, tuple(names))
 
+    def to(self, device: torch.device) -> LMHead:
+        bias = self.bias.to(device) if self.bias is not None else None
+        return LMHead(self.weight.to(device), bias, self.softcap, self.dtype, self.loaded)
+
+    def loss_pass(self) -> Callable[..., Any]:
+        return _online_cross_entropy
+
+    def kl_pass(self) -> Callable[..., Any]:
+        return _online_kl
+
     def block(self, start: int, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Head rows start:start+size (and bias) in the compute dtype."""
         bias = self.bias[start : start + size].to(self.dtype) if self.bias is not None else None
@@ -94,6 +104,25 @@ class LMHead:
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
+
+
+class OutputHead(Protocol):
+    """What a mixture reads its logits through: the anchor's `LMHead`, or a `FusedHead` that
+    joins expert bases to it (composer.model.experts)."""
+
+    @property
+    def weight(self) -> torch.Tensor: ...  # the anchor's head rows: where the head lives
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+    def to(self, device: torch.device) -> OutputHead: ...
+
+    def loss_pass(self) -> Callable[..., Any]: ...
+
+    def kl_pass(self) -> Callable[..., Any]: ...
 
 
 def find_head(folder: Path) -> tuple[str, dict[str, Path]]:
@@ -198,12 +227,12 @@ def _online_cross_entropy(
     return loss, acc / norm[:, None] - w_target
 
 
-def head_loss(head: LMHead, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def head_loss(head: OutputHead, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy of `rows` (N, D) against `targets` (N,), computed where
     the head is (an anchor spread over devices keeps its head on its last one)."""
     device = head.weight.device
     with torch.autocast(device.type, enabled=False):  # exact, in the head's own dtype
-        loss = _HeadPass.apply(rows.to(device), targets.to(device), head, _online_cross_entropy)
+        loss = _HeadPass.apply(rows.to(device), targets.to(device), head, head.loss_pass())
     return loss.to(rows.device)
 
 
@@ -258,10 +287,10 @@ def _online_kl(
     return kl, acc_m / norm_m[:, None] - acc_a / norm_a[:, None]
 
 
-def head_kl(head: LMHead, rows: torch.Tensor, anchor_rows: torch.Tensor) -> torch.Tensor:
+def head_kl(head: OutputHead, rows: torch.Tensor, anchor_rows: torch.Tensor) -> torch.Tensor:
     """Summed KL(anchor ‖ mixture) of the next-token distributions the head gives `anchor_rows`
     and `rows` (N, D): zero where the carry-on leaves the anchor's state as it was."""
     device = head.weight.device
     with torch.autocast(device.type, enabled=False):  # exact, in the head's own dtype
-        kl = _HeadPass.apply(rows.to(device), anchor_rows.to(device), head, _online_kl)
+        kl = _HeadPass.apply(rows.to(device), anchor_rows.to(device), head, head.kl_pass())
     return kl.to(rows.device)

@@ -21,8 +21,9 @@ from composer.bases.frozen import DTYPES, FrozenBase, load_base, resolve_folder
 from composer.errors import BaseSourceError
 from composer.model.align import BaseStream, aligned_states, anchor_text, anchor_texts, stream_step
 from composer.model.carry_on import CarryOn, KVCache
+from composer.model.experts import FusedHead
 from composer.model.factory import check_compatible, new_carry_on
-from composer.model.head import LMHead
+from composer.model.head import LMHead, OutputHead
 from composer.recipe import Recipe
 
 
@@ -52,7 +53,7 @@ class CarryOnModel:
     carry_on: CarryOn
 
     @property
-    def head(self) -> LMHead:
+    def head(self) -> OutputHead:
         raise NotImplementedError
 
     def hidden(
@@ -61,11 +62,26 @@ class CarryOnModel:
         attention_mask: torch.Tensor | None = None,
         past: KVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, KVCache]:
-        """The corrected anchor state, the router's source weights and the carry-on's cache."""
+        """The rows the head reads (the corrected anchor state; with experts, also their β and
+        states: composer.model.experts), the router's source weights and the carry-on's cache."""
         out = self.carry_on(
             features.taps, features.anchor_hidden, attention_mask, past, features.present
         )
-        return out.hidden, out.source_weights, out.cache
+        if out.expert_weights is None:
+            return out.hidden, out.source_weights, out.cache
+        states = [features.taps[t].to(out.hidden.dtype) for t in self.carry_on.expert_taps]
+        betas = out.expert_weights.to(out.hidden.dtype)
+        return torch.cat([out.hidden, betas, *states], dim=-1), out.source_weights, out.cache
+
+    def anchor_rows(self, features: Features) -> torch.Tensor:
+        """Rows laid out as `hidden` gives them that read the anchor's own distribution: its
+        state, and with experts β = 0 beside their (then unused) states."""
+        x = features.anchor_hidden
+        taps = self.carry_on.expert_taps
+        if not taps:
+            return x
+        betas = x.new_zeros((*x.shape[:-1], len(taps)))
+        return torch.cat([x, betas, *[features.taps[t].to(x.dtype) for t in taps]], dim=-1)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head.logits(hidden)
@@ -181,10 +197,16 @@ class Mixture(CarryOnModel):
         return out, mask
 
     @property
-    def head(self) -> LMHead:
-        return LMHead.from_base(self.anchor)
+    def head(self) -> OutputHead:
+        anchor = LMHead.from_base(self.anchor)
+        if not self.recipe.carry_on.experts:
+            return anchor
+        experts = [LMHead.from_base(self.bases[e]) for e in self.recipe.carry_on.experts]
+        return FusedHead(anchor, experts)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.recipe.carry_on.experts:
+            return self.head.logits(hidden)
         return self.anchor.logits(hidden)
 
     def __call__(
@@ -249,13 +271,13 @@ def pad_features(items: list[Features], width: int) -> Features:
 class HeadMixture(CarryOnModel):
     """The trainable half of a mixture, without any base: the carry-on and the anchor's head."""
 
-    def __init__(self, recipe: Recipe, carry_on: CarryOn, head: LMHead) -> None:
+    def __init__(self, recipe: Recipe, carry_on: CarryOn, head: OutputHead) -> None:
         self.recipe = recipe
         self.carry_on = carry_on
         self._head = head
 
     @property
-    def head(self) -> LMHead:
+    def head(self) -> OutputHead:
         return self._head
 
     @classmethod
@@ -264,7 +286,14 @@ class HeadMixture(CarryOnModel):
         folders = {name: resolve_folder(spec, fetch=False) for name, spec in recipe.bases.items()}
         configs = check_compatible(recipe, folders)
         dtype = DTYPES[recipe.bases[recipe.anchor].dtype]
-        head = LMHead.from_folder(folders[recipe.anchor], dtype)
+        anchor = LMHead.from_folder(folders[recipe.anchor], dtype)
+        head: OutputHead = anchor
+        if recipe.carry_on.experts:
+            experts = [
+                LMHead.from_folder(folders[e], DTYPES[recipe.bases[e].dtype])
+                for e in recipe.carry_on.experts
+            ]
+            head = FusedHead(anchor, experts)
         torch.manual_seed(seed)
         carry_on, _ = new_carry_on(recipe, folders, configs)
         return cls(recipe, carry_on, head)
@@ -272,7 +301,5 @@ class HeadMixture(CarryOnModel):
     def to(self, device: torch.device) -> HeadMixture:
         """Carry-on and head on `device` (a training process's GPU)."""
         self.carry_on.to(device)
-        head = self._head
-        bias = head.bias.to(device) if head.bias is not None else None
-        self._head = LMHead(head.weight.to(device), bias, head.softcap, head.dtype, head.loaded)
+        self._head = self._head.to(device)
         return self

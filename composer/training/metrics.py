@@ -56,7 +56,7 @@ def domain_metrics(
             acc = sums[example.domain]
             targets = torch.tensor(example.labels[1:n])
             keep = targets != IGNORE
-            for name, h in (("mixture", hidden), ("anchor", features.anchor_hidden)):
+            for name, h in (("mixture", hidden), ("anchor", mixture.anchor_rows(features))):
                 logits = mixture.logits(h[row, : n - 1][keep])
                 acc[f"nll_{name}"] += float(F.cross_entropy(logits, targets[keep], reduction="sum"))
             acc["tokens"] += int(keep.sum())

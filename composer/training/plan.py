@@ -131,10 +131,11 @@ def make_plan(recipe: Recipe, *, fetch: bool = False) -> Plan:
     vocab = configs[recipe.anchor]["vocab_size"]
     n_blocks = len(recipe.carry_on.blocks)
     # Activations kept for backward: per block ~ (qkv, attn out, 2 norms, mlp in/out) floats per
-    # token plus the attention matrix; the head keeps logits and their grad at loss positions.
+    # token plus the attention matrix; the head keeps logits and their grad at loss positions,
+    # and each expert base's head its log-probabilities there (composer.model.experts).
     carry_act = n_blocks * B * T * (10 * d + 3 * d * recipe.carry_on.mlp_ratio) * 4
     carry_act += n_blocks * B * recipe.carry_on.heads * T * T * 4
-    head_act = B * T * vocab * 4 * 2
+    head_act = B * T * vocab * 4 * (2 + len(recipe.carry_on.experts))
     widest = max(
         max(c.get("intermediate_size", 4 * c["hidden_size"]), c["hidden_size"])
         for c in configs.values()

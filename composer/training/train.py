@@ -98,7 +98,7 @@ def token_loss(mixture: CarryOnModel, batch: Batch, use_carry_on: bool = True) -
     if use_carry_on:
         hidden, _, _ = mixture.hidden(batch.features, batch.attention_mask)
     else:
-        hidden = batch.features.anchor_hidden
+        hidden = mixture.anchor_rows(batch.features)
     targets = batch.labels[:, 1:]
     selected = targets != IGNORE
     rows = hidden[:, :-1][selected]  # (N, D)
@@ -126,7 +126,8 @@ def preserve_loss(mixture: CarryOnModel, batch: Batch, chosen: torch.Tensor) -> 
     """Summed KL(anchor ‖ mixture) of the next-token distributions at the `chosen` positions:
     zero while the carry-on leaves the anchor's state untouched there."""
     hidden, _, _ = mixture.hidden(batch.features, batch.attention_mask)
-    return head_kl(mixture.head, hidden[chosen], batch.features.anchor_hidden[chosen])
+    anchor = mixture.anchor_rows(batch.features)
+    return head_kl(mixture.head, hidden[chosen], anchor[chosen])
 
 
 @torch.no_grad()

@@ -1,0 +1,255 @@
+"""Expert bases: other bases' own next-token log-probabilities joined to the anchor's output.
+
+A carry-on writes its correction into the anchor's final state, so a mixture can say only what
+the anchor's head can be made to say. A base that shares the anchor's tokenizer can speak for
+itself instead (`carry_on.experts`): its head reads its own last layer, and the carry-on
+weighs its log-probabilities per token, a product of experts (Hinton 2002):
+
+    logits = W_pred(x + α · g ⊙ Δx) + Σ_e β_e · log_softmax(W_e h_e)      β = Linear(z_K)
+
+β starts at 0 (zero-initialized), so an untrained mixture is still exactly its anchor; at β_e
+= 1 with no correction the mixture predicts p_anchor · p_e, renormalized.
+
+A `FusedHead` reads *rows* that carry everything the output needs, concatenated on the last
+dimension: `[x' (D_anchor) | β (n_experts) | h_1 (D_1) | ... ]`. Every consumer of a mixture's
+hidden states (training, scoring, generation) slices rows by position and hands them to the
+head, so the layout passes through them unchanged. The fused passes below keep the anchor's
+head exact and blocked as `composer.model.head` does: one pass over vocabulary blocks with an
+online softmax, after one pass per expert for its log-normalizer (the experts are frozen and
+their states are inputs, so their rows take no gradient).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from composer.errors import RecipeError
+from composer.model.head import LMHead
+
+
+@dataclass
+class FusedHead:
+    anchor: LMHead
+    experts: list[LMHead]
+
+    def __post_init__(self) -> None:
+        vocab = self.anchor.weight.shape[0]
+        for i, e in enumerate(self.experts):
+            if e.weight.shape[0] != vocab:
+                raise RecipeError(
+                    f"carry_on.experts.{i}: its head has {e.weight.shape[0]} rows, the "
+                    f"anchor's {vocab}"
+                )
+
+    @property
+    def weight(self) -> torch.Tensor:  # where the head lives (head_loss moves rows there)
+        return self.anchor.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.anchor.dtype
+
+    @property
+    def loaded(self) -> tuple[str, ...]:
+        return self.anchor.loaded
+
+    def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """rows (..., width) -> x' (..., D_anchor), β (..., n_experts), [h_e (..., D_e)]."""
+        d, n = self.anchor.weight.shape[1], len(self.experts)
+        widths = [e.weight.shape[1] for e in self.experts]
+        parts = rows.split([d, n, *widths], dim=-1)
+        return parts[0], parts[1], list(parts[2:])
+
+    def logits(self, rows: torch.Tensor) -> torch.Tensor:
+        """Full logits (..., vocab) of the mixture: the anchor's plus β-weighted expert
+        log-probabilities."""
+        x, betas, states = self.split(rows)
+        out = self.anchor.logits(x)
+        for j, (expert, h) in enumerate(zip(self.experts, states, strict=True)):
+            out = out + betas[..., j : j + 1].float() * expert.logits(h).log_softmax(dim=-1)
+        return out
+
+    def to(self, device: torch.device) -> FusedHead:
+        return FusedHead(self.anchor.to(device), [e.to(device) for e in self.experts])
+
+    def loss_pass(self) -> Callable[..., Any]:
+        return _fused_cross_entropy
+
+    def kl_pass(self) -> Callable[..., Any]:
+        return _fused_kl
+
+
+def _floor(vocab: int) -> float:
+    # As composer.model.head: e^floor / vocab stays a normal float (subnormals are ~40x slower).
+    return math.log(torch.finfo(torch.float32).tiny) + math.log(vocab) + 1
+
+
+def _block_logits(head: LMHead, x: torch.Tensor, start: int, size: int) -> torch.Tensor:
+    """Logits (n, block) of head rows start:start+size, soft-capped as the base caps them."""
+    w, b = head.block(start, size)
+    logits = F.linear(x.to(head.dtype), w, b).float()
+    if head.softcap:
+        logits = torch.tanh(logits / head.softcap) * head.softcap
+    return logits
+
+
+def _log_norms(head: FusedHead, states: list[torch.Tensor], size: int) -> list[torch.Tensor]:
+    """Each expert's log-normalizer (n,) over the vocabulary, one online pass each."""
+    out = []
+    for expert, h in zip(head.experts, states, strict=True):
+        top = torch.full((h.shape[0],), -math.inf, device=h.device)
+        norm = torch.zeros(h.shape[0], device=h.device)
+        for start in range(0, expert.weight.shape[0], size):
+            z = _block_logits(expert, h, start, size)
+            new_top = torch.maximum(top, z.amax(dim=-1))
+            norm = norm * (top - new_top).exp() + (z - new_top[:, None]).exp().sum(dim=-1)
+            top = new_top
+        out.append(top + norm.log())
+    return out
+
+
+class _Block:
+    """One vocabulary block of fused logits: z = cap(W_a x') + Σ_j β_j s_j, with s_j the
+    experts' log-probabilities; `chain` is d z / d (W_a x') through the anchor's soft-cap."""
+
+    def __init__(
+        self,
+        head: FusedHead,
+        x: torch.Tensor,
+        betas: torch.Tensor,
+        states: list[torch.Tensor],
+        norms: list[torch.Tensor],
+        start: int,
+        size: int,
+    ) -> None:
+        anchor = head.anchor
+        w, b = anchor.block(start, size)
+        self.w = w
+        raw = F.linear(x.to(anchor.dtype), w, b).float()  # (n, block)
+        self.chain = None
+        if anchor.softcap:
+            capped = torch.tanh(raw / anchor.softcap)
+            self.chain = 1 - capped * capped
+            raw = capped * anchor.softcap
+        self.own = raw  # the anchor's (capped) logits of this block
+        self.s = [
+            _block_logits(e, h, start, size) - lse[:, None]
+            for e, h, lse in zip(head.experts, states, norms, strict=True)
+        ]
+        self.z = self.mix(betas)
+
+    def mix(self, betas: torch.Tensor) -> torch.Tensor:
+        z = self.own.clone()
+        for j, s in enumerate(self.s):
+            z += betas[:, j : j + 1].float() * s
+        return z
+
+
+def _fused_cross_entropy(
+    head: FusedHead, rows: torch.Tensor, targets: torch.Tensor, want_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Summed cross-entropy of fused rows (n, width) against targets (n,), and its gradient
+    (n, width): to x' (softmax(z) − onehot) @ W_a through the cap, to β_j Σ_v (p_v − y_v) s_j,v,
+    zero to the experts' states."""
+    x, betas, states = head.split(rows)
+    n, vocab = rows.shape[0], head.weight.shape[0]
+    size = head.anchor.block_size(n)
+    norms = _log_norms(head, states, size)
+    floor = _floor(vocab)
+    top = torch.full((n,), -math.inf, device=rows.device)
+    norm = torch.zeros(n, device=rows.device)
+    target = torch.zeros(n, device=rows.device)  # z at the target
+    target_own = torch.zeros(n, device=rows.device)  # the anchor's capped logit at the target
+    target_s = torch.zeros(n, len(states), device=rows.device)
+    acc_x = torch.zeros(n, x.shape[1], device=rows.device) if want_grad else None
+    acc_b = torch.zeros(n, len(states), device=rows.device)
+    for start in range(0, vocab, size):
+        blk = _Block(head, x, betas, states, norms, start, size)
+        here = (targets >= start) & (targets < start + blk.w.shape[0])
+        cols = targets[here] - start
+        target[here] = blk.z[here, cols]
+        target_own[here] = blk.own[here, cols]
+        for j, s in enumerate(blk.s):
+            target_s[here, j] = s[here, cols]
+        new_top = torch.maximum(top, blk.z.amax(dim=-1))
+        rescale = (top - new_top).clamp_min_(floor).exp_()
+        probs = (blk.z - new_top[:, None]).clamp_min_(floor).exp_()  # unnormalized
+        norm = norm * rescale + probs.sum(dim=-1)
+        if acc_x is not None:
+            for j, s in enumerate(blk.s):
+                acc_b[:, j] = acc_b[:, j] * rescale + (probs * s).sum(dim=-1)
+            through = probs * blk.chain if blk.chain is not None else probs
+            acc_x = acc_x * rescale[:, None] + (through.to(head.dtype) @ blk.w).float()
+        top = new_top
+    loss = (top + norm.log() - target).sum()
+    if acc_x is None:
+        return loss, None
+    w_target = head.anchor.weight[targets].to(head.dtype).float()  # (n, D): d own_y / d x'
+    if head.anchor.softcap:
+        w_target *= 1 - (target_own / head.anchor.softcap).square()[:, None]
+    grad_x = acc_x / norm[:, None] - w_target
+    grad_b = acc_b / norm[:, None] - target_s
+    return loss, torch.cat([grad_x, grad_b, *[torch.zeros_like(h) for h in states]], dim=-1)
+
+
+def _fused_kl(
+    head: FusedHead, rows: torch.Tensor, anchor_rows: torch.Tensor, want_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Summed KL(p_a ‖ p_m) of fused rows against the anchor's rows (as
+    `CarryOnModel.anchor_rows` lays them out), and its gradient to `rows`: d KL / d z_m =
+    p_m − p_a, carried to x' and to β as above."""
+    x, betas, states = head.split(rows)
+    xa, betas_a, _ = head.split(anchor_rows)
+    n, vocab = rows.shape[0], head.weight.shape[0]
+    size = head.anchor.block_size(2 * n)
+    norms = _log_norms(head, states, size)
+    floor = _floor(vocab)
+    top_m = torch.full((n,), -math.inf, device=rows.device)
+    top_a = torch.full((n,), -math.inf, device=rows.device)
+    norm_m = torch.zeros(n, device=rows.device)
+    norm_a = torch.zeros(n, device=rows.device)
+    cross = torch.zeros(n, device=rows.device)  # Σ e^{z_a − top_a} (z_a − z_m)
+    acc_m = torch.zeros(n, x.shape[1], device=rows.device) if want_grad else None
+    acc_a = torch.zeros(n, x.shape[1], device=rows.device) if want_grad else None
+    acc_bm = torch.zeros(n, len(states), device=rows.device)
+    acc_ba = torch.zeros(n, len(states), device=rows.device)
+    for start in range(0, vocab, size):
+        blk = _Block(head, x, betas, states, norms, start, size)
+        own_a = _block_logits(head.anchor, xa, start, size)
+        z_m = blk.z
+        z_a = own_a + sum(
+            (betas_a[:, j : j + 1].float() * s for j, s in enumerate(blk.s)),
+            torch.zeros_like(own_a),
+        )
+        new_m = torch.maximum(top_m, z_m.amax(dim=-1))
+        new_a = torch.maximum(top_a, z_a.amax(dim=-1))
+        rescale_m = (top_m - new_m).clamp_min_(floor).exp_()
+        rescale_a = (top_a - new_a).clamp_min_(floor).exp_()
+        probs_m = (z_m - new_m[:, None]).clamp_min_(floor).exp_()
+        probs_a = (z_a - new_a[:, None]).clamp_min_(floor).exp_()
+        norm_m = norm_m * rescale_m + probs_m.sum(dim=-1)
+        norm_a = norm_a * rescale_a + probs_a.sum(dim=-1)
+        cross = cross * rescale_a + (probs_a * (z_a - z_m)).sum(dim=-1)
+        if acc_m is not None and acc_a is not None:
+            for j, s in enumerate(blk.s):
+                acc_bm[:, j] = acc_bm[:, j] * rescale_m + (probs_m * s).sum(dim=-1)
+                acc_ba[:, j] = acc_ba[:, j] * rescale_a + (probs_a * s).sum(dim=-1)
+            if blk.chain is not None:
+                probs_m = probs_m * blk.chain
+                probs_a = probs_a * blk.chain
+            acc_m = acc_m * rescale_m[:, None] + (probs_m.to(head.dtype) @ blk.w).float()
+            acc_a = acc_a * rescale_a[:, None] + (probs_a.to(head.dtype) @ blk.w).float()
+        top_m, top_a = new_m, new_a
+    lse_m, lse_a = top_m + norm_m.log(), top_a + norm_a.log()
+    kl = (cross / norm_a - lse_a + lse_m).clamp_min(0).sum()
+    if acc_m is None or acc_a is None:
+        return kl, None
+    grad_x = acc_m / norm_m[:, None] - acc_a / norm_a[:, None]
+    grad_b = acc_bm / norm_m[:, None] - acc_ba / norm_a[:, None]
+    return kl, torch.cat([grad_x, grad_b, *[torch.zeros_like(h) for h in states]], dim=-1)
