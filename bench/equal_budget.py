@@ -233,10 +233,10 @@ def arm_carry_on(args: argparse.Namespace, arm: str) -> dict[str, Any]:
         ):
             rows.append((domain, nll, chars))
             gates.setdefault(domain, []).append(weights)
-    sources_names = model.carry_on.sources
+    # Router weights per source, then (with experts) each expert's β, per held-out domain.
+    names = model.carry_on.sources + [f"β {e}" for e in recipe.carry_on.experts]
     gate_means = {
-        d: dict(zip(sources_names, torch.stack(v).mean(0).tolist(), strict=True))
-        for d, v in gates.items()
+        d: dict(zip(names, torch.stack(v).mean(0).tolist(), strict=True)) for d, v in gates.items()
     }
     trainable = sum(p.numel() for p in model.carry_on.parameters() if p.requires_grad)
     return {"losses": per_char(rows), "trainable": trainable, "gates": gate_means}
@@ -253,16 +253,20 @@ def score_carry_on(
 ) -> list[tuple[tuple[str, float, float | None, int], torch.Tensor]]:
     """Per example `i` of `indices` (a row of `source`, `examples[i]` its text): ((domain,
     summed NLL of the mixture, of the anchor alone when `anchor`, target chars), the router's
-    mean weight per source)."""
+    mean weight per source, then each expert's mean β)."""
     from composer.training.metrics import target_text
 
     out = []
     for i in indices:
         batch = source.batch([i])
         hidden, weights, _ = model.hidden(batch.features, batch.attention_mask)
+        experts = len(model.carry_on.expert_taps)
+        if experts:  # the rows hold β after the anchor state (composer.model.experts)
+            d = batch.features.anchor_hidden.shape[-1]
+            weights = torch.cat([weights, hidden[..., d : d + experts]], dim=-1)
         targets = batch.labels[0, 1:]
         keep = targets != -100
-        states = [hidden, batch.features.anchor_hidden] if anchor else [hidden]
+        states = [hidden, model.anchor_rows(batch.features)] if anchor else [hidden]
         nlls = [
             float(
                 F.cross_entropy(model.head.logits(h[0, :-1][keep]), targets[keep], reduction="sum")

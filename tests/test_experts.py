@@ -192,3 +192,31 @@ def test_an_expert_must_tap_its_last_layer_and_share_the_tokenizer(tiny, write_r
     path = write_recipe(recipe_yaml(bases, "a", ["a@1", "o@2"], carry_on=other), "other.yaml")
     with pytest.raises(RecipeError, match="carry_on.experts.0: base 'o' does not share"):
         Mixture.from_recipe(load_recipe(path))
+
+
+def test_a_built_expert_mixture_exports_and_reloads_with_identical_logits(tiny, tmp_path):
+    from composer.artifacts.export import export
+    from composer.artifacts.load import load_mixture
+    from composer.training.build import build
+
+    path = tmp_path / "recipe.yaml"
+    bases = {"a": tiny["llama"], "b": tiny["qwen2"]}
+    path.write_text(recipe_yaml(bases, "a", ["a@1", "b@4"], carry_on=EXPERT_CARRY_ON))
+    mix = tmp_path / "mix"
+    build(load_recipe(path, ["train.lr=0.01"]), out=mix, steps=4)
+    out = tmp_path / "export"
+    export(mix, out, include_bases=True)
+
+    def logits(folder):
+        mixture = load_mixture(folder, fetch=False)
+        ids = torch.tensor([mixture.tokenizer("He earns 195 * 12 = 2340 a month.")["input_ids"]])
+        with torch.no_grad():
+            return mixture, mixture(ids), ids
+
+    built, expected, ids = logits(mix)
+    assert built.carry_on.expert_weights is not None
+    assert float(built.carry_on.expert_weights.bias.abs().max()) > 0.0  # trained: β moved
+    anchor = AutoModelForCausalLM.from_pretrained(tiny["llama"])
+    with torch.no_grad():
+        assert not torch.allclose(expected, anchor(ids).logits, atol=1e-4)
+    assert torch.equal(logits(out)[1], expected)
