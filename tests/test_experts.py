@@ -145,8 +145,8 @@ def test_training_from_features_moves_the_experts_weight_and_lowers_the_loss(
     source = FeatureSource(live, splits["train"], keep=True)
     held = FeatureSource(live, splits["eval"], keep=True)
     batch = source.batch(list(range(len(source.examples))))
-    rows, _, _ = model.hidden(batch.features, batch.attention_mask)
     with torch.no_grad():  # the head from files equals the live bases' heads
+        rows, _, _ = model.hidden(batch.features, batch.attention_mask)
         torch.testing.assert_close(model.logits(rows[0]), live.logits(rows[0]), rtol=0, atol=1e-5)
         before = float(token_loss(model, batch))
     train(model, source, held, recipe.train, tmp_path / "ckpt")
