@@ -55,10 +55,6 @@ class FusedHead:
     def dtype(self) -> torch.dtype:
         return self.anchor.dtype
 
-    @property
-    def loaded(self) -> tuple[str, ...]:
-        return self.anchor.loaded
-
     def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """rows (..., width) -> x' (..., D_anchor), β (..., n_experts), [h_e (..., D_e)]."""
         d, n = self.anchor.weight.shape[1], len(self.experts)
@@ -142,13 +138,9 @@ class _Block:
             _block_logits(e, h, start, size) - lse[:, None]
             for e, h, lse in zip(head.experts, states, norms, strict=True)
         ]
-        self.z = self.mix(betas)
-
-    def mix(self, betas: torch.Tensor) -> torch.Tensor:
-        z = self.own.clone()
+        self.z = self.own.clone()  # (n, block)
         for j, s in enumerate(self.s):
-            z += betas[:, j : j + 1].float() * s
-        return z
+            self.z += betas[:, j : j + 1].float() * s
 
 
 def _fused_cross_entropy(
