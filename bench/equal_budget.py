@@ -108,6 +108,7 @@ def recipe_dict(args: argparse.Namespace, arm: str) -> dict[str, Any]:
         add_final_tap(recipe)
     if getattr(args, "experts", False) and arm in ("mixture", "mixture-plain"):
         recipe["carry_on"]["experts"] = ["strong"]
+        recipe["carry_on"]["expert_gain"] = getattr(args, "expert_gain", 1.0)
     return recipe
 
 
@@ -285,6 +286,16 @@ def size_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--seq-len", type=int, default=192)
     parser.add_argument("--out", default="runs/equal-budget")
+    parser.add_argument(
+        "--strong-layer", type=int, default=14, help="the 1.5B coder's layer the mixture taps"
+    )
+    parser.add_argument(
+        "--experts",
+        action="store_true",
+        help="the mixture arms fuse the 1.5B coder's own next-token log-probabilities "
+        "(carry_on.experts; needs --strong-layer 28, its last layer)",
+    )
+    parser.add_argument("--expert-gain", type=float, default=1.0, help="carry_on.expert_gain")
 
 
 def arm_lora(args: argparse.Namespace, target_params: int) -> dict[str, Any]:
@@ -389,7 +400,7 @@ def run_arm(arm: str, args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
         cmd += ["--cache-out", args.cache_out] if args.cache_out else []
         cmd += ["--final-tap"] if args.final_tap else []
         cmd += ["--strong-layer", str(args.strong_layer)]
-        cmd += ["--experts"] if args.experts else []
+        cmd += ["--experts", "--expert-gain", str(args.expert_gain)] if args.experts else []
         for key, value in extra.items():
             cmd += [f"--{key.replace('_', '-')}", str(value)]
         print(f"[{time.strftime('%H:%M:%S')}] arm {arm} ...", flush=True)
@@ -456,15 +467,6 @@ def main() -> None:
         "--lora-lr", type=float, default=2.0e-4, help="the LoRA arm's lr (PEFT's usual rate)"
     )
     parser.add_argument("--cache-out", help="read the feature cache of this earlier OUT")
-    parser.add_argument(
-        "--strong-layer", type=int, default=14, help="the 1.5B coder's layer the mixture taps"
-    )
-    parser.add_argument(
-        "--experts",
-        action="store_true",
-        help="the mixture arms fuse the 1.5B coder's own next-token log-probabilities "
-        "(carry_on.experts; needs --strong-layer 28, its last layer)",
-    )
     parser.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)
     parser.add_argument("--lora-params", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
