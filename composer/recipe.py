@@ -128,12 +128,12 @@ class CarryOnSpec(BaseModel):
 
     experts: list[str] = Field(
         default_factory=list,
-        description="Bases whose own next-token log-probabilities join the output, each "
-        "weighted per token by the carry-on (a product of experts; the weights start at 0, so "
-        "an untrained mixture is still its anchor): logits = W_pred(x + α·g⊙Δx) + Σ_e β_e · "
-        "log_softmax(W_e h_e). Each must share the anchor's tokenizer and tap its last layer "
-        "(its head reads that state). This is how a mixture can reach what its best base "
-        "predicts on its own.",
+        description="Bases whose own next-token log-probabilities are pooled with the "
+        "anchor's, weighted per token by the carry-on: logits = (1 − Σ_e β_e) · W_pred(x + "
+        "α·g⊙Δx) + Σ_e β_e · log_softmax(W_e h_e). β starts at 0, so an untrained mixture is "
+        "still its anchor; at β_e = 1 it is expert e. Each must share the anchor's tokenizer "
+        "and tap its last layer (its head reads that state). This is how a mixture can reach "
+        "what its best base predicts on its own.",
     )
 
     expert_gain: float = Field(

@@ -86,14 +86,20 @@ def test_fused_loss_and_kl_equal_full_softmax_with_their_gradients(softcap, monk
     assert float(head_kl(head, anchor, anchor)) == 0.0
 
 
-def test_fused_logits_are_the_product_of_the_experts():
+def test_fused_logits_pool_the_anchor_and_the_experts_geometrically():
     generator = torch.Generator().manual_seed(1)
     head = _fused(None, generator)
     rows = _rows(generator, 5)
-    rows[:, 32:34] = torch.tensor([1.0, 0.0])  # β: the first expert at full weight
-    x, _, (h1, _) = head.split(rows)
-    expected = head.anchor.logits(x) + head.experts[0].logits(h1).log_softmax(-1)
-    torch.testing.assert_close(head.logits(rows), expected, rtol=0, atol=0)
+    x, _, (h1, h2) = head.split(rows)
+    own, s1, s2 = (
+        head.anchor.logits(x),
+        head.experts[0].logits(h1).log_softmax(-1),
+        head.experts[1].logits(h2).log_softmax(-1),
+    )
+    rows[:, 32:34] = torch.tensor([0.25, 0.5])
+    torch.testing.assert_close(head.logits(rows), 0.25 * own + 0.25 * s1 + 0.5 * s2)
+    rows[:, 32:34] = torch.tensor([1.0, 0.0])  # the first expert at full weight *is* that expert
+    torch.testing.assert_close(head.logits(rows), s1, rtol=0, atol=0)
 
 
 def test_untrained_mixture_with_an_expert_equals_its_anchor(tiny, write_recipe):
@@ -108,9 +114,9 @@ def test_untrained_mixture_with_an_expert_equals_its_anchor(tiny, write_recipe):
 
 
 @pytest.mark.parametrize(("gain", "bias"), [(1.0, 1.0), (4.0, 0.25)])
-def test_an_expert_at_full_weight_adds_its_own_log_probabilities(tiny, write_recipe, gain, bias):
-    """β = gain · bias = 1 everywhere and no correction: the mixture is p_anchor · p_expert,
-    the expert's probabilities as the expert model itself computes them."""
+def test_an_expert_at_full_weight_is_that_expert(tiny, write_recipe, gain, bias):
+    """β = gain · bias = 1 everywhere: the mixture is the expert, its probabilities as the
+    expert model itself computes them."""
     carry_on = EXPERT_CARRY_ON.replace("experts: [b]", f"experts: [b]\n      expert_gain: {gain}")
     mixture = Mixture.from_recipe(load_recipe(_expert_recipe(tiny, write_recipe, carry_on)))
     assert mixture.carry_on.expert_weights is not None
@@ -120,8 +126,9 @@ def test_an_expert_at_full_weight_adds_its_own_log_probabilities(tiny, write_rec
     expert = AutoModelForCausalLM.from_pretrained(tiny["qwen2"])
     ids = torch.tensor([mixture.tokenizer("def add(a, b): return a + b")["input_ids"]])
     with torch.no_grad():
-        expected = anchor(ids).logits + expert(ids).logits.log_softmax(-1)
+        expected = expert(ids).logits.log_softmax(-1)
         torch.testing.assert_close(mixture(ids), expected, rtol=1e-5, atol=1e-4)
+        assert not torch.allclose(anchor(ids).logits.log_softmax(-1), expected, atol=1e-2)
 
 
 def test_cached_generation_with_an_expert_equals_uncached(tiny, write_recipe):

@@ -3,12 +3,18 @@
 A carry-on writes its correction into the anchor's final state, so a mixture can say only what
 the anchor's head can be made to say. A base that shares the anchor's tokenizer can speak for
 itself instead (`carry_on.experts`): its head reads its own last layer, and the carry-on
-weighs its log-probabilities per token, a product of experts (Hinton 2002):
+weighs its log-probabilities against the anchor's per token, a geometric pool (a product of
+experts whose weights sum to 1):
 
-    logits = W_pred(x + α · g ⊙ Δx) + Σ_e β_e · log_softmax(W_e h_e)      β = Linear(z_K)
+    logits = (1 − Σ_e β_e) · W_pred(x + α · g ⊙ Δx) + Σ_e β_e · log_softmax(W_e h_e)
+    β = expert_gain · Linear(z_K)
 
-β starts at 0 (zero-initialized), so an untrained mixture is still exactly its anchor; at β_e
-= 1 with no correction the mixture predicts p_anchor · p_e, renormalized.
+β starts at 0 (zero-initialized), so an untrained mixture is still exactly its anchor; at
+β_e = 1 the mixture is expert e. Why the weights sum to 1: two bases of one family agree, so
+their plain product p_anchor · p_e^β is over-confident. On the equal-budget bench's development
+split it was worse than the anchor alone at every β > 0 (code 0.611 nats/char at β = 0, 0.623 at
+0.25, 0.811 at 1), while the pool at β = 0.7–0.85 beat both bases (code 0.515–0.518, the
+1.5B coder alone 0.516, the 0.5B anchor 0.611).
 
 A `FusedHead` reads *rows* that carry everything the output needs, concatenated on the last
 dimension: `[x' (D_anchor) | β (n_experts) | h_1 (D_1) | ... ]`. Every consumer of a mixture's
@@ -66,9 +72,10 @@ class FusedHead:
         """Full logits (..., vocab) of the mixture: the anchor's plus β-weighted expert
         log-probabilities."""
         x, betas, states = self.split(rows)
-        out = self.anchor.logits(x)
+        betas = betas.float()
+        out = (1 - betas.sum(dim=-1, keepdim=True)) * self.anchor.logits(x)
         for j, (expert, h) in enumerate(zip(self.experts, states, strict=True)):
-            out = out + betas[..., j : j + 1].float() * expert.logits(h).log_softmax(dim=-1)
+            out = out + betas[..., j : j + 1] * expert.logits(h).log_softmax(dim=-1)
         return out
 
     def to(self, device: torch.device) -> FusedHead:
@@ -111,8 +118,9 @@ def _log_norms(head: FusedHead, states: list[torch.Tensor], size: int) -> list[t
 
 
 class _Block:
-    """One vocabulary block of fused logits: z = cap(W_a x') + Σ_j β_j s_j, with s_j the
-    experts' log-probabilities; `chain` is d z / d (W_a x') through the anchor's soft-cap."""
+    """One vocabulary block of fused logits: z = (1 − Σβ) own + Σ_j β_j s_j, with own =
+    cap(W_a x') and s_j the experts' log-probabilities; `chain` is d own / d (W_a x') through
+    the anchor's soft-cap; d z / d β_j = s_j − own."""
 
     def __init__(
         self,
@@ -138,7 +146,8 @@ class _Block:
             _block_logits(e, h, start, size) - lse[:, None]
             for e, h, lse in zip(head.experts, states, norms, strict=True)
         ]
-        self.z = self.own.clone()  # (n, block)
+        self.keep = 1 - betas.float().sum(dim=-1)  # (n,): the anchor's own weight
+        self.z = self.keep[:, None] * self.own  # (n, block)
         for j, s in enumerate(self.s):
             self.z += betas[:, j : j + 1].float() * s
 
@@ -147,8 +156,8 @@ def _fused_cross_entropy(
     head: FusedHead, rows: torch.Tensor, targets: torch.Tensor, want_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Summed cross-entropy of fused rows (n, width) against targets (n,), and its gradient
-    (n, width): to x' (softmax(z) − onehot) @ W_a through the cap, to β_j Σ_v (p_v − y_v) s_j,v,
-    zero to the experts' states."""
+    (n, width): to x' (1 − Σβ) (softmax(z) − onehot) @ W_a through the cap, to β_j
+    Σ_v (p_v − y_v)(s_j,v − own_v), zero to the experts' states."""
     x, betas, states = head.split(rows)
     n, vocab = rows.shape[0], head.weight.shape[0]
     size = head.anchor.block_size(n)
@@ -175,7 +184,7 @@ def _fused_cross_entropy(
         norm = norm * rescale + probs.sum(dim=-1)
         if acc_x is not None:
             for j, s in enumerate(blk.s):
-                acc_b[:, j] = acc_b[:, j] * rescale + (probs * s).sum(dim=-1)
+                acc_b[:, j] = acc_b[:, j] * rescale + (probs * (s - blk.own)).sum(dim=-1)
             through = probs * blk.chain if blk.chain is not None else probs
             acc_x = acc_x * rescale[:, None] + (through.to(head.dtype) @ blk.w).float()
         top = new_top
@@ -185,8 +194,9 @@ def _fused_cross_entropy(
     w_target = head.anchor.weight[targets].to(head.dtype).float()  # (n, D): d own_y / d x'
     if head.anchor.softcap:
         w_target *= 1 - (target_own / head.anchor.softcap).square()[:, None]
-    grad_x = acc_x / norm[:, None] - w_target
-    grad_b = acc_b / norm[:, None] - target_s
+    keep = 1 - betas.float().sum(dim=-1, keepdim=True)  # (n, 1)
+    grad_x = keep * (acc_x / norm[:, None] - w_target)
+    grad_b = acc_b / norm[:, None] - (target_s - target_own[:, None])
     return loss, torch.cat([grad_x, grad_b, *[torch.zeros_like(h) for h in states]], dim=-1)
 
 
@@ -194,8 +204,8 @@ def _fused_kl(
     head: FusedHead, rows: torch.Tensor, anchor_rows: torch.Tensor, want_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Summed KL(p_a ‖ p_m) of fused rows against the anchor's rows (as
-    `CarryOnModel.anchor_rows` lays them out), and its gradient to `rows`: d KL / d z_m =
-    p_m − p_a, carried to x' and to β as above."""
+    `CarryOnModel.anchor_rows` lays them out: β = 0), and its gradient to `rows`:
+    d KL / d z_m = p_m − p_a, carried to x' and to β as above."""
     x, betas, states = head.split(rows)
     xa, betas_a, _ = head.split(anchor_rows)
     n, vocab = rows.shape[0], head.weight.shape[0]
@@ -215,10 +225,9 @@ def _fused_kl(
         blk = _Block(head, x, betas, states, norms, start, size)
         own_a = _block_logits(head.anchor, xa, start, size)
         z_m = blk.z
-        z_a = own_a + sum(
-            (betas_a[:, j : j + 1].float() * s for j, s in enumerate(blk.s)),
-            torch.zeros_like(own_a),
-        )
+        z_a = (1 - betas_a.float().sum(dim=-1))[:, None] * own_a
+        for j, s in enumerate(blk.s):
+            z_a += betas_a[:, j : j + 1].float() * s
         new_m = torch.maximum(top_m, z_m.amax(dim=-1))
         new_a = torch.maximum(top_a, z_a.amax(dim=-1))
         rescale_m = (top_m - new_m).clamp_min_(floor).exp_()
@@ -230,8 +239,9 @@ def _fused_kl(
         cross = cross * rescale_a + (probs_a * (z_a - z_m)).sum(dim=-1)
         if acc_m is not None and acc_a is not None:
             for j, s in enumerate(blk.s):
-                acc_bm[:, j] = acc_bm[:, j] * rescale_m + (probs_m * s).sum(dim=-1)
-                acc_ba[:, j] = acc_ba[:, j] * rescale_a + (probs_a * s).sum(dim=-1)
+                moved = s - blk.own  # d z_m / d β_j
+                acc_bm[:, j] = acc_bm[:, j] * rescale_m + (probs_m * moved).sum(dim=-1)
+                acc_ba[:, j] = acc_ba[:, j] * rescale_a + (probs_a * moved).sum(dim=-1)
             if blk.chain is not None:
                 probs_m = probs_m * blk.chain
                 probs_a = probs_a * blk.chain
@@ -242,6 +252,7 @@ def _fused_kl(
     kl = (cross / norm_a - lse_a + lse_m).clamp_min(0).sum()
     if acc_m is None or acc_a is None:
         return kl, None
-    grad_x = acc_m / norm_m[:, None] - acc_a / norm_a[:, None]
+    keep = 1 - betas.float().sum(dim=-1, keepdim=True)  # (n, 1)
+    grad_x = keep * (acc_m / norm_m[:, None] - acc_a / norm_a[:, None])
     grad_b = acc_bm / norm_m[:, None] - acc_ba / norm_a[:, None]
     return kl, torch.cat([grad_x, grad_b, *[torch.zeros_like(h) for h in states]], dim=-1)
