@@ -12,9 +12,7 @@ first, with the same --per-domain / --seq-len / --out):
 
 A variant is comma-separated: `lr=X` sets train.lr; `final` adds the anchor's final state (the
 LM head's input, `code@24`, already in the cache as the anchor state) as a router source and a
-shortcut into the last block, as the paper's carry-on reads the base's last layer; `gain=X`
-sets carry_on.expert_gain (with `--strong-layer 28 --experts`, the mixture fusing the 1.5B
-coder's own log-probabilities); `lora`
+shortcut into the last block, as the paper's carry-on reads the base's last layer; `lora`
 trains the bench's PEFT LoRA arm (rank matched to the mixture) instead, on the same split and
 batches, so both methods get the same chance to pick their rate.
 """
@@ -42,12 +40,10 @@ def variant_dict(args: argparse.Namespace, variant: str) -> dict[str, Any]:
             recipe["train"]["lr"] = float(part.removeprefix("lr="))
         elif part == "final":
             eb.add_final_tap(recipe)
-        elif part.startswith("gain="):
-            recipe["carry_on"]["expert_gain"] = float(part.removeprefix("gain="))
         elif part == "lora":
             pass  # PEFT LoRA on the anchor instead of a carry-on (run_variant)
         else:
-            raise SystemExit(f"unknown variant part {part!r} (lr=X, gain=X, final or lora)")
+            raise SystemExit(f"unknown variant part {part!r} (lr=X, final or lora)")
     return recipe
 
 

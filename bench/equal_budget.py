@@ -108,7 +108,6 @@ def recipe_dict(args: argparse.Namespace, arm: str) -> dict[str, Any]:
         add_final_tap(recipe)
     if getattr(args, "experts", False) and arm in ("mixture", "mixture-plain"):
         recipe["carry_on"]["experts"] = ["strong"]
-        recipe["carry_on"]["expert_gain"] = getattr(args, "expert_gain", 1.0)
     return recipe
 
 
@@ -295,7 +294,6 @@ def size_arguments(parser: argparse.ArgumentParser) -> None:
         help="the mixture arms fuse the 1.5B coder's own next-token log-probabilities "
         "(carry_on.experts; needs --strong-layer 28, its last layer)",
     )
-    parser.add_argument("--expert-gain", type=float, default=1.0, help="carry_on.expert_gain")
 
 
 def arm_lora(args: argparse.Namespace, target_params: int) -> dict[str, Any]:
@@ -400,7 +398,7 @@ def run_arm(arm: str, args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
         cmd += ["--cache-out", args.cache_out] if args.cache_out else []
         cmd += ["--final-tap"] if args.final_tap else []
         cmd += ["--strong-layer", str(args.strong_layer)]
-        cmd += ["--experts", "--expert-gain", str(args.expert_gain)] if args.experts else []
+        cmd += ["--experts"] if args.experts else []
         for key, value in extra.items():
             cmd += [f"--{key.replace('_', '-')}", str(value)]
         print(f"[{time.strftime('%H:%M:%S')}] arm {arm} ...", flush=True)

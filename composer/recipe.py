@@ -136,14 +136,6 @@ class CarryOnSpec(BaseModel):
         "what its best base predicts on its own.",
     )
 
-    expert_gain: float = Field(
-        default=1.0,
-        gt=0,
-        description="β = expert_gain · Linear(z_K). Adam moves each parameter by about lr per "
-        "step whatever its gradient's size, so a β starting at 0 needs about 1/lr steps to "
-        "reach 1 at gain 1; a larger gain lets a short build give an expert its full say.",
-    )
-
     @model_validator(mode="after")
     def _heads_divide_width(self) -> CarryOnSpec:
         if self.width % self.heads:

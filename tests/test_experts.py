@@ -113,15 +113,13 @@ def test_untrained_mixture_with_an_expert_equals_its_anchor(tiny, write_recipe):
         torch.testing.assert_close(mixture(ids), reference(ids).logits, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize(("gain", "bias"), [(1.0, 1.0), (4.0, 0.25)])
-def test_an_expert_at_full_weight_is_that_expert(tiny, write_recipe, gain, bias):
-    """β = gain · bias = 1 everywhere: the mixture is the expert, its probabilities as the
-    expert model itself computes them."""
-    carry_on = EXPERT_CARRY_ON.replace("experts: [b]", f"experts: [b]\n      expert_gain: {gain}")
-    mixture = Mixture.from_recipe(load_recipe(_expert_recipe(tiny, write_recipe, carry_on)))
+def test_an_expert_at_full_weight_is_that_expert(tiny, write_recipe):
+    """β = 1 everywhere: the mixture is the expert, its probabilities as the expert model
+    itself computes them."""
+    mixture = Mixture.from_recipe(load_recipe(_expert_recipe(tiny, write_recipe)))
     assert mixture.carry_on.expert_weights is not None
     with torch.no_grad():
-        mixture.carry_on.expert_weights.bias.fill_(bias)
+        mixture.carry_on.expert_weights.bias.fill_(1.0)
     anchor = AutoModelForCausalLM.from_pretrained(tiny["llama"])
     expert = AutoModelForCausalLM.from_pretrained(tiny["qwen2"])
     ids = torch.tensor([mixture.tokenizer("def add(a, b): return a + b")["input_ids"]])

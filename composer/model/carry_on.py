@@ -163,7 +163,6 @@ class CarryOn(nn.Module):
         self.up = nn.Linear(d, anchor_dim, bias=False)
         self.gate = nn.Linear(d, anchor_dim) if spec.gate == "elementwise" else None
         self.expert_weights = nn.Linear(d, len(expert_taps)) if expert_taps else None
-        self.expert_gain = spec.expert_gain
         alpha = torch.tensor(float(spec.alpha.init))
         if spec.alpha.learnable:
             self.alpha = nn.Parameter(alpha)
@@ -231,7 +230,7 @@ class CarryOn(nn.Module):
         hidden = anchor_hidden + (self.alpha * delta).to(anchor_hidden.dtype)
         betas = None
         if self.expert_weights is not None:
-            betas = self.expert_gain * self.expert_weights(z)  # (B, T, n_experts)
+            betas = self.expert_weights(z)  # (B, T, n_experts)
         return CarryOnOutput(hidden, weights, cache, betas)
 
     def route(self, stacked: torch.Tensor, anchor_hidden: torch.Tensor) -> torch.Tensor:

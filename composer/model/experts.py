@@ -7,7 +7,7 @@ weighs its log-probabilities against the anchor's per token, a geometric pool (a
 experts whose weights sum to 1):
 
     logits = (1 − Σ_e β_e) · W_pred(x + α · g ⊙ Δx) + Σ_e β_e · log_softmax(W_e h_e)
-    β = expert_gain · Linear(z_K)
+    β = Linear(z_K)
 
 β starts at 0 (zero-initialized), so an untrained mixture is still exactly its anchor; at
 β_e = 1 the mixture is expert e. Why the weights sum to 1: two bases of one family agree, so
