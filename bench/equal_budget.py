@@ -28,6 +28,8 @@ Results land in OUT (one JSON per arm, `table.md`, `equal_budget.png`); a rerun 
 JSON exists. Nothing is tuned on the held-out items: the settings below were fixed beforehand;
 `bench/carry_on_dev.py` picks the rates on a development split of the training items instead
 (`--carry-on-lr`, `--lora-lr` take its picks; `--cache-out` reuses an earlier OUT's cache).
+`--strong-layer 28 --experts` taps the 1.5B coder at its last layer and pools its own
+log-probabilities into the mixture arms (`carry_on.experts`; docs/quality.md).
 """
 
 from __future__ import annotations
