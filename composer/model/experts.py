@@ -27,7 +27,6 @@ their states are inputs, so their rows take no gradient).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from composer.errors import RecipeError
-from composer.model.head import LMHead
+from composer.model.head import LMHead, OnlineSoftmax
 
 
 @dataclass
@@ -88,11 +87,6 @@ class FusedHead:
         return _fused_kl
 
 
-def _floor(vocab: int) -> float:
-    # As composer.model.head: e^floor / vocab stays a normal float (subnormals are ~40x slower).
-    return math.log(torch.finfo(torch.float32).tiny) + math.log(vocab) + 1
-
-
 def _block_logits(head: LMHead, x: torch.Tensor, start: int, size: int) -> torch.Tensor:
     """Logits (n, block) of head rows start:start+size, soft-capped as the base caps them."""
     w, b = head.block(start, size)
@@ -106,14 +100,11 @@ def _log_norms(head: FusedHead, states: list[torch.Tensor], size: int) -> list[t
     """Each expert's log-normalizer (n,) over the vocabulary, one online pass each."""
     out = []
     for expert, h in zip(head.experts, states, strict=True):
-        top = torch.full((h.shape[0],), -math.inf, device=h.device)
-        norm = torch.zeros(h.shape[0], device=h.device)
-        for start in range(0, expert.weight.shape[0], size):
-            z = _block_logits(expert, h, start, size)
-            new_top = torch.maximum(top, z.amax(dim=-1))
-            norm = norm * (top - new_top).exp() + (z - new_top[:, None]).exp().sum(dim=-1)
-            top = new_top
-        out.append(top + norm.log())
+        vocab = expert.weight.shape[0]
+        softmax = OnlineSoftmax(h.shape[0], vocab, h.device)
+        for start in range(0, vocab, size):
+            softmax.add(_block_logits(expert, h, start, size), inplace=True)
+        out.append(softmax.log_norm)
     return out
 
 
@@ -162,9 +153,7 @@ def _fused_cross_entropy(
     n, vocab = rows.shape[0], head.weight.shape[0]
     size = head.anchor.block_size(n)
     norms = _log_norms(head, states, size)
-    floor = _floor(vocab)
-    top = torch.full((n,), -math.inf, device=rows.device)
-    norm = torch.zeros(n, device=rows.device)
+    softmax = OnlineSoftmax(n, vocab, rows.device)
     target = torch.zeros(n, device=rows.device)  # z at the target
     target_own = torch.zeros(n, device=rows.device)  # the anchor's capped logit at the target
     target_s = torch.zeros(n, len(states), device=rows.device)
@@ -178,25 +167,21 @@ def _fused_cross_entropy(
         target_own[here] = blk.own[here, cols]
         for j, s in enumerate(blk.s):
             target_s[here, j] = s[here, cols]
-        new_top = torch.maximum(top, blk.z.amax(dim=-1))
-        rescale = (top - new_top).clamp_min_(floor).exp_()
-        probs = (blk.z - new_top[:, None]).clamp_min_(floor).exp_()  # unnormalized
-        norm = norm * rescale + probs.sum(dim=-1)
+        probs, rescale = softmax.add(blk.z, inplace=True)
         if acc_x is not None:
             for j, s in enumerate(blk.s):
                 acc_b[:, j] = acc_b[:, j] * rescale + (probs * (s - blk.own)).sum(dim=-1)
             through = probs * blk.chain if blk.chain is not None else probs
             acc_x = acc_x * rescale[:, None] + (through.to(head.dtype) @ blk.w).float()
-        top = new_top
-    loss = (top + norm.log() - target).sum()
+    loss = (softmax.log_norm - target).sum()
     if acc_x is None:
         return loss, None
     w_target = head.anchor.weight[targets].to(head.dtype).float()  # (n, D): d own_y / d x'
     if head.anchor.softcap:
         w_target *= 1 - (target_own / head.anchor.softcap).square()[:, None]
     keep = 1 - betas.float().sum(dim=-1, keepdim=True)  # (n, 1)
-    grad_x = keep * (acc_x / norm[:, None] - w_target)
-    grad_b = acc_b / norm[:, None] - (target_s - target_own[:, None])
+    grad_x = keep * (acc_x / softmax.norm[:, None] - w_target)
+    grad_b = acc_b / softmax.norm[:, None] - (target_s - target_own[:, None])
     return loss, torch.cat([grad_x, grad_b, *[torch.zeros_like(h) for h in states]], dim=-1)
 
 
@@ -211,11 +196,7 @@ def _fused_kl(
     n, vocab = rows.shape[0], head.weight.shape[0]
     size = head.anchor.block_size(2 * n)
     norms = _log_norms(head, states, size)
-    floor = _floor(vocab)
-    top_m = torch.full((n,), -math.inf, device=rows.device)
-    top_a = torch.full((n,), -math.inf, device=rows.device)
-    norm_m = torch.zeros(n, device=rows.device)
-    norm_a = torch.zeros(n, device=rows.device)
+    mixed, anchor = OnlineSoftmax(n, vocab, rows.device), OnlineSoftmax(n, vocab, rows.device)
     cross = torch.zeros(n, device=rows.device)  # Σ e^{z_a − top_a} (z_a − z_m)
     acc_m = torch.zeros(n, x.shape[1], device=rows.device) if want_grad else None
     acc_a = torch.zeros(n, x.shape[1], device=rows.device) if want_grad else None
@@ -228,14 +209,8 @@ def _fused_kl(
         z_a = (1 - betas_a.float().sum(dim=-1))[:, None] * own_a
         for j, s in enumerate(blk.s):
             z_a += betas_a[:, j : j + 1].float() * s
-        new_m = torch.maximum(top_m, z_m.amax(dim=-1))
-        new_a = torch.maximum(top_a, z_a.amax(dim=-1))
-        rescale_m = (top_m - new_m).clamp_min_(floor).exp_()
-        rescale_a = (top_a - new_a).clamp_min_(floor).exp_()
-        probs_m = (z_m - new_m[:, None]).clamp_min_(floor).exp_()
-        probs_a = (z_a - new_a[:, None]).clamp_min_(floor).exp_()
-        norm_m = norm_m * rescale_m + probs_m.sum(dim=-1)
-        norm_a = norm_a * rescale_a + probs_a.sum(dim=-1)
+        probs_m, rescale_m = mixed.add(z_m)
+        probs_a, rescale_a = anchor.add(z_a)
         cross = cross * rescale_a + (probs_a * (z_a - z_m)).sum(dim=-1)
         if acc_m is not None and acc_a is not None:
             for j, s in enumerate(blk.s):
@@ -247,12 +222,10 @@ def _fused_kl(
                 probs_a = probs_a * blk.chain
             acc_m = acc_m * rescale_m[:, None] + (probs_m.to(head.dtype) @ blk.w).float()
             acc_a = acc_a * rescale_a[:, None] + (probs_a.to(head.dtype) @ blk.w).float()
-        top_m, top_a = new_m, new_a
-    lse_m, lse_a = top_m + norm_m.log(), top_a + norm_a.log()
-    kl = (cross / norm_a - lse_a + lse_m).clamp_min(0).sum()
+    kl = (cross / anchor.norm - anchor.log_norm + mixed.log_norm).clamp_min(0).sum()
     if acc_m is None or acc_a is None:
         return kl, None
     keep = 1 - betas.float().sum(dim=-1, keepdim=True)  # (n, 1)
-    grad_x = keep * (acc_m / norm_m[:, None] - acc_a / norm_a[:, None])
-    grad_b = acc_bm / norm_m[:, None] - acc_ba / norm_a[:, None]
+    grad_x = keep * (acc_m / mixed.norm[:, None] - acc_a / anchor.norm[:, None])
+    grad_b = acc_bm / mixed.norm[:, None] - acc_ba / anchor.norm[:, None]
     return kl, torch.cat([grad_x, grad_b, *[torch.zeros_like(h) for h in states]], dim=-1)

@@ -186,17 +186,44 @@ class _HeadPass(torch.autograd.Function):
         return grad * grad_output, None, None, None
 
 
+def subnormal_floor(vocab: int) -> float:
+    """Probabilities below e^floor / vocab would be subnormal floats, which slow exp and the
+    matmuls ~40x on x86; raising them to e^floor changes the loss by < vocab·e^floor."""
+    return math.log(torch.finfo(torch.float32).tiny) + math.log(vocab) + 1
+
+
+class OnlineSoftmax:
+    """Per row, the running max and normalizer of exp(z) over vocabulary blocks, as flash
+    attention keeps them over keys."""
+
+    def __init__(self, n: int, vocab: int, device: torch.device) -> None:
+        self.floor = subnormal_floor(vocab)
+        self.top = torch.full((n,), -math.inf, device=device)
+        self.norm = torch.zeros(n, device=device)
+
+    def add(self, z: torch.Tensor, *, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fold in block z (n, block): its probabilities, unnormalized against the new max (in
+        z's own memory when `inplace`), and the rescale (n,) of the earlier blocks' sums."""
+        new_top = torch.maximum(self.top, z.amax(dim=-1))
+        rescale = (self.top - new_top).clamp_min_(self.floor).exp_()
+        shifted = z.sub_(new_top[:, None]) if inplace else z - new_top[:, None]
+        probs = shifted.clamp_min_(self.floor).exp_()
+        self.norm = self.norm * rescale + probs.sum(dim=-1)
+        self.top = new_top
+        return probs, rescale
+
+    @property
+    def log_norm(self) -> torch.Tensor:
+        return self.top + self.norm.log()
+
+
 def _online_cross_entropy(
     head: LMHead, rows: torch.Tensor, targets: torch.Tensor, want_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Summed loss of rows (n, D), and its gradient (n, D): softmax(z) @ W - d z_y / d rows."""
     n, vocab = rows.shape[0], head.weight.shape[0]
     x = rows.to(head.dtype)
-    # Probabilities below e^floor / vocab would be subnormal floats, which slow exp and the
-    # matmuls ~40x on x86; raising them to e^floor changes the loss by < vocab·e^floor.
-    floor = math.log(torch.finfo(torch.float32).tiny) + math.log(vocab) + 1
-    top = torch.full((n,), -math.inf, device=rows.device)
-    norm = torch.zeros(n, device=rows.device)
+    softmax = OnlineSoftmax(n, vocab, rows.device)
     target = torch.zeros(n, device=rows.device)
     acc = torch.zeros(n, rows.shape[1], device=rows.device) if want_grad else None
     size = head.block_size(n)
@@ -209,22 +236,18 @@ def _online_cross_entropy(
             logits = capped * head.softcap
         here = (targets >= start) & (targets < start + w.shape[0])
         target[here] = logits[here, targets[here] - start]
-        new_top = torch.maximum(top, logits.amax(dim=-1))
-        rescale = (top - new_top).clamp_min_(floor).exp_()  # (n,): earlier blocks' share
-        probs = logits.sub_(new_top[:, None]).clamp_min_(floor).exp_()  # in place, unnormalized
-        norm = norm * rescale + probs.sum(dim=-1)
+        probs, rescale = softmax.add(logits, inplace=True)
         if acc is not None:
             if capped is not None:
                 probs *= 1 - capped * capped  # through the soft-cap
             acc = acc * rescale[:, None] + (probs.to(head.dtype) @ w).float()
-        top = new_top
-    loss = (top + norm.log() - target).sum()
+    loss = (softmax.log_norm - target).sum()
     if acc is None:
         return loss, None
     w_target = head.weight[targets].to(head.dtype).float()  # (n, D): d z_y / d rows
     if head.softcap:
         w_target *= 1 - (target / head.softcap).square()[:, None]
-    return loss, acc / norm[:, None] - w_target
+    return loss, acc / softmax.norm[:, None] - w_target
 
 
 def head_loss(head: OutputHead, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -246,11 +269,7 @@ def _online_kl(
     """
     n, vocab = rows.shape[0], head.weight.shape[0]
     x, xa = rows.to(head.dtype), anchor_rows.to(head.dtype)
-    floor = math.log(torch.finfo(torch.float32).tiny) + math.log(vocab) + 1  # as cross-entropy
-    top_m = torch.full((n,), -math.inf, device=rows.device)
-    top_a = torch.full((n,), -math.inf, device=rows.device)
-    norm_m = torch.zeros(n, device=rows.device)
-    norm_a = torch.zeros(n, device=rows.device)
+    mixed, anchor = OnlineSoftmax(n, vocab, rows.device), OnlineSoftmax(n, vocab, rows.device)
     cross = torch.zeros(n, device=rows.device)  # Σ e^{z_a − top_a} (z_a − z_m)
     acc_m = torch.zeros(n, rows.shape[1], device=rows.device) if want_grad else None
     acc_a = torch.zeros(n, rows.shape[1], device=rows.device) if want_grad else None
@@ -264,14 +283,8 @@ def _online_kl(
             chain = 1 - capped * capped  # d z_m / d raw logits, through the soft-cap
             z_m = capped * head.softcap
             z_a = torch.tanh(z_a / head.softcap) * head.softcap
-        new_m = torch.maximum(top_m, z_m.amax(dim=-1))
-        new_a = torch.maximum(top_a, z_a.amax(dim=-1))
-        rescale_m = (top_m - new_m).clamp_min_(floor).exp_()
-        rescale_a = (top_a - new_a).clamp_min_(floor).exp_()
-        probs_m = (z_m - new_m[:, None]).clamp_min_(floor).exp_()
-        probs_a = (z_a - new_a[:, None]).clamp_min_(floor).exp_()
-        norm_m = norm_m * rescale_m + probs_m.sum(dim=-1)
-        norm_a = norm_a * rescale_a + probs_a.sum(dim=-1)
+        probs_m, rescale_m = mixed.add(z_m)
+        probs_a, rescale_a = anchor.add(z_a)
         cross = cross * rescale_a + (probs_a * (z_a - z_m)).sum(dim=-1)
         if acc_m is not None and acc_a is not None:
             if chain is not None:
@@ -279,12 +292,10 @@ def _online_kl(
                 probs_a *= chain
             acc_m = acc_m * rescale_m[:, None] + (probs_m.to(head.dtype) @ w).float()
             acc_a = acc_a * rescale_a[:, None] + (probs_a.to(head.dtype) @ w).float()
-        top_m, top_a = new_m, new_a
-    lse_m, lse_a = top_m + norm_m.log(), top_a + norm_a.log()
-    kl = (cross / norm_a - lse_a + lse_m).clamp_min(0).sum()
+    kl = (cross / anchor.norm - anchor.log_norm + mixed.log_norm).clamp_min(0).sum()
     if acc_m is None or acc_a is None:
         return kl, None
-    return kl, acc_m / norm_m[:, None] - acc_a / norm_a[:, None]
+    return kl, acc_m / mixed.norm[:, None] - acc_a / anchor.norm[:, None]
 
 
 def head_kl(head: OutputHead, rows: torch.Tensor, anchor_rows: torch.Tensor) -> torch.Tensor:
