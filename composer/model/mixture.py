@@ -69,19 +69,20 @@ class CarryOnModel:
         )
         if out.expert_weights is None:
             return out.hidden, out.source_weights, out.cache
-        states = [features.taps[t].to(out.hidden.dtype) for t in self.carry_on.expert_taps]
-        betas = out.expert_weights.to(out.hidden.dtype)
-        return torch.cat([out.hidden, betas, *states], dim=-1), out.source_weights, out.cache
+        return self._rows(out.hidden, out.expert_weights, features), out.source_weights, out.cache
 
     def anchor_rows(self, features: Features) -> torch.Tensor:
         """Rows laid out as `hidden` gives them that read the anchor's own distribution: its
         state, and with experts β = 0 beside their (then unused) states."""
         x = features.anchor_hidden
-        taps = self.carry_on.expert_taps
-        if not taps:
+        if not self.carry_on.expert_taps:
             return x
-        betas = x.new_zeros((*x.shape[:-1], len(taps)))
-        return torch.cat([x, betas, *[features.taps[t].to(x.dtype) for t in taps]], dim=-1)
+        return self._rows(x, x.new_zeros((*x.shape[:-1], len(self.carry_on.expert_taps))), features)
+
+    def _rows(self, x: torch.Tensor, betas: torch.Tensor, features: Features) -> torch.Tensor:
+        """The head's rows with experts: [x | β | the experts' states] (composer.model.experts)."""
+        states = [features.taps[t].to(x.dtype) for t in self.carry_on.expert_taps]
+        return torch.cat([x, betas.to(x.dtype), *states], dim=-1)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head.logits(hidden)
