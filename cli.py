@@ -455,8 +455,8 @@ def compare(
     a: Annotated[
         str,
         typer.Argument(
-            help="Side A: a built mixture directory, a built recipe, or a base card (the base "
-            "alone).",
+            help="Side A: a built mixture directory, a built recipe, a model folder or a base "
+            "card (the model alone).",
             show_default=False,
         ),
     ],
@@ -474,6 +474,14 @@ def compare(
     ] = None,
     level: Annotated[float, typer.Option(help="Confidence level of the verdicts.")] = 0.95,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap and of every item.")] = 0,
+    batch: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Generation suites decode this many items together (left-padded; each answer "
+            "is the one generated alone, up to float rounding).",
+        ),
+    ] = 8,
     cache_dir: Annotated[
         Path | None,
         typer.Option(help="Per-item result cache (default: $COMPOSE_HOME/compare)."),
@@ -493,6 +501,7 @@ def compare(
             limit=limit,
             level=level,
             seed=seed,
+            batch=batch,
             out=target,
             cache_dir=cache_dir,
             console=err,

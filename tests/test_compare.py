@@ -208,6 +208,21 @@ def test_base_alone_generation_suites_and_recipe_sides(mixtures, tiny, tmp_path,
     markdown = (out / "report.md").read_text()
     assert "### writing" in markdown and "### math" in markdown
     assert "# the base alone, no carry-on" in markdown
+    # Decoded one item at a time (nothing cached), every answer is the one decoded in a batch.
+    alone = compare(
+        "tiny-llama",
+        str(mixtures["good"]),
+        limit=2,
+        batch=1,
+        cache_dir=tmp_path / "cache-alone",
+        registry=registry,
+    )
+    assert sum(alone.computed.values()) == 2 * (2 + 2 + 2)
+    for batched, single in zip(result.suites, alone.suites, strict=True):
+        for row, row_alone in zip(batched.items, single.items, strict=True):
+            for side in ("a", "b"):
+                answer = {k: v for k, v in row[side].items() if k != "gate"}
+                assert answer == {k: v for k, v in row_alone[side].items() if k != "gate"}
     # The same base alone again, through a recipe and its build directory as side B:
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CompareError, match="is not built"):
@@ -215,6 +230,28 @@ def test_base_alone_generation_suites_and_recipe_sides(mixtures, tiny, tmp_path,
     shutil.copytree(mixtures["good"], tmp_path / "runs" / "tiny")
     side = resolve_side("B", str(mixtures["recipe"]))
     assert side.folder == Path("runs/tiny") and side.key == result.b.key
+
+
+def test_a_model_folder_is_a_side_like_its_card(mixtures, tiny, tmp_path, monkeypatch):
+    cards = tmp_path / "cards"
+    cards.mkdir()
+    (cards / "tiny.yaml").write_text(
+        f"name: tiny-llama\nrole: chat\nfamily: llama\nsource: {{kind: folder, path: {tiny['llama']}}}\n"
+    )
+    monkeypatch.setenv("COMPOSE_BASES_DIR", str(cards))
+    registry = SuiteRegistry()
+    registry.register(SUITES.get("loss-code"))
+    result = compare(
+        str(tiny["llama"]), "tiny-llama", limit=3, cache_dir=tmp_path / "c", registry=registry
+    )
+    assert result.a.kind == result.b.kind == "base"
+    assert result.a.recipe.bases["model"].path == str(tiny["llama"].resolve())
+    rows = result.suites[0].items
+    assert [r["a"]["nll"] for r in rows] == [r["b"]["nll"] for r in rows]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CompareError, match="nor a model folder"):
+        resolve_side("A", str(empty))
 
 
 def test_compare_cli(mixtures, tmp_path):
@@ -228,9 +265,8 @@ def test_compare_cli(mixtures, tmp_path):
     result = runner.invoke(app, ["compare", str(tmp_path / "missing"), str(mixtures["good"])])
     assert result.exit_code == 1
     lines = [line for line in result.output.splitlines() if line.strip()]
-    assert (
-        len(lines) == 1 and "is not a mixture directory, a built recipe or a base card" in lines[0]
-    )
+    assert len(lines) == 1
+    assert "is not a mixture directory, a model folder, a built recipe or a base card" in lines[0]
 
 
 def test_held_out_suites_skip_what_a_recipe_trained_on(tiny, write_recipe):

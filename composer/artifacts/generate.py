@@ -54,6 +54,9 @@ class Generation:
         self.finish_reason: str | None = None
         self._stream = TextStream(mixture.tokenizer, stop, until)
         self._started = False
+        self._steps = 0  # tokens chosen, end-of-sequence included
+        self._chooser: TokenChooser | None = None
+        self._seen: set[int] = set()
 
     @property
     def ids(self) -> list[int]:
@@ -79,37 +82,87 @@ class Generation:
         return self
 
     def _run(self) -> Iterator[str]:
-        mixture, stream = self.mixture, self._stream
-        choose = TokenChooser(self.sampling)
-        seen = set(self.prompt_ids)  # what the repetition penalty discourages
+        mixture = self.mixture
         state = mixture.new_state() if self.use_cache else None
         pending = list(self.prompt_ids)
-        for _ in range(self.max_new_tokens):
+        while self.finish_reason is None:
+            if self._steps == self.max_new_tokens:
+                if rest := self._end("length"):
+                    yield rest
+                return
             if state is not None:
                 logits, weights = mixture.step(torch.tensor([pending]), state)
             else:
-                features = mixture.features(torch.tensor([self.prompt_ids + stream.ids]))
+                features = mixture.features(torch.tensor([self.prompt_ids + self.ids]))
                 hidden, weights, _ = mixture.hidden(features)
                 logits = mixture.logits(hidden[:, -1])
-            if self.gates is not None:
-                self.gates.append(weights[0, -1])
-            token = choose(logits, seen)
-            if token == self.eos:
-                self.finish_reason = "eos"
-                break
-            pending = [token]
-            seen.add(token)
-            if delta := stream.push(token):
+            if delta := self._take(logits, weights[0, -1]):
                 yield delta
-            if stream.stopped:
-                self.finish_reason = "stop"
-                return
-        else:
-            self.finish_reason = "length"
-        if rest := stream.finish():
-            yield rest
-        if stream.stopped:
+            pending = self.ids[-1:]
+
+    def _take(self, logits: torch.Tensor, weights: torch.Tensor) -> str:
+        """Choose the next token from `logits` ((1, vocab)); the text it completes. Sets
+        `finish_reason` when this token ends the generation."""
+        if self._chooser is None:
+            self._chooser = TokenChooser(self.sampling)
+            self._seen = set(self.prompt_ids)  # what the repetition penalty discourages
+        self._steps += 1
+        if self.gates is not None:
+            self.gates.append(weights)
+        token = self._chooser(logits, self._seen)
+        if token == self.eos:
+            return self._end("eos")
+        self._seen.add(token)
+        delta = self._stream.push(token)
+        if self._stream.stopped:
             self.finish_reason = "stop"
+        elif self._steps == self.max_new_tokens:
+            delta += self._end("length")
+        return delta
+
+    def _end(self, reason: str) -> str:
+        """Finish with `reason` ("stop" where the text's end completes a stop string); the
+        text held back until now."""
+        rest = self._stream.finish()
+        self.finish_reason = "stop" if self._stream.stopped else reason
+        return rest
+
+
+def run_together(generations: Sequence[Generation]) -> None:
+    """Run generations of one mixture to their ends as one batch, padded on the left.
+
+    Each row chooses its tokens and ends (end-of-sequence, stop string, length) as it would
+    alone, and its ids, text, gates and finish reason are the same up to float rounding (a test
+    holds the tokens equal). A finished row is fed padding until the batch is done.
+    """
+    if not generations:
+        return
+    mixture = generations[0].mixture
+    for generation in generations:
+        if generation._started or generation.mixture is not mixture or not generation.use_cache:
+            raise ValueError("run_together takes new, cached generations of one mixture")
+        generation._started = True
+    tokenizer = mixture.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(g.prompt_ids) for g in generations)
+    ids = [[pad] * (width - len(g.prompt_ids)) + g.prompt_ids for g in generations]
+    mask = [[0] * (width - len(g.prompt_ids)) + [1] * len(g.prompt_ids) for g in generations]
+    pending, pending_mask = torch.tensor(ids), torch.tensor(mask)
+    state = mixture.new_state()
+    with torch.no_grad():
+        for generation in generations:
+            if generation.max_new_tokens <= 0:
+                generation._end("length")
+        while any(g.finish_reason is None for g in generations):
+            logits, weights = mixture.step(pending, state, pending_mask)
+            tokens, live = [], []
+            for row, generation in enumerate(generations):
+                if generation.finish_reason is None:
+                    generation._take(logits[row : row + 1], weights[row, -1])
+                live.append(generation.finish_reason is None)
+                tokens.append(generation.ids[-1] if live[-1] else pad)
+            pending = torch.tensor(tokens)[:, None]
+            pending_mask = torch.tensor(live, dtype=torch.long)[:, None]
 
 
 def chat_ids(mixture: Any, messages: list[dict[str, str]]) -> list[int]:

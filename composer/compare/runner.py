@@ -1,7 +1,8 @@
 """`compose compare A B`: two mixtures on the same items, paired statistics, reports.
 
-A side is a built mixture directory (or an export), a recipe whose build directory exists, or a
-base card name: the base alone, as an anchor-only mixture whose carry-on is untrained (its
+A side is a built mixture directory (or an export), a recipe whose build directory exists, a
+model folder (config.json and weights, e.g. a LoRA merged by `compose port --lora`) or a base
+card name: the model or base alone, as an anchor-only mixture whose carry-on is untrained (its
 correction is exactly zero, so its logits are the base's). A bare recipe that was never built is
 an error that says to build it: training belongs to `compose build`, not to a comparison.
 
@@ -39,9 +40,14 @@ SCORING_VERSION = 2  # bump when a suite's scoring changes, so old cached result
 
 def resolve_side(label: str, given: str) -> Side:
     path = Path(given)
+    if path.is_dir() and not (path / RECIPE_FILE).exists() and (path / "config.json").is_file():
+        return _keyed(_alone(label, given, {"path": str(path.resolve())}, "model"))
     if path.is_dir():
         if not (path / RECIPE_FILE).is_file() or not (path / WEIGHTS).is_file():
-            raise CompareError(f"{given}: not a mixture directory (needs {RECIPE_FILE}, {WEIGHTS})")
+            raise CompareError(
+                f"{given}: neither a mixture directory (needs {RECIPE_FILE}, {WEIGHTS}) nor a "
+                "model folder (needs config.json)"
+            )
         recipe = read_mixture_recipe(path)
         return _keyed(Side(label, given, "mixture", recipe, recipe.to_yaml(), path))
     if path.suffix in (".yaml", ".yml") and path.is_file():
@@ -68,14 +74,22 @@ def _base_alone(label: str, card_name: str) -> Side:
         card = registry.get_card(card_name)
     except ComposeError as exc:
         raise CompareError(
-            f"'{card_name}' is not a mixture directory, a built recipe or a base card ({exc})"
+            f"'{card_name}' is not a mixture directory, a model folder, a built recipe or a "
+            f"base card ({exc})"
         ) from exc
     role = card.role if re.fullmatch(r"[A-Za-z0-9_-]+", card.role) else "base"
+    return _alone(label, card_name, {"card": card.name}, role, card.name)
+
+
+def _alone(label: str, given: str, spec: dict[str, str], role: str, name: str = "") -> Side:
+    """A base alone (a card, or a model folder such as a merged LoRA): an anchor-only mixture
+    whose carry-on is never trained."""
+    name = name or re.sub(r"[^A-Za-z0-9._-]", "-", Path(given).resolve().name).lstrip("._-")
     recipe = recipe_from_dict(
         {
-            "name": f"{card.name}-alone",
+            "name": f"{name}-alone",
             "anchor": role,
-            "bases": {role: {"card": card.name}},
+            "bases": {role: spec},
             "taps": [f"{role}@0"],
             # A minimal carry-on that is never trained: its zero-initialized output projection
             # (and alpha 0) leave the base's logits exactly as they are.
@@ -88,14 +102,14 @@ def _base_alone(label: str, card_name: str) -> Side:
             },
             "train": {"data": {"kind": "gsm_symbolic", "size": 2}, "steps": 1},
         },
-        f"base card {card.name}",
+        f"base {given}",
     )
     # Shown in the recipes' diff: the same fields, in the same form, as a mixture's recipe.
     shown = {
         k: v for k, v in recipe.model_dump(mode="json").items() if k in ("name", "anchor", "bases")
     }
     text = "# the base alone, no carry-on\n" + yaml.safe_dump(shown, sort_keys=False)
-    return Side(label, card_name, "base", recipe, text)
+    return Side(label, given, "base", recipe, text)
 
 
 def _keyed(side: Side) -> Side:
@@ -145,15 +159,21 @@ def compare(
     limit: int | None = None,
     level: float = 0.95,
     seed: int = 0,
+    batch: int = 8,
     out: Path | None = None,
     cache_dir: Path | None = None,
     registry: SuiteRegistry = SUITES,
     console: Console | None = None,
 ) -> CompareResult:
-    """Run both sides on the same items of each suite and compare them item by item."""
+    """Run both sides on the same items of each suite and compare them item by item.
+
+    Generation suites decode `batch` items at a time (padded on the left; each answer is the
+    one generated alone, up to float rounding)."""
     console = console or Console(stderr=True)
     if not 0 < level < 1:
         raise CompareError(f"--level {level} must be between 0 and 1")
+    if batch < 1:
+        raise CompareError(f"--batch {batch} must be at least 1")
     chosen = [registry.get(name) for name in dict.fromkeys(suites or registry.names())]
     with console.status("resolving both sides"):
         sides = [resolve_side("A", a), resolve_side("B", b)]
@@ -161,7 +181,9 @@ def compare(
     with console.status("reading the suites' items"):
         items = {suite.name: suite.items(limit, recipes) for suite in chosen}
     cache = ResultCache(cache_dir or cache_home() / "compare")
-    computed = {side.label: _run_side(side, chosen, items, cache, seed, console) for side in sides}
+    computed = {
+        side.label: _run_side(side, chosen, items, cache, seed, batch, console) for side in sides
+    }
     unit = "token" if _same_tokenizer(*sides) else "byte"
     results = [
         _suite_result(suite, items[suite.name], sides, cache, unit, level, seed) for suite in chosen
@@ -181,6 +203,7 @@ def _run_side(
     items: dict[str, list[Item]],
     cache: ResultCache,
     seed: int,
+    batch: int,
     console: Console,
 ) -> int:
     todo = {s.name: [i for i in items[s.name] if cache.get(side.key, s, i) is None] for s in suites}
@@ -196,10 +219,15 @@ def _run_side(
             task = progress.add_task(
                 f"{side.label} {suite.name}", total=len(items[suite.name]), completed=done
             )
-            for item in todo[suite.name]:
+            pending = todo[suite.name]
+            for start in range(0, len(pending), batch):
+                chunk = pending[start : start + batch]
                 torch.manual_seed(seed)
-                cache.put(side.key, suite, item, suite.run(mixture, item, suite.settings))
-                progress.advance(task)
+                for item, result in zip(
+                    chunk, suite.run(mixture, chunk, suite.settings), strict=True
+                ):
+                    cache.put(side.key, suite, item, result)
+                progress.advance(task, len(chunk))
     del mixture
     gc.collect()
     return sum(len(v) for v in todo.values())

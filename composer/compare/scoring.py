@@ -1,9 +1,10 @@
-"""One evaluation item on one mixture: token losses, greedy answers, sandboxed code.
+"""Evaluation items on one mixture: token losses, greedy answers, sandboxed code.
 
-Every function returns a JSON-able dict. Loss results carry the summed negative log-likelihood
-(nats), the number of target tokens and the target's UTF-8 bytes, so two mixtures with different
-tokenizers can still be compared per byte. Pass/fail results carry `passed`. Where the mixture
-reports its router's source weights, `gate` holds their mean over the scored positions.
+Every result is a JSON-able dict per item; greedy answers are generated as one batch. Loss
+results carry the summed negative log-likelihood (nats), the number of target tokens and the
+target's UTF-8 bytes, so two mixtures with different tokenizers can still be compared per byte.
+Pass/fail results carry `passed`. Where the mixture reports its router's source weights, `gate`
+holds their mean over the scored positions.
 torch and the data helpers are imported inside the functions: the suite registry (and with it
 the CLI's help) must stay cheap to import.
 """
@@ -11,6 +12,7 @@ the CLI's help) must stay cheap to import.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 from composer.compare.sandbox import Limits, run_untrusted
@@ -18,6 +20,7 @@ from composer.compare.sandbox import Limits, run_untrusted
 HUMANEVAL_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "```", "\nassert ")
 _NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
 _GSM_DONE = re.compile(rf"####\s*{_NUMBER}\s*\n")  # a worked answer has given its number
+BatchRunner = Callable[[Any, list[Any], dict[str, Any]], list[dict[str, Any]]]
 
 
 def _gate(weights: Any, rows: Any = None) -> list[float] | None:
@@ -91,19 +94,37 @@ def run_code_loss(mixture: Any, item: Any, settings: dict[str, Any]) -> dict[str
     return _loss(mixture, ids, labels, len(solution.encode("utf-8")))
 
 
+def each(run: Callable[[Any, Any, dict[str, Any]], dict[str, Any]]) -> BatchRunner:
+    """A suite's runner over a batch of items from one that scores one item."""
+
+    def run_each(mixture: Any, items: list[Any], settings: dict[str, Any]) -> list[dict]:
+        return [run(mixture, item, settings) for item in items]
+
+    return run_each
+
+
 def _generate(
-    mixture: Any, prompt: str, settings: dict[str, Any], *, chat: bool = True, **stops: Any
-) -> tuple[str, list[float] | None]:
-    """The greedy answer to `prompt` (a user message, or plain text when not `chat`) and the
-    mean router weights of the steps that chose it (the one that chose end-of-sequence too)."""
+    mixture: Any, prompts: list[str], settings: dict[str, Any], *, chat: bool = True, **stops: Any
+) -> list[tuple[str, list[float] | None]]:
+    """The greedy answer to each prompt (a user message, or plain text when not `chat`), all
+    generated as one batch, and the mean router weights of the steps that chose it (the one
+    that chose end-of-sequence too)."""
     import torch
 
-    from composer.artifacts.generate import Generation, prompt_ids
+    from composer.artifacts.generate import Generation, prompt_ids, run_together
 
-    ids = prompt_ids(mixture, prompt, chat=chat)
-    generation = Generation(mixture, ids, settings["max_new_tokens"], gates=True, **stops).run()
-    rows = generation.gates or []
-    return generation.text, _gate(torch.stack(rows)[None]) if rows else None
+    generations = [
+        Generation(
+            mixture,
+            prompt_ids(mixture, prompt, chat=chat),
+            settings["max_new_tokens"],
+            gates=True,
+            **stops,
+        )
+        for prompt in prompts
+    ]
+    run_together(generations)
+    return [(g.text, _gate(torch.stack(g.gates)[None]) if g.gates else None) for g in generations]
 
 
 def final_number(text: str) -> str | None:
@@ -122,11 +143,16 @@ def same_number(predicted: str | None, expected: str) -> bool:
         return False
 
 
-def run_gsm(mixture: Any, item: Any, settings: dict[str, Any]) -> dict[str, Any]:
-    output, gate = _generate(mixture, item.data["question"], settings, until=_GSM_DONE)
-    predicted = final_number(output)
-    passed = same_number(predicted, item.data["answer"])
-    return {"output": output, "predicted": predicted, "passed": passed, "gate": gate}
+def run_gsm(mixture: Any, items: list[Any], settings: dict[str, Any]) -> list[dict[str, Any]]:
+    questions = [item.data["question"] for item in items]
+    results = []
+    for item, (output, gate) in zip(
+        items, _generate(mixture, questions, settings, until=_GSM_DONE), strict=True
+    ):
+        predicted = final_number(output)
+        passed = same_number(predicted, item.data["answer"])
+        results.append({"output": output, "predicted": predicted, "passed": passed, "gate": gate})
+    return results
 
 
 def humaneval_program(problem: dict[str, Any], completion: str) -> str:
@@ -135,21 +161,28 @@ def humaneval_program(problem: dict[str, Any], completion: str) -> str:
     )
 
 
-def run_humaneval(mixture: Any, item: Any, settings: dict[str, Any]) -> dict[str, Any]:
-    prompt = item.data["prompt"]
-    # The decoder cuts the completion before the first of the stop strings.
-    completion, gate = _generate(mixture, prompt, settings, chat=False, stop=HUMANEVAL_STOPS)
+def run_humaneval(mixture: Any, items: list[Any], settings: dict[str, Any]) -> list[dict[str, Any]]:
+    prompts = [item.data["prompt"] for item in items]
+    # The decoder cuts each completion before the first of the stop strings.
+    answers = _generate(mixture, prompts, settings, chat=False, stop=HUMANEVAL_STOPS)
     limits = Limits(timeout_s=settings["timeout_s"], memory_bytes=settings["memory_mb"] << 20)
-    result = run_untrusted(humaneval_program(item.data, completion), limits)
-    return {
-        "completion": completion,
-        "passed": result.passed,
-        "status": result.status,
-        "isolation": result.isolation,
-        "gate": gate,
-    }
+    results = []
+    for item, (completion, gate) in zip(items, answers, strict=True):
+        result = run_untrusted(humaneval_program(item.data, completion), limits)
+        results.append(
+            {
+                "completion": completion,
+                "passed": result.passed,
+                "status": result.status,
+                "isolation": result.isolation,
+                "gate": gate,
+            }
+        )
+    return results
 
 
-def run_generation(mixture: Any, item: Any, settings: dict[str, Any]) -> dict[str, Any]:
-    output, gate = _generate(mixture, item.data["prompt"], settings)
-    return {"output": output, "gate": gate}
+def run_generation(
+    mixture: Any, items: list[Any], settings: dict[str, Any]
+) -> list[dict[str, Any]]:
+    answers = _generate(mixture, [item.data["prompt"] for item in items], settings)
+    return [{"output": output, "gate": gate} for output, gate in answers]

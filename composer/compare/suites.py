@@ -1,9 +1,10 @@
 """Evaluation suites for `compose compare`: one explicit registry, data from registry packages.
 
 A suite is a name, a fixed list of items (the same for both sides, in the same order) and a
-function that runs one item on a mixture and returns a JSON-able result. `settings` (generation
-length, timeouts) are part of every cached result's key. The CLI's `--suite` choices and help
-are built from `SUITES`.
+function that runs a batch of items on a mixture and returns a JSON-able result per item
+(generation suites decode the batch together; loss suites score item by item). `settings`
+(generation length, timeouts) are part of every cached result's key. The CLI's `--suite`
+choices and help are built from `SUITES`.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ class Item:
 
 Kind = Literal["loss", "pass", "generations"]
 Loader = Callable[[int, Sequence[Recipe]], list[Item]]  # (n, recipes compared) -> first n
-Runner = Callable[[Any, Item, dict[str, Any]], dict[str, Any]]  # (mixture, item, settings)
+# (mixture, items, settings) -> one result per item; generation suites run the items as a batch
+Runner = Callable[[Any, list[Item], dict[str, Any]], list[dict[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -210,9 +212,16 @@ MTBENCH = {"max_new_tokens": 192}
 
 # name, kind, metric, higher_is_better, items in the full suite, load, run, settings
 TABLE: list[tuple[str, Kind, str, bool, int, Loader, Runner, dict[str, Any]]] = [
-    ("loss-chat", *LOSS, 300, chat_items, scoring.run_chat_loss, {"seq_len": 512}),
-    ("loss-code", *LOSS, 164, humaneval_items, scoring.run_code_loss, {"seq_len": 768}),
-    ("loss-math", *LOSS, 200, gsm_items, scoring.run_math_loss, {"seq_len": 768}),
+    ("loss-chat", *LOSS, 300, chat_items, scoring.each(scoring.run_chat_loss), {"seq_len": 512}),
+    (
+        "loss-code",
+        *LOSS,
+        164,
+        humaneval_items,
+        scoring.each(scoring.run_code_loss),
+        {"seq_len": 768},
+    ),
+    ("loss-math", *LOSS, 200, gsm_items, scoring.each(scoring.run_math_loss), {"seq_len": 768}),
     ("gsm", "pass", "exact match", True, 250, gsm_items, scoring.run_gsm, {"max_new_tokens": 320}),
     ("humaneval", "pass", "pass@1", True, 164, humaneval_items, scoring.run_humaneval, HUMANEVAL),
     ("mtbench", "generations", "", True, 80, mtbench_items, scoring.run_generation, MTBENCH),

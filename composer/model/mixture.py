@@ -38,10 +38,14 @@ class Features:
 
 @dataclass
 class GenerationState:
+    """The caches of one generation, or of a batch of them padded on the left."""
+
     base_past: dict[str, Any]  # same-tokenizer bases: their KV caches over the anchor's ids
     carry_on_past: KVCache | None = None
-    anchor_ids: list[int] = field(default_factory=list)
-    streams: dict[str, BaseStream] = field(default_factory=dict)  # aligned bases
+    rows: list[list[int]] = field(default_factory=list)  # each row's anchor ids, padding dropped
+    streams: dict[str, list[BaseStream]] = field(default_factory=dict)  # aligned bases, per row
+    mask: torch.Tensor | None = None  # (B, length): 0 at padding; None while there is none
+    length: int = 0  # positions fed so far, padding included
 
 
 class CarryOnModel:
@@ -134,24 +138,32 @@ class Mixture(CarryOnModel):
         """Run every base (no grad) on the anchor's ids (B, T); with `state`, continue caches.
         The states come back in float32 on the carry-on's device.
 
-        Padding must be on the right: aligned bases read each row's text up to its length.
+        Without `state`, padding must be on the right: aligned bases read each row's text up to
+        its length. With `state` (generation, `step`), a batch is padded on the left and
+        `attention_mask` covers the cached tokens too: (B, T_past + T).
         """
         taps: dict[str, torch.Tensor] = {}
         present: dict[str, torch.Tensor] = {}
         anchor_hidden = None
         # Where the carry-on is: bases spread over devices (device_map) hand their states there.
         device = next(self.carry_on.parameters(), torch.empty(0)).device
+        positions = None
+        if state is not None and attention_mask is not None:  # left padding: count real tokens
+            positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
         for name in self._active():
             base, layers = self.bases[name], self._layers[name]
             if name in self.aligned:
-                states, mask = self._aligned(name, input_ids, attention_mask, state)
+                if state is not None:
+                    states, mask = self._aligned_step(name, input_ids, attention_mask, state)
+                else:
+                    states, mask = self._aligned(name, input_ids, attention_mask)
                 for layer in layers:
                     taps[f"{name}@{layer}"] = states[layer].to(device)
                     present[f"{name}@{layer}"] = mask.to(device)
                 continue
             is_anchor = name == self.recipe.anchor
             past = state.base_past.get(name) if state is not None else None
-            out = base.forward(input_ids, attention_mask, layers, is_anchor, past)
+            out = base.forward(input_ids, attention_mask, layers, is_anchor, past, positions)
             for layer, hidden in out.taps.items():
                 taps[f"{name}@{layer}"] = hidden.to(device, torch.float32)
             if is_anchor:
@@ -160,41 +172,58 @@ class Mixture(CarryOnModel):
         return Features(taps, anchor_hidden.to(device, torch.float32), present or None)
 
     def _aligned(
-        self,
-        name: str,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        state: GenerationState | None,
+        self, name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-        """States (layer -> (B, T, D)) and presence (B, T) of an aligned base."""
+        """States (layer -> (B, T, D)) and presence (B, T) of an aligned base, right padding."""
         base, layers = self.bases[name], self._layers[name]
         B, T = input_ids.shape
-        if state is not None and name in state.streams:
-            # Generation: one re-tokenization per new anchor token, cache reused.
-            assert B == 1
-            per_layer: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-            has_token = []
-            start = len(state.anchor_ids) - T
-            for t in range(start, len(state.anchor_ids)):
-                text = anchor_text(self.tokenizer, state.anchor_ids[: t + 1])
-                step, ok = stream_step(base, state.streams[name], text, layers)
-                for layer in layers:
-                    per_layer[layer].append(step[layer])
-                has_token.append(ok)
-            stacked = {layer: torch.stack(v)[None] for layer, v in per_layer.items()}
-            return stacked, torch.tensor([has_token])
         out = {layer: torch.zeros(B, T, base.hidden_size) for layer in layers}
         mask = torch.zeros(B, T, dtype=torch.bool)
         lengths = attention_mask.sum(dim=1).tolist() if attention_mask is not None else [T] * B
         for row in range(B):
             n = int(lengths[row])
             texts = anchor_texts(self.tokenizer, input_ids[row, :n].tolist())
-            states, found, cache, tokens = aligned_states(base, texts, layers)
+            states, found, _, _ = aligned_states(base, texts, layers)
             for layer in layers:
                 out[layer][row, :n] = states[layer]
             mask[row, :n] = found
-            if state is not None:  # the prompt of a generation: keep the cache going
-                state.streams[name] = BaseStream(tokens=tokens, cache=cache)
+        return out, mask
+
+    def _aligned_step(
+        self,
+        name: str,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        state: GenerationState,
+    ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """An aligned base in generation (left padding), one stream per row: the prompt is
+        aligned whole, then each new anchor token re-tokenizes the text so far, reusing the
+        row's cache up to what did not change."""
+        base, layers = self.bases[name], self._layers[name]
+        B, T = input_ids.shape
+        out = {layer: torch.zeros(B, T, base.hidden_size) for layer in layers}
+        mask = torch.zeros(B, T, dtype=torch.bool)
+        real = attention_mask[:, -T:] if attention_mask is not None else torch.ones(B, T)
+        prompt = name not in state.streams
+        streams = state.streams.setdefault(name, [])
+        for row, ids in enumerate(state.rows):
+            n = int(real[row].sum())
+            if n == 0:  # a finished row of the batch: nothing new
+                continue
+            if prompt:
+                texts = anchor_texts(self.tokenizer, ids)
+                states, found, cache, tokens = aligned_states(base, texts, layers)
+                for layer in layers:
+                    out[layer][row, T - n :] = states[layer]
+                mask[row, T - n :] = found
+                streams.append(BaseStream(tokens=tokens, cache=cache))
+                continue
+            for i, t in enumerate(range(len(ids) - n, len(ids))):
+                text = anchor_text(self.tokenizer, ids[: t + 1])
+                step, ok = stream_step(base, streams[row], text, layers)
+                for layer in layers:
+                    out[layer][row, T - n + i] = step[layer]
+                mask[row, T - n + i] = ok
         return out, mask
 
     @property
@@ -230,13 +259,38 @@ class Mixture(CarryOnModel):
 
     @torch.no_grad()
     def step(
-        self, input_ids: torch.Tensor, state: GenerationState
+        self,
+        input_ids: torch.Tensor,
+        state: GenerationState,
+        attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Feed new tokens (1, T_new) through every cache; last-position logits and the
-        router's source weights (1, T_new, n_sources)."""
-        state.anchor_ids.extend(input_ids[0].tolist())
-        features = self.features(input_ids, None, state)
-        hidden, weights, cache = self.hidden(features, None, state.carry_on_past)
+        """Feed new tokens (B, T_new) through every cache; last-position logits (B, vocab) and
+        the router's source weights (B, T_new, n_sources).
+
+        A batch of generations is padded on the left: `attention_mask` (B, T_new) is 0 at
+        padding (the prompt's left, or a finished row's later tokens). Padded positions feed
+        zeros to the carry-on and are never attended to, so each row's logits are those it
+        would get alone, up to float rounding.
+        """
+        B, T = input_ids.shape
+        if not state.rows:
+            state.rows = [[] for _ in range(B)]
+        new = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        for row, (ids, keep) in enumerate(zip(input_ids.tolist(), new.tolist(), strict=True)):
+            state.rows[row].extend(i for i, k in zip(ids, keep, strict=True) if k)
+        if state.mask is not None or not bool(new.all()):
+            before = state.mask if state.mask is not None else new.new_ones(B, state.length)
+            state.mask = torch.cat([before, new], dim=1)
+        state.length += T
+        features = self.features(input_ids, state.mask, state)
+        mask = None
+        if state.mask is not None:  # padded positions: zeros, never what a base made of them
+            device = features.anchor_hidden.device
+            mask = state.mask.to(device)
+            keep = new.bool()[..., None].to(device)
+            features.anchor_hidden = torch.where(keep, features.anchor_hidden, 0.0)
+            features.taps = {k: torch.where(keep, v, 0.0) for k, v in features.taps.items()}
+        hidden, weights, cache = self.hidden(features, mask, state.carry_on_past)
         state.carry_on_past = cache
         return self.logits(hidden[:, -1]), weights
 

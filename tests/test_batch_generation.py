@@ -1,0 +1,90 @@
+"""Generations run together as one left-padded batch end as each would alone."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from conftest import recipe_yaml
+
+from composer.artifacts.generate import Generation, run_together
+from composer.model.mixture import Mixture
+from composer.recipe import load_recipe
+
+PROMPTS = [
+    "If he gets paid 195 every day",
+    "def add(a, b):",
+    "Tom has 3 apples and buys 4 more. How many apples does he have now?",
+    "Hi",
+]
+EXPERT = """
+    carry_on:
+      width: 32
+      heads: 4
+      experts: [b]
+      blocks:
+        - shortcuts: [a@1]
+        - shortcuts: [b@4]
+    """
+
+
+def _mixture(tiny, write_recipe, kind: str) -> Mixture:
+    """A mixture whose carry-on changes the logits: over a same-tokenizer tap and an expert, or
+    over a base aligned across tokenizers."""
+    if kind == "expert":
+        bases = {"a": tiny["llama"], "b": tiny["qwen2"]}
+        path = write_recipe(recipe_yaml(bases, "a", ["a@1", "b@4"], carry_on=EXPERT))
+    else:
+        path = write_recipe(recipe_yaml({"a": tiny["llama"], "o": tiny["other"]}, "a", ["o@1"]))
+    mixture = Mixture.from_recipe(load_recipe(path), seed=3)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in mixture.carry_on.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.3)
+    return mixture
+
+
+def _new(mixture: Mixture, prompt: str, max_new: int, **stops) -> Generation:
+    ids = mixture.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return Generation(mixture, ids, max_new, gates=True, stop_at_eos=False, **stops)
+
+
+@pytest.mark.parametrize("kind", ["expert", "aligned"])
+def test_a_batch_generates_what_each_row_generates_alone(tiny, write_recipe, kind):
+    mixture = _mixture(tiny, write_recipe, kind)
+    lengths = [12, 5, 9, 0]  # rows end at different steps; one never starts
+    batch = [_new(mixture, p, n) for p, n in zip(PROMPTS, lengths, strict=True)]
+    run_together(batch)
+    for prompt, n, together in zip(PROMPTS, lengths, batch, strict=True):
+        alone = _new(mixture, prompt, n).run()
+        assert together.ids == alone.ids
+        assert len(together.ids) == n
+        assert together.text == alone.text
+        assert together.finish_reason == alone.finish_reason == "length"
+        assert len(together.gates) == len(alone.gates) == n
+        for mine, theirs in zip(together.gates, alone.gates, strict=True):
+            torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
+    assert len({tuple(g.ids) for g in batch if g.ids}) > 1  # the rows did generate differently
+
+
+def test_rows_stop_on_their_own_stop_strings(tiny, write_recipe):
+    mixture = _mixture(tiny, write_recipe, "expert")
+    free = _new(mixture, PROMPTS[0], 16).run()
+    cut = free.text[len(free.text) // 2 :][:2]
+    assert cut.strip(), "the tiny base should write some text to cut at"
+    until = re.compile(re.escape(cut))
+    batch = [_new(mixture, PROMPTS[0], 16, until=until), _new(mixture, PROMPTS[1], 16)]
+    run_together(batch)
+    assert batch[0].finish_reason == "stop"
+    assert batch[0].text == _new(mixture, PROMPTS[0], 16, until=until).run().text
+    assert batch[1].finish_reason == "length"
+    assert batch[1].ids == _new(mixture, PROMPTS[1], 16).run().ids
+    assert len(batch[0].ids) < len(batch[1].ids)
+
+
+def test_generations_already_run_are_refused(tiny, write_recipe):
+    mixture = _mixture(tiny, write_recipe, "expert")
+    done = _new(mixture, PROMPTS[0], 2).run()
+    with pytest.raises(ValueError, match="new, cached generations"):
+        run_together([done])
