@@ -18,6 +18,9 @@ Arms, each in a fresh process (its wall time and peak RSS are its own):
     carry-on-anchor   a carry-on reading the anchor's own layers only, with preservation
     mixture-plain     the mixture without preservation (train.preserve: none)
     mixture           the mixture with preservation (the default)
+    tasks             GSM exact match and HumanEval pass@1 (`compose compare`, the first
+                      `--task-items` of each, `--task-batch` decoded together): the anchor, the
+                      1.5B coder and LoRA (merged into the anchor) each against the mixture
 
 All train `--steps` steps on the same batches (the same seeded function of the step) with the
 same batch size. The carry-on arms read one feature cache of every tapped state (float32, so
@@ -49,7 +52,8 @@ import yaml
 
 ANCHOR, STRONG = "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"
 CHAT = "smollm2-135m-instruct"
-ARMS = ["cache", "bases", "lora", "carry-on-anchor", "mixture-plain", "mixture"]
+ARMS = ["cache", "bases", "lora", "carry-on-anchor", "mixture-plain", "mixture", "tasks"]
+TASK_SUITES = ["gsm", "humaneval"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 DOMAINS = ["chat", "code", "math"]
 CARRY_ON_LR = 1.0e-3  # fixed before the first run; bench/carry_on_dev.py tries others
@@ -371,6 +375,41 @@ def lora_run(
     return {"losses": per_char(rows), "trainable": trainable, "rank": rank, "lr": lr}, model
 
 
+def arm_tasks(args: argparse.Namespace) -> dict[str, Any]:
+    """GSM exact match and HumanEval pass@1 through `compose compare`, each of the anchor, the
+    1.5B coder and LoRA (merged into the anchor) against the mixture with preservation, on the
+    first `--task-items` items of each suite, decoded `--task-batch` at a time."""
+    from composer.artifacts.port import port_lora
+    from composer.compare.runner import compare
+
+    out = Path(args.out)
+    merged = out / "lora-merged"
+    if not merged.is_dir():
+        port_lora(out / "lora-adapter", ANCHOR, merged, dtype="float32")
+    sides = {
+        "anchor alone (0.5B coder)": ANCHOR,
+        "strong alone": STRONG,
+        "lora (anchor)": str(merged),
+    }
+    scores: dict[str, dict[str, float]] = {}
+    verdicts: dict[str, dict[str, str]] = {}
+    for label, side in sides.items():
+        result = compare(
+            side,
+            str(out / "mixture"),
+            suites=TASK_SUITES,
+            limit=args.task_items,
+            batch=args.task_batch,
+            out=out / f"compare-{label.split()[0]}",
+        )
+        for suite in result.suites:
+            assert suite.comparison is not None
+            scores.setdefault(label, {})[suite.name] = suite.comparison.a_mean
+            scores.setdefault("mixture, preservation", {})[suite.name] = suite.comparison.b_mean
+            verdicts.setdefault(label, {})[suite.name] = suite.comparison.verdict
+    return {"scores": scores, "verdicts": verdicts, "items": args.task_items}
+
+
 # --- driver ----------------------------------------------------------------------------------
 
 
@@ -383,6 +422,8 @@ def child(args: argparse.Namespace) -> None:
         result = arm_bases(args)
     elif args.arm == "lora":
         result = arm_lora(args, args.lora_params)
+    elif args.arm == "tasks":
+        result = arm_tasks(args)
     else:
         result = arm_carry_on(args, args.arm)
     result["seconds"] = round(time.perf_counter() - began, 1)
@@ -401,6 +442,7 @@ def run_arm(arm: str, args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
         cmd += ["--final-tap"] if args.final_tap else []
         cmd += ["--strong-layer", str(args.strong_layer)]
         cmd += ["--experts"] if args.experts else []
+        cmd += ["--task-items", str(args.task_items), "--task-batch", str(args.task_batch)]
         for key, value in extra.items():
             cmd += [f"--{key.replace('_', '-')}", str(value)]
         print(f"[{time.strftime('%H:%M:%S')}] arm {arm} ...", flush=True)
@@ -420,13 +462,15 @@ def table(results: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]
     rows_of["carry-on, anchor only"] = results["carry-on-anchor"]
     rows_of["mixture, no preservation"] = results["mixture-plain"]
     rows_of["mixture, preservation"] = results["mixture"]
-    head = ["arm", *DOMAINS, "off-domain", "trainable", "wall s", "peak MiB"]
+    tasks = results["tasks"]["scores"]
+    head = ["arm", *DOMAINS, "off-domain", *TASK_SUITES, "trainable", "wall s", "peak MiB"]
     rows = []
     for label, r in rows_of.items():
         rows.append(
             [
                 label,
                 *(f"{r['losses'].get(d, float('nan')):.4f}" for d in [*DOMAINS, "off-domain"]),
+                *(f"{tasks[label][t]:.1%}" if label in tasks else "-" for t in TASK_SUITES),
                 f"{r['trainable']:,}" if r.get("trainable") else "-",
                 f"{r['seconds']:.0f}" if r.get("seconds") else "-",
                 f"{r['peak_rss_mib']:.0f}" if r.get("peak_rss_mib") else "-",
@@ -467,6 +511,12 @@ def main() -> None:
         "--lora-lr", type=float, default=2.0e-4, help="the LoRA arm's lr (PEFT's usual rate)"
     )
     parser.add_argument("--cache-out", help="read the feature cache of this earlier OUT")
+    parser.add_argument(
+        "--task-items", type=int, default=30, help="GSM and HumanEval items per arm (compare)"
+    )
+    parser.add_argument(
+        "--task-batch", type=int, default=16, help="items decoded together (compare --batch)"
+    )
     parser.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)
     parser.add_argument("--lora-params", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -481,6 +531,7 @@ def main() -> None:
     for arm in ["carry-on-anchor", "mixture-plain"]:
         results[arm] = run_arm(arm, args)
     results["lora"] = run_arm("lora", args, lora_params=results["mixture"]["trainable"])
+    results["tasks"] = run_arm("tasks", args)
     lora, mix = results["lora"]["trainable"], results["mixture"]["trainable"]
     head, rows = table(results)
     lines = ["| " + " | ".join(r) + " |" for r in [head, ["---"] * len(head), *rows]]
