@@ -2,7 +2,9 @@
 
 Everything is scored and generated in the anchor's tokens (the mixture reads its other bases
 through their own tokenizers itself), so mixtures whose bases tokenize differently work too.
-Generation goes through the one decoder, `composer.artifacts.generate.Generation`.
+Generation goes through the one decoder, `composer.artifacts.generate.Generation`,
+`batch_size` requests at a time (`--batch_size N`, 8 by default and for `auto`), decoded
+together and each as it would be alone.
 
 lm-eval finds models in its registry, which only holds the models its own package imports
 (it reads no plugin entry points), so `compose-lm-eval ARGS` (`python -m
@@ -24,18 +26,22 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from composer.artifacts.generate import Generation, context_length
+from composer.artifacts.generate import Generation, context_length, run_together
 from composer.artifacts.sampling import Sampling
 from composer.features.data import render_chat
 
 
 @register_model("compose")
 class ComposeLM(LM):
-    """lm-eval's three request types on a mixture directory (`path`), one request at a time."""
+    """lm-eval's three request types on a mixture directory (`path`): scores one request at a
+    time, generates `batch_size` requests together (left-padded; each as it would be alone)."""
 
-    def __init__(self, path: str, max_length: int | None = None, **_: Any) -> None:
-        # lm-eval passes batch_size, device and the like: a mixture runs where its build put it
+    def __init__(
+        self, path: str, max_length: int | None = None, batch_size: int | str = 8, **_: Any
+    ) -> None:
+        # lm-eval passes device and the like too: a mixture runs where its build put it
         super().__init__()
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         from composer.artifacts.load import load_mixture
 
         self.mixture = load_mixture(path)
@@ -98,18 +104,24 @@ class ComposeLM(LM):
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         out = []
-        for request in tqdm(requests, disable=disable_tqdm, desc="generate_until"):
-            context, kwargs = request.args
-            kwargs = dict(kwargs)
-            until = kwargs.pop("until", None) or [self.tokenizer.decode([self.prefix_token_id])]
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(kwargs.pop("max_gen_toks", 256))
-            sampling = sampling_from(kwargs)
-            ids = self._encode(context)[-max(1, self.max_length - max_new) :]
-            text = Generation(self.mixture, ids, max_new, sampling=sampling, stop=until).run().text
-            self.cache_hook.add_partial("generate_until", request.args, text)
-            out.append(text)
+        with tqdm(total=len(requests), disable=disable_tqdm, desc="generate_until") as bar:
+            for start in range(0, len(requests), max(1, self.batch_size)):
+                chunk = requests[start : start + max(1, self.batch_size)]
+                generations = [self._generation(*request.args) for request in chunk]
+                run_together(generations)
+                for request, generation in zip(chunk, generations, strict=True):
+                    self.cache_hook.add_partial("generate_until", request.args, generation.text)
+                    out.append(generation.text)
+                bar.update(len(chunk))
         return out
+
+    def _generation(self, context: str, kwargs: dict[str, Any]) -> Generation:
+        kwargs = dict(kwargs)
+        until = kwargs.pop("until", None) or [self.tokenizer.decode([self.prefix_token_id])]
+        until = [until] if isinstance(until, str) else list(until)
+        max_new = int(kwargs.pop("max_gen_toks", 256))
+        ids = self._encode(context)[-max(1, self.max_length - max_new) :]
+        return Generation(self.mixture, ids, max_new, sampling=sampling_from(kwargs), stop=until)
 
     # -- chat templates (lm-eval's --apply_chat_template) ------------------------------------
 
