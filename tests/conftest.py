@@ -120,6 +120,19 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
+# A carry-on with base `b` as an expert (its own head pooled with the anchor's), for recipes
+# over the tiny Llama anchor `a` and the tiny Qwen2 `b`, which share a tokenizer.
+EXPERT_CARRY_ON = """
+    carry_on:
+      width: 32
+      heads: 4
+      experts: [b]
+      blocks:
+        - shortcuts: [a@1]
+        - shortcuts: [b@4]
+    """
+
+
 def recipe_yaml(bases: dict[str, Path], anchor: str, taps: list[str], **extra: str) -> str:
     """A small valid recipe over local tiny bases; `extra` replaces whole top-level sections."""
     base_lines = "\n".join(f"  {name}: {{path: {path}}}" for name, path in bases.items())

@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from conftest import recipe_yaml
+from conftest import EXPERT_CARRY_ON, recipe_yaml
 
 from composer.artifacts.generate import Generation, run_together
 from composer.model.mixture import Mixture
@@ -18,15 +18,6 @@ PROMPTS = [
     "Tom has 3 apples and buys 4 more. How many apples does he have now?",
     "Hi",
 ]
-EXPERT = """
-    carry_on:
-      width: 32
-      heads: 4
-      experts: [b]
-      blocks:
-        - shortcuts: [a@1]
-        - shortcuts: [b@4]
-    """
 
 
 def _mixture(tiny, write_recipe, kind: str) -> Mixture:
@@ -34,7 +25,7 @@ def _mixture(tiny, write_recipe, kind: str) -> Mixture:
     over a base aligned across tokenizers."""
     if kind == "expert":
         bases = {"a": tiny["llama"], "b": tiny["qwen2"]}
-        path = write_recipe(recipe_yaml(bases, "a", ["a@1", "b@4"], carry_on=EXPERT))
+        path = write_recipe(recipe_yaml(bases, "a", ["a@1", "b@4"], carry_on=EXPERT_CARRY_ON))
     else:
         path = write_recipe(recipe_yaml({"a": tiny["llama"], "o": tiny["other"]}, "a", ["o@1"]))
     mixture = Mixture.from_recipe(load_recipe(path), seed=3)

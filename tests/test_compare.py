@@ -158,13 +158,19 @@ def test_mixture_against_itself_and_the_result_cache(mixtures, tmp_path):
     assert run().computed == {"A": 1, "B": 0}
 
 
-def test_base_alone_generation_suites_and_recipe_sides(mixtures, tiny, tmp_path, monkeypatch):
+@pytest.fixture
+def tiny_card(tiny, tmp_path, monkeypatch) -> str:
+    """A base card `tiny-llama` for the tiny Llama folder, in a cards folder of its own."""
     cards = tmp_path / "cards"
     cards.mkdir()
     (cards / "tiny.yaml").write_text(
         f"name: tiny-llama\nrole: chat\nfamily: llama\nsource: {{kind: folder, path: {tiny['llama']}}}\n"
     )
     monkeypatch.setenv("COMPOSE_BASES_DIR", str(cards))
+    return "tiny-llama"
+
+
+def test_base_alone_generation_suites_and_recipe_sides(mixtures, tiny_card, tmp_path, monkeypatch):
     prompts = [
         Item("p/1", {"category": "writing", "prompt": "Write a line."}),
         Item("p/2", {"category": "math", "prompt": "What is 6 * 2?"}),
@@ -232,17 +238,11 @@ def test_base_alone_generation_suites_and_recipe_sides(mixtures, tiny, tmp_path,
     assert side.folder == Path("runs/tiny") and side.key == result.b.key
 
 
-def test_a_model_folder_is_a_side_like_its_card(mixtures, tiny, tmp_path, monkeypatch):
-    cards = tmp_path / "cards"
-    cards.mkdir()
-    (cards / "tiny.yaml").write_text(
-        f"name: tiny-llama\nrole: chat\nfamily: llama\nsource: {{kind: folder, path: {tiny['llama']}}}\n"
-    )
-    monkeypatch.setenv("COMPOSE_BASES_DIR", str(cards))
+def test_a_model_folder_is_a_side_like_its_card(tiny, tiny_card, tmp_path):
     registry = SuiteRegistry()
     registry.register(SUITES.get("loss-code"))
     result = compare(
-        str(tiny["llama"]), "tiny-llama", limit=3, cache_dir=tmp_path / "c", registry=registry
+        str(tiny["llama"]), tiny_card, limit=3, cache_dir=tmp_path / "c", registry=registry
     )
     assert result.a.kind == result.b.kind == "base"
     assert result.a.recipe.bases["model"].path == str(tiny["llama"].resolve())

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import recipe_yaml
+from conftest import EXPERT_CARRY_ON, recipe_yaml
 from transformers import AutoModelForCausalLM
 
 from composer.artifacts.generate import generate_ids
@@ -17,16 +17,6 @@ from composer.model.head import LMHead, head_kl, head_loss
 from composer.model.mixture import HeadMixture, Mixture
 from composer.recipe import load_recipe
 from composer.training.train import FeatureSource, token_loss, train
-
-EXPERT_CARRY_ON = """
-    carry_on:
-      width: 32
-      heads: 4
-      experts: [b]
-      blocks:
-        - shortcuts: [a@1]
-        - shortcuts: [b@4]
-    """
 
 
 def _expert_recipe(tiny, write_recipe, carry_on: str = EXPERT_CARRY_ON, taps=("a@1", "b@4")):
