@@ -133,6 +133,19 @@ EXPERT_CARRY_ON = """
     """
 
 
+def full_softmax_kl(head, rows, anchor_rows):
+    """KL(anchor ‖ mixture) summed over rows, from the head's whole logits: the reference the
+    blocked, online passes are held to."""
+    import torch.nn.functional as F
+
+    return F.kl_div(
+        head.logits(rows).log_softmax(-1),
+        head.logits(anchor_rows).log_softmax(-1),
+        log_target=True,
+        reduction="sum",
+    )
+
+
 def recipe_yaml(bases: dict[str, Path], anchor: str, taps: list[str], **extra: str) -> str:
     """A small valid recipe over local tiny bases; `extra` replaces whole top-level sections."""
     base_lines = "\n".join(f"  {name}: {{path: {path}}}" for name, path in bases.items())
