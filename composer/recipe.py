@@ -278,6 +278,12 @@ class PreserveSpec(BaseModel):
     eval_fraction: float = Field(
         default=0.25, gt=0, lt=1, description="Held-out share: the off-domain report set."
     )
+    reference: Literal["anchor", "best"] = Field(
+        default="anchor",
+        description="Whose distribution to keep: the anchor's, or (`best`, with "
+        "`carry_on.experts`) per general-text example the anchor's or an expert's, whichever "
+        "predicts the example's chosen tokens better. Without experts both are the anchor.",
+    )
 
 
 class TrainSpec(BaseModel):

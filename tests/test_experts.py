@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from composer.artifacts.generate import generate_ids
 from composer.errors import RecipeError
 from composer.features.data import load_splits
-from composer.model.experts import FusedHead
+from composer.model.experts import FusedHead, best_reference
 from composer.model.head import LMHead, head_kl, head_loss
 from composer.model.mixture import HeadMixture, Mixture
 from composer.recipe import load_recipe
@@ -69,6 +69,45 @@ def test_fused_loss_and_kl_equal_full_softmax_with_their_gradients(softcap, monk
     assert float(kl.detach()) == pytest.approx(float(ref.detach()), rel=1e-4)
     torch.testing.assert_close(rows.grad[:, :34], ref_rows.grad[:, :34], atol=1e-4, rtol=1e-4)
     assert float(head_kl(head, anchor, anchor)) == 0.0
+
+
+def test_best_reference_keeps_per_example_the_base_that_predicts_it_best(monkeypatch):
+    import composer.model.head as head_module
+
+    monkeypatch.setattr(head_module, "HEAD_CHUNK_BYTES", 4 * 300 * 32)  # several vocab blocks
+    generator = torch.Generator().manual_seed(3)
+    head = _fused(None, generator)
+    anchor = _rows(generator, 12)
+    anchor[:, 32:34] = 0.0  # the anchor's rows: β = 0
+    groups = torch.arange(3).repeat_interleave(4)
+    # Each source's rows as the pooled head reads them: β = 0 (anchor), (1, 0), (0, 1).
+    pools = [anchor.clone() for _ in range(3)]
+    pools[1][:, 32] = 1.0
+    pools[2][:, 33] = 1.0
+    log_probs = [head.logits(rows).log_softmax(-1) for rows in pools]
+    # Example g's next tokens are what source g finds likeliest, so each source wins one.
+    targets = torch.stack([log_probs[g][i].argmax() for i, g in enumerate(groups.tolist())])
+    targets[5] = -1  # no next token there: not scored
+    known = targets >= 0
+    nll = torch.stack([-lp[known, targets[known]] for lp in log_probs])  # (source, known row)
+    expected = [int(nll[:, groups[known] == g].sum(-1).argmin()) for g in range(3)]
+    assert expected == [0, 1, 2]
+
+    reference = best_reference(head, anchor, targets, groups)
+    for i, g in enumerate(groups.tolist()):
+        torch.testing.assert_close(reference[i], pools[expected[g]][i], rtol=0, atol=0)
+    # Preservation against it is the KL to each example's chosen source, gradient included.
+    rows = _rows(generator, 12)
+    rows[:, 34:] = anchor[:, 34:]
+    rows.requires_grad_()
+    kl = head_kl(head, rows, reference)
+    kl.backward()
+    ref_rows = rows.detach().clone().requires_grad_()
+    ref = full_softmax_kl(head, ref_rows, reference)
+    ref.backward()
+    assert float(kl.detach()) == pytest.approx(float(ref.detach()), rel=1e-4)
+    torch.testing.assert_close(rows.grad[:, :34], ref_rows.grad[:, :34], atol=1e-4, rtol=1e-4)
+    assert float(head_kl(head, reference, reference)) == 0.0
 
 
 def test_fused_logits_pool_the_anchor_and_the_experts_geometrically():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import full_softmax_kl, recipe_yaml
+from conftest import EXPERT_CARRY_ON, full_softmax_kl, recipe_yaml
 
 from composer.bases.registry import get_card
 from composer.features.batch import Batch
@@ -78,6 +78,51 @@ def test_preservation_loss_is_zero_untrained_and_positive_once_the_carry_on_move
     loss.backward()
     assert mixture.carry_on.up.weight.grad is not None
     assert float(mixture.carry_on.up.weight.grad.abs().sum()) > 0
+
+
+def test_preservation_against_the_best_base_keeps_each_examples_better_base(tiny, write_recipe):
+    """`preserve.reference: best`: per general-text example the KL is to the anchor's or the
+    expert's own distribution, whichever of the two plain transformers models predicts the
+    example's chosen next tokens better; without experts it is the anchor's."""
+    from transformers import AutoModelForCausalLM
+
+    bases = {"a": tiny["llama"], "b": tiny["qwen2"]}
+    text = recipe_yaml(bases, "a", ["a@1", "b@4"], carry_on=EXPERT_CARRY_ON)
+    mixture = Mixture.from_recipe(load_recipe(write_recipe(text)))
+    n = 8
+    examples = load_splits(mixture.recipe, mixture.tokenizer)["preserve"][:n]
+    batch = _general_batch(mixture, n)
+    chosen = preserve_positions(batch, range(n), 8, seed=0, step=0)
+    with torch.no_grad():
+        assert float(preserve_loss(mixture, batch, chosen, "anchor")) == 0.0  # the anchor
+        got = float(preserve_loss(mixture, batch, chosen, "best"))
+
+    models = [AutoModelForCausalLM.from_pretrained(bases[k]) for k in ("a", "b")]
+    expected, picks = 0.0, []
+    for row, example in enumerate(examples):
+        ids = torch.tensor([example.input_ids])
+        with torch.no_grad():
+            log_probs = [m(ids).logits[0].log_softmax(-1) for m in models]
+        at = chosen[row, : len(example.input_ids)].nonzero().squeeze(-1).tolist()
+        scored = [t for t in at if t + 1 < len(example.labels) and example.labels[t + 1] >= 0]
+        nll = [-sum(float(lp[t, example.labels[t + 1]]) for t in scored) for lp in log_probs]
+        pick = 1 if nll[1] < nll[0] else 0
+        picks.append(pick)
+        reference, anchor = log_probs[pick][at], log_probs[0][at]
+        expected += float(F.kl_div(anchor, reference, log_target=True, reduction="sum"))
+    assert set(picks) == {0, 1}  # both bases win some example: the choice is exercised
+    assert got == pytest.approx(expected, rel=1e-4)
+
+    # Without experts `best` is the anchor: the same loss once the carry-on moves.
+    plain = Mixture.from_recipe(load_recipe(write_recipe(recipe_yaml(bases, "a", ["a@1", "b@2"]))))
+    with torch.no_grad():
+        plain.carry_on.up.weight.normal_(0, 0.5)
+        batch = _general_batch(plain, n)
+        assert float(preserve_loss(plain, batch, chosen, "anchor")) > 0
+        assert torch.equal(
+            preserve_loss(plain, batch, chosen, "best"),
+            preserve_loss(plain, batch, chosen, "anchor"),
+        )
 
 
 def test_off_domain_loss_of_an_untrained_mixture_equals_the_anchors(mixture):

@@ -229,3 +229,28 @@ def _fused_kl(
     grad_x = keep * (acc_m / mixed.norm[:, None] - acc_a / anchor.norm[:, None])
     grad_b = acc_bm / mixed.norm[:, None] - acc_ba / anchor.norm[:, None]
     return kl, torch.cat([grad_x, grad_b, *[torch.zeros_like(h) for h in states]], dim=-1)
+
+
+@torch.no_grad()
+def best_reference(
+    head: FusedHead, rows: torch.Tensor, targets: torch.Tensor, groups: torch.Tensor
+) -> torch.Tensor:
+    """Reference rows (n, width), laid out as `CarryOnModel.anchor_rows` gives them, in which
+    each group's rows (one general-text example's) read whichever source — the anchor (β = 0)
+    or one expert (its β = 1: exactly its distribution) — gives the group's known next tokens
+    the least summed loss; ties go to the anchor. `rows` are the anchor's rows, `targets` (n,)
+    the next token at each row (negative where there is none), `groups` (n,) each row's group.
+    Preservation against this reference keeps, per example, the better base's distribution
+    rather than the anchor's alone."""
+    x, _, states = head.split(rows)
+    known = targets >= 0
+    wanted = targets[known]
+    losses = [F.cross_entropy(head.anchor.logits(x[known]), wanted, reduction="none")]
+    for expert, h in zip(head.experts, states, strict=True):
+        losses.append(F.cross_entropy(expert.logits(h[known]), wanted, reduction="none"))
+    n_groups = int(groups.max()) + 1 if len(groups) else 0
+    per_group = torch.zeros(len(losses), n_groups, device=rows.device)
+    per_group.index_add_(1, groups[known], torch.stack(losses))
+    pick = per_group.argmin(dim=0)  # the first of equal minima: the anchor on a tie
+    betas = F.one_hot(pick, len(losses))[:, 1:][groups]  # (n, n_experts)
+    return torch.cat([x, betas.to(rows.dtype), *states], dim=-1)

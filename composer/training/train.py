@@ -20,6 +20,7 @@ from rich.console import Console
 from composer.errors import TrainError
 from composer.features.batch import Batch
 from composer.features.data import IGNORE, Example, collate, pad_id
+from composer.model.experts import FusedHead, best_reference
 from composer.model.head import head_kl, head_loss
 from composer.model.mixture import CarryOnModel, Features, Mixture, pad_features
 from composer.progress import counted
@@ -122,12 +123,20 @@ def preserve_positions(
     return chosen
 
 
-def preserve_loss(mixture: CarryOnModel, batch: Batch, chosen: torch.Tensor) -> torch.Tensor:
-    """Summed KL(anchor ‖ mixture) of the next-token distributions at the `chosen` positions:
-    zero while the carry-on leaves the anchor's state untouched there."""
+def preserve_loss(
+    mixture: CarryOnModel, batch: Batch, chosen: torch.Tensor, reference: str = "anchor"
+) -> torch.Tensor:
+    """Summed KL(reference ‖ mixture) of the next-token distributions at the `chosen`
+    positions. The reference is the anchor (zero while the carry-on leaves the anchor's state
+    untouched there), or with `reference="best"` and expert bases, per example the anchor or
+    the expert whose loss on the example's chosen next tokens is least."""
     hidden, _, _ = mixture.hidden(batch.features, batch.attention_mask)
-    anchor = mixture.anchor_rows(batch.features)
-    return head_kl(mixture.head, hidden[chosen], anchor[chosen])
+    anchor = mixture.anchor_rows(batch.features)[chosen]
+    if reference == "best" and isinstance(mixture.head, FusedHead):
+        targets = torch.cat([batch.labels[:, 1:], torch.full_like(batch.labels[:, :1], IGNORE)], 1)
+        groups = chosen.nonzero()[:, 0]
+        anchor = best_reference(mixture.head, anchor, targets[chosen], groups)
+    return head_kl(mixture.head, hidden[chosen], anchor)
 
 
 @torch.no_grad()
@@ -306,4 +315,4 @@ def _preserve_step(
     # The mean is over every rank's positions together, as one process would take it.
     chosen = preserve_positions(batch, indices, preserve.positions, spec.seed, step)
     count = ranks.sum(torch.tensor([int(chosen.sum())]))
-    return preserve_loss(model, batch, chosen) / max(int(count[0]), 1)
+    return preserve_loss(model, batch, chosen, preserve.reference) / max(int(count[0]), 1)
