@@ -341,12 +341,23 @@ def serve(
     max_queue: Annotated[
         int, typer.Option(min=0, help="Requests that may wait; more get 503.")
     ] = 8,
+    batch: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Waiting requests decoded together (one batch; each answer as it is alone).",
+        ),
+    ] = 4,
 ) -> None:
     """Serve a mixture with an OpenAI-compatible API (/v1/chat/completions, /v1/completions)."""
     from composer.serving import serve as run_server
 
     err.print(f"serving {mixture_dir} on http://{host}:{port}/v1", highlight=False)
-    _run(lambda: run_server(mixture_dir, host=host, port=port, api_key=key, max_queue=max_queue))
+    _run(
+        lambda: run_server(
+            mixture_dir, host=host, port=port, api_key=key, max_queue=max_queue, batch=batch
+        )
+    )
 
 
 @app.command()

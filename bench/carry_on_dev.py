@@ -5,8 +5,9 @@ middle layers only). This bench asks whether other settings would have been bett
 looking at any held-out item: it splits the bench's *training* items per domain into a quarter
 for development and the rest for training (`composer.features.data.split`, seed 1), trains the
 mixture with preservation on that rest for the bench's steps, and reports development nats/char
-per domain for each variant. It reads the feature cache that `equal_budget.py` wrote (run that
-first, with the same --per-domain / --seq-len / --out):
+per domain for each variant. The general text preservation trains on is split the same way:
+a quarter of it is the development set for off-domain harm. It reads the feature cache that
+`equal_budget.py` wrote (run that first, with the same --per-domain / --seq-len / --out):
 
     python bench/carry_on_dev.py [--out runs/eb] [--variants lr=1e-3 lr=3e-3 lr=3e-3,final]
 
@@ -14,7 +15,9 @@ A variant is comma-separated: `lr=X` sets train.lr; `final` adds the anchor's fi
 LM head's input, `code@24`, already in the cache as the anchor state) as a router source and a
 shortcut into the last block, as the paper's carry-on reads the base's last layer; `lora`
 trains the bench's PEFT LoRA arm (rank matched to the mixture) instead, on the same split and
-batches, so both methods get the same chance to pick their rate.
+batches, so both methods get the same chance to pick their rate; `best` sets
+`train.preserve.reference: best` (keep, per general-text example, the better of the anchor's and
+an expert's distribution; with `--experts`).
 """
 
 from __future__ import annotations
@@ -42,8 +45,10 @@ def variant_dict(args: argparse.Namespace, variant: str) -> dict[str, Any]:
             eb.add_final_tap(recipe)
         elif part == "lora":
             pass  # PEFT LoRA on the anchor instead of a carry-on (run_variant)
+        elif part == "best":
+            recipe["train"]["preserve"]["reference"] = "best"
         else:
-            raise SystemExit(f"unknown variant part {part!r} (lr=X, final or lora)")
+            raise SystemExit(f"unknown variant part {part!r} (lr=X, final, best or lora)")
     return recipe
 
 
@@ -59,12 +64,20 @@ class Subset:
         return self.source.batch([self.indices[i] for i in indices])
 
 
+def dev_split(items: list[Any]) -> tuple[list[int], list[int]]:
+    """Indices of the three quarters trained on and the quarter for development (seed 1)."""
+    from composer.features.data import split
+
+    fit, dev = split(items, 0.25, seed=1)
+    position = {id(e): i for i, e in enumerate(items)}
+    return [position[id(e)] for e in fit], [position[id(e)] for e in dev]
+
+
 def run_variant(args: argparse.Namespace, variant: str) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from composer.bases.frozen import resolve_folder
     from composer.features.cache import open_cache
-    from composer.features.data import split
     from composer.model.mixture import HeadMixture
     from composer.recipe import recipe_from_dict
     from composer.training.train import train
@@ -73,12 +86,13 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict[str, Any]:
     cache = open_cache(eb.load(args, "cache"))
     sources = {name: cache.source(name) for name in cache.manifest["shards"]}
     tokenizer = AutoTokenizer.from_pretrained(resolve_folder(recipe.bases["code"], fetch=False))
-    items = eb.held_out(eb.load(args, "mixture"), tokenizer)["train"]
+    splits = eb.held_out(eb.load(args, "mixture"), tokenizer)
+    items, general = splits["train"], splits["preserve"]
     cached = sources["train"]
     assert [e.input_ids for e in cached.examples] == [e.input_ids for e in items]
-    fit, dev = split(items, 0.25, seed=1)
-    position = {id(e): i for i, e in enumerate(items)}
-    fit_idx, dev_idx = [position[id(e)] for e in fit], [position[id(e)] for e in dev]
+    assert [e.input_ids for e in sources["preserve"].examples] == [e.input_ids for e in general]
+    fit_idx, dev_idx = dev_split(items)
+    keep_idx, general_dev_idx = dev_split(general)  # off-domain development text
     if "lora" in variant.split(","):
         return run_lora(args, recipe, items, fit_idx, dev_idx, variant)
     wrap = eb.WithFinalTap if "final" in variant.split(",") else (lambda s: s)
@@ -90,10 +104,13 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict[str, Any]:
         wrap(Subset(cached, dev_idx[:4])),
         recipe.train,
         Path(args.out) / "dev" / variant / "checkpoints",
-        preserve_source=wrap(sources["preserve"]),
+        preserve_source=wrap(Subset(sources["preserve"], keep_idx)),
     )
     seconds = time.perf_counter() - began
     scored = eb.score_carry_on(model, wrap(cached), items, dev_idx, tokenizer, anchor=True)
+    scored += eb.score_carry_on(
+        model, wrap(sources["preserve"]), general, general_dev_idx, tokenizer, anchor=True
+    )
     rows = [(domain, nll, chars) for (domain, nll, _, chars), _ in scored]
     anchor_rows = [(domain, base, chars) for (domain, _, base, chars), _ in scored]
     return {
@@ -102,6 +119,7 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict[str, Any]:
         "anchor_dev": eb.per_char(anchor_rows),
         "fit_items": len(fit_idx),
         "dev_items": len(dev_idx),
+        "general_dev_items": len(general_dev_idx),
         "final_train_loss": result.train_loss[-1][1],
         "seconds": round(seconds, 1),
     }
@@ -146,18 +164,22 @@ def main() -> None:
     results = []
     for variant in args.variants:
         path = Path(args.out) / "dev" / f"{variant}.json"
-        if not path.is_file():
+        # Runs from before the general text had its own development quarter are redone.
+        if not path.is_file() or "general_dev_items" not in json.loads(path.read_text()):
             print(f"[{time.strftime('%H:%M:%S')}] variant {variant} ...", flush=True)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(run_variant(args, variant), indent=2))
         results.append(json.loads(path.read_text()))
-    domains = eb.DOMAINS
-    lines = ["| variant | " + " | ".join(domains) + " | train loss | s |", "|---" * 6 + "|"]
+    columns = [*eb.DOMAINS, "off-domain"]
+    lines = ["| variant | " + " | ".join(columns) + " | train loss | s |", "|---" * 7 + "|"]
     anchor = next(r["anchor_dev"] for r in results if "anchor_dev" in r)
-    cells = " | ".join(f"{anchor[d]:.4f}" for d in domains)
+    cells = " | ".join(f"{anchor[d]:.4f}" for d in columns)
     lines.append(f"| anchor alone | {cells} | - | - |")
     for r in results:
-        cells = [f"{r['dev'][d]:.4f} ({r['dev'][d] / anchor[d] - 1:+.1%})" for d in domains]
+        cells = [
+            f"{r['dev'][d]:.4f} ({r['dev'][d] / anchor[d] - 1:+.1%})" if d in r["dev"] else "-"
+            for d in columns
+        ]
         loss = r["final_train_loss"]
         loss_cell = f"{loss:.3f}" if loss is not None else "-"
         lines.append(
@@ -166,7 +188,8 @@ def main() -> None:
     text = "\n".join(lines)
     text += (
         f"\n\nDevelopment split: {results[0]['dev_items']} of the bench's training items "
-        f"(the other {results[0]['fit_items']} trained on); no held-out item is read.\n"
+        f"(the other {results[0]['fit_items']} trained on); off-domain: a quarter of the "
+        "general text preservation trains on (the rest kept for it); no held-out item is read.\n"
     )
     print(text)
     (Path(args.out) / "dev" / "table.md").write_text(text)

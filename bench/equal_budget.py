@@ -107,7 +107,9 @@ def recipe_dict(args: argparse.Namespace, arm: str) -> dict[str, Any]:
                 "dir": str(Path(getattr(args, "cache_out", None) or args.out).resolve() / "cache"),
                 "shard_examples": 16,
             },
-            "preserve": None if arm == "mixture-plain" else {"data": general},
+            "preserve": None
+            if arm == "mixture-plain"
+            else {"data": general, "reference": getattr(args, "preserve_reference", "anchor")},
         },
     }
     if getattr(args, "final_tap", False) and arm != "cache":
@@ -151,7 +153,7 @@ def held_out(recipe: Any, tokenizer: Any) -> dict[str, list[Any]]:
     from composer.features.data import load_splits
 
     splits = load_splits(recipe, tokenizer)
-    return {"eval": splits["eval"], "general": splits["general"], "train": splits["train"]}
+    return {name: splits[name] for name in ("eval", "general", "train", "preserve")}
 
 
 def per_char(losses: list[tuple[str, float, int]]) -> dict[str, float]:
@@ -442,6 +444,7 @@ def run_arm(arm: str, args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
         cmd += ["--final-tap"] if args.final_tap else []
         cmd += ["--strong-layer", str(args.strong_layer)]
         cmd += ["--experts"] if args.experts else []
+        cmd += ["--preserve-reference", args.preserve_reference]
         cmd += ["--task-items", str(args.task_items), "--task-batch", str(args.task_batch)]
         for key, value in extra.items():
             cmd += [f"--{key.replace('_', '-')}", str(value)]
@@ -511,6 +514,12 @@ def main() -> None:
         "--lora-lr", type=float, default=2.0e-4, help="the LoRA arm's lr (PEFT's usual rate)"
     )
     parser.add_argument("--cache-out", help="read the feature cache of this earlier OUT")
+    parser.add_argument(
+        "--preserve-reference",
+        choices=["anchor", "best"],
+        default="anchor",
+        help="train.preserve.reference of the carry-on arms (best: with --experts)",
+    )
     parser.add_argument(
         "--task-items", type=int, default=30, help="GSM and HumanEval items per arm (compare)"
     )

@@ -4,7 +4,8 @@ Run by hand (not in CI), with the `serve` extra and the `openai` client installe
 
     pip install -e '.[serve]' openai
     python bench/serve_load.py MIXTURE_DIR [--clients 8] [--requests 4] [--max-tokens 64]
-                                           [--max-queue Q] [--timeout 120] [--json out.json]
+                                           [--max-queue Q] [--batch 1 4] [--timeout 120]
+                                           [--json out.json]
 
 The bench starts `compose serve MIXTURE_DIR` on a free local port in its own process, waits
 for /health, runs the clients (threads, the real `openai` client, `max_retries=0`, sampled at
@@ -13,6 +14,9 @@ temperature 0.8 with a seed per request) and stops the server. Every request end
 Reported: completion tokens/s over the wall time of the clients, latency p50/p95 (request to
 last token) and time to first token p50/p95, and the errors by kind (503s: the queue was full).
 With `--max-queue` below the number of clients, some requests are expected to get 503.
+With several `--batch` values the server is started once per value (`compose serve --batch`,
+waiting requests decoded together), the same load each time, and the report ends with each
+value's tokens/s and latency against the first value's, measured in the same run.
 """
 
 from __future__ import annotations
@@ -105,28 +109,17 @@ def percentile(values: list[float], q: float) -> float | None:
     return round(statistics.quantiles(values, n=100, method="inclusive")[q - 1], 3)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mixture_dir", type=Path)
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=4, help="per client")
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--max-queue", type=int, default=None, help="default: --clients")
-    parser.add_argument("--timeout", type=float, default=120.0, help="per request (s)")
-    parser.add_argument("--deadline", type=float, default=900.0, help="the whole bench (s)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the report here")
-    args = parser.parse_args()
-
+def run_load(args: argparse.Namespace, batch: int, deadline: float) -> dict[str, Any]:
+    """Start `compose serve --batch BATCH`, run the clients against it, stop it; the report."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     queue = args.max_queue if args.max_queue is not None else args.clients
     command = [sys.executable, "-m", "composer", "serve", str(args.mixture_dir)]
-    command += ["--port", str(port), "--max-queue", str(queue)]
+    command += ["--port", str(port), "--max-queue", str(queue), "--batch", str(batch)]
     env = {**os.environ, "COMPOSE_API_KEY": ""}
     server = subprocess.Popen(
         command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    deadline = time.monotonic() + args.deadline
     try:
         wait_up(url, server, deadline)
         args.model = json.loads(urllib.request.urlopen(url + "/v1/models").read())["data"][0]["id"]
@@ -142,6 +135,7 @@ def main() -> None:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
         wall = time.perf_counter() - start
         alive = sum(t.is_alive() for t in threads)
+        health = json.loads(urllib.request.urlopen(url + "/health").read())
     finally:
         server.terminate()
         try:
@@ -152,8 +146,10 @@ def main() -> None:
     latencies = sorted(r["latency"] for r in done)
     ttfts = sorted(r["ttft"] for r in done)
     sent = args.clients * args.requests
-    report = {
+    return {
         "mixture": str(args.mixture_dir),
+        "batch": batch,
+        "largest_batch": health.get("largest_batch"),
         "clients": args.clients,
         "requests": sent,
         "max_tokens": args.max_tokens,
@@ -168,6 +164,34 @@ def main() -> None:
         "latency_s": {"p50": percentile(latencies, 50), "p95": percentile(latencies, 95)},
         "ttft_s": {"p50": percentile(ttfts, 50), "p95": percentile(ttfts, 95)},
     }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mixture_dir", type=Path)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=4, help="per client")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-queue", type=int, default=None, help="default: --clients")
+    parser.add_argument(
+        "--batch", type=int, nargs="+", default=[1, 4], help="compose serve --batch values"
+    )
+    parser.add_argument("--timeout", type=float, default=120.0, help="per request (s)")
+    parser.add_argument("--deadline", type=float, default=900.0, help="each load (s)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the report here")
+    args = parser.parse_args()
+
+    runs = [run_load(args, b, time.monotonic() + args.deadline) for b in args.batch]
+    report: dict[str, Any] = {"runs": runs}
+    first = runs[0]
+    if len(runs) > 1 and first["tokens_per_s"] and first["latency_s"]["p50"]:
+        report["against_batch_" + str(first["batch"])] = {
+            str(r["batch"]): {
+                "tokens_per_s": round((r["tokens_per_s"] or 0) / first["tokens_per_s"], 3),
+                "latency_p50": round((r["latency_s"]["p50"] or 0) / first["latency_s"]["p50"], 3),
+            }
+            for r in runs[1:]
+        }
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:

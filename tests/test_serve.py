@@ -26,7 +26,8 @@ def server(tiny_mixture_dir):
     import uvicorn
 
     mixture = load_mixture(tiny_mixture_dir)
-    app = create_app(mixture, model_name="tiny", api_key=KEY, max_queue=1, max_tokens=1000)
+    # One request at a time, so the queue tests know what runs; batching is tested on the engine.
+    app = create_app(mixture, model_name="tiny", api_key=KEY, max_queue=1, max_tokens=1000, batch=1)
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
     running = uvicorn.Server(config)
     thread = threading.Thread(target=running.run, daemon=True)
@@ -323,3 +324,60 @@ def test_messages_the_chat_template_refuses_get_400(server):
     assert status == 400, reply
     assert reply["error"]["param"] == "messages"
     assert "no system role here" in reply["error"]["message"]
+
+
+def test_waiting_requests_are_decoded_together_each_as_alone(tiny_mixture_dir):
+    """With `batch`, requests that wait behind a running one are decoded as one batch: each
+    streams the text it gets alone; one whose client leaves mid-batch stops, the others go on."""
+    import asyncio
+
+    from composer.artifacts.generate import Generation
+    from composer.serving.engine import Engine, Job
+
+    mixture = load_mixture(tiny_mixture_dir)
+    questions = ["How many days?", "Tom has 3 apples and buys 4 more. How many?", "Hi", "Why?"]
+    prompts = [prompt_ids(mixture, q) for q in questions]
+    alone = [
+        Generation(mixture, p, 12 + 4 * i, stop_at_eos=False).run() for i, p in enumerate(prompts)
+    ]
+
+    async def collect(job: Job, leave_after: int | None = None) -> tuple[str, object]:
+        text = ""
+        while True:
+            item = await job.out.get()
+            if not isinstance(item, str):
+                return text, item
+            text += item
+            if leave_after is not None and len(text) >= leave_after:
+                job.cancelled.set()
+                return text, None
+
+    async def scenario() -> tuple[list, dict]:
+        engine = Engine(mixture, max_queue=8, batch=4)
+        try:
+            jobs = [
+                Job(p, n, Sampling(), [], stop_at_eos=False)
+                for p, n in [(prompts[0], 400), *((p, 12 + 4 * i) for i, p in enumerate(prompts))]
+            ]
+            engine.submit(jobs[0])  # runs alone: the next four queue behind it
+            for job in jobs[1:]:
+                engine.submit(job)
+            results = await asyncio.gather(
+                collect(jobs[0]),
+                *(collect(job, 1 if i == 2 else None) for i, job in enumerate(jobs[1:])),
+            )
+            while engine.pending:
+                await asyncio.sleep(0.01)
+            return results, engine.stats()
+        finally:
+            engine.close()
+
+    results, stats = asyncio.run(scenario())
+    assert stats["largest_batch"] == 4 and stats["cancelled"] == 1 and stats["served"] == 4
+    for i, (text, generation) in enumerate(results[1:]):
+        if i == 2:  # its client left after the first delta
+            assert generation is None and alone[2].text.startswith(text)
+            continue
+        assert isinstance(generation, Generation)
+        assert generation.ids == alone[i].ids and text == alone[i].text
+        assert generation.finish_reason == alone[i].finish_reason == "length"

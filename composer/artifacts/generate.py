@@ -120,6 +120,12 @@ class Generation:
             delta += self._end("length")
         return delta
 
+    def cancel(self) -> None:
+        """End a generation that `decode_together` is running, before its next step
+        (`finish_reason` "cancelled"; its text stays as it is)."""
+        if self.finish_reason is None:
+            self.finish_reason = "cancelled"
+
     def _end(self, reason: str) -> str:
         """Finish with `reason` ("stop" where the text's end completes a stop string); the
         text held back until now."""
@@ -129,18 +135,26 @@ class Generation:
 
 
 def run_together(generations: Sequence[Generation]) -> None:
-    """Run generations of one mixture to their ends as one batch, padded on the left.
+    """Run generations of one mixture to their ends as one batch (`decode_together`)."""
+    for _ in decode_together(generations):
+        pass
+
+
+def decode_together(generations: Sequence[Generation]) -> Iterator[list[str]]:
+    """Decode generations of one mixture as one batch, padded on the left; after each step,
+    each row's text delta ("" where it has none or has ended).
 
     Each row chooses its tokens and ends (end-of-sequence, stop string, length) as it would
     alone, and its ids, text, gates and finish reason are the same up to float rounding (a test
-    holds the tokens equal). A finished row is fed padding until the batch is done.
+    holds the tokens equal). A finished row — or one ended by `Generation.cancel` between
+    steps — is fed padding until the batch is done.
     """
     if not generations:
         return
     mixture = generations[0].mixture
     for generation in generations:
         if generation._started or generation.mixture is not mixture or not generation.use_cache:
-            raise ValueError("run_together takes new, cached generations of one mixture")
+            raise ValueError("decode_together takes new, cached generations of one mixture")
         generation._started = True
     tokenizer = mixture.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -149,20 +163,20 @@ def run_together(generations: Sequence[Generation]) -> None:
     mask = [[0] * (width - len(g.prompt_ids)) + [1] * len(g.prompt_ids) for g in generations]
     pending, pending_mask = torch.tensor(ids), torch.tensor(mask)
     state = mixture.new_state()
-    with torch.no_grad():
-        for generation in generations:
-            if generation.max_new_tokens <= 0:
-                generation._end("length")
-        while any(g.finish_reason is None for g in generations):
+    for generation in generations:
+        if generation.max_new_tokens <= 0:
+            generation._end("length")
+    while any(g.finish_reason is None for g in generations):
+        with torch.no_grad():  # not held across the yield: the caller's grad mode stays its own
             logits, weights = mixture.step(pending, state, pending_mask)
-            tokens, live = [], []
-            for row, generation in enumerate(generations):
-                if generation.finish_reason is None:
-                    generation._take(logits[row : row + 1], weights[row, -1])
-                live.append(generation.finish_reason is None)
-                tokens.append(generation.ids[-1] if live[-1] else pad)
-            pending = torch.tensor(tokens)[:, None]
-            pending_mask = torch.tensor(live, dtype=torch.long)[:, None]
+        yield [
+            "" if g.finish_reason is not None else g._take(logits[row : row + 1], weights[row, -1])
+            for row, g in enumerate(generations)
+        ]
+        live = [g.finish_reason is None for g in generations]  # after any cancel
+        tokens = [g.ids[-1] if alive else pad for g, alive in zip(generations, live, strict=True)]
+        pending = torch.tensor(tokens)[:, None]
+        pending_mask = torch.tensor(live, dtype=torch.long)[:, None]
 
 
 def chat_ids(mixture: Any, messages: list[dict[str, str]]) -> list[int]:

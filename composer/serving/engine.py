@@ -1,8 +1,10 @@
-"""One mixture, one generation at a time, for many clients.
+"""One mixture, one decoder, for many clients.
 
-Requests wait in a bounded queue; one worker thread runs them in turn through the one decoder
-and hands each text delta to the asyncio loop of the request that asked. A request that is
-cancelled (its client went away) stops at its next token, which frees the model.
+Requests wait in a bounded queue; one worker thread runs them through the one decoder and hands
+each text delta to the asyncio loop of the request that asked. With `batch` > 1 the worker takes
+up to that many waiting requests at once and decodes them as one batch (`decode_together`:
+each answer is the one it gets alone); a request that arrives meanwhile waits for the next
+batch. A request that is cancelled (its client went away) stops at its next token.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from composer.artifacts.generate import Generation
+from composer.artifacts.generate import Generation, decode_together
 from composer.artifacts.sampling import Sampling
 
 
@@ -40,23 +43,27 @@ class QueueFull(Exception):
 
 
 class Engine:
-    """Runs jobs one at a time on a worker thread; at most `max_queue` wait behind the one
-    running."""
+    """Runs jobs on a worker thread, up to `batch` at a time decoded together; at most
+    `max_queue` wait behind those running."""
 
-    def __init__(self, mixture: Any, max_queue: int = 8) -> None:
+    def __init__(self, mixture: Any, max_queue: int = 8, batch: int = 1) -> None:
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, got {batch}")
         self.mixture = mixture
         self.max_queue = max_queue
+        self.batch = batch
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self.pending = 0  # waiting + running
         self.served = 0
         self.cancelled = 0  # stopped early because their client went away
+        self.largest_batch = 0
         self._worker = threading.Thread(target=self._work, name="compose-engine", daemon=True)
         self._worker.start()
 
     def submit(self, job: Job) -> None:
         with self._lock:
-            if self.pending > self.max_queue:
+            if self.pending > self.max_queue + self.batch - 1:
                 raise QueueFull(f"the server is busy ({self.pending} requests ahead)")
             self.pending += 1
         self._jobs.put(job)
@@ -66,34 +73,69 @@ class Engine:
         self._worker.join(timeout=10)
 
     def stats(self) -> dict[str, int]:
-        return {"pending": self.pending, "served": self.served, "cancelled": self.cancelled}
+        return {
+            "pending": self.pending,
+            "served": self.served,
+            "cancelled": self.cancelled,
+            "largest_batch": self.largest_batch,
+        }
 
     def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
+        closing = False
+        while not closing and (job := self._jobs.get()) is not None:
+            jobs = [job]
+            while len(jobs) < self.batch:  # whatever else is already waiting
+                try:
+                    more = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    closing = True
+                    break
+                jobs.append(more)
             try:
-                self._run(job)
-            except Exception as exc:  # reported to the request, which renders it
-                job._emit(exc)
+                self._run(jobs)
+            except Exception as exc:  # reported to each request, which renders it
+                for j in jobs:
+                    j._emit(exc)
             finally:
                 with self._lock:
-                    self.pending -= 1
+                    self.pending -= len(jobs)
 
-    def _run(self, job: Job) -> None:
-        if job.cancelled.is_set():
-            self.cancelled += 1
-            return
-        generation = Generation(
-            self.mixture,
-            job.prompt_ids,
-            job.max_new_tokens,
-            sampling=job.sampling,
-            stop=job.stop,
-            stop_at_eos=job.stop_at_eos,
-        )
-        for delta in generation:
+    def _run(self, jobs: list[Job]) -> None:
+        live = []
+        for job in jobs:
             if job.cancelled.is_set():
                 self.cancelled += 1
-                return
-            job._emit(delta)
-        self.served += 1
-        job._emit(generation)
+            else:
+                live.append(job)
+        generations = [
+            Generation(
+                self.mixture,
+                job.prompt_ids,
+                job.max_new_tokens,
+                sampling=job.sampling,
+                stop=job.stop,
+                stop_at_eos=job.stop_at_eos,
+            )
+            for job in live
+        ]
+        self.largest_batch = max(self.largest_batch, len(generations))
+        steps: Iterator[list[str]]
+        if len(generations) == 1:  # alone: the exact single-row decoder
+            steps = ([delta] for delta in generations[0])
+        else:
+            steps = decode_together(generations)
+        for deltas in steps:
+            for job, generation, delta in zip(live, generations, deltas, strict=True):
+                if generation.finish_reason == "cancelled":
+                    continue
+                if job.cancelled.is_set():
+                    generation.cancel()
+                    self.cancelled += 1
+                elif delta:
+                    job._emit(delta)
+        for job, generation in zip(live, generations, strict=True):
+            if generation.finish_reason != "cancelled":
+                self.served += 1
+                job._emit(generation)

@@ -43,9 +43,11 @@ def create_app(
     api_key: str | None = None,
     max_queue: int = 8,
     max_tokens: int = DEFAULT_MAX_TOKENS,
+    batch: int = 4,
 ) -> Starlette:
-    """The server's app; `app.state.engine` runs the generations."""
-    engine = Engine(mixture, max_queue=max_queue)
+    """The server's app; `app.state.engine` runs the generations (up to `batch` waiting
+    requests decoded together)."""
+    engine = Engine(mixture, max_queue=max_queue, batch=batch)
     context = context_length(mixture)
     created = int(time.time())
 
@@ -257,6 +259,7 @@ def serve(
     api_key: str | None = None,
     max_queue: int = 8,
     max_tokens: int = DEFAULT_MAX_TOKENS,
+    batch: int = 4,
 ) -> None:
     """Load a mixture and serve it until interrupted."""
     import uvicorn
@@ -270,5 +273,6 @@ def serve(
         api_key=api_key,
         max_queue=max_queue,
         max_tokens=max_tokens,
+        batch=batch,
     )
     uvicorn.run(app, host=host, port=port, log_level="info")
