@@ -406,9 +406,11 @@ def arm_tasks(args: argparse.Namespace) -> dict[str, Any]:
         )
         for suite in result.suites:
             assert suite.comparison is not None
-            scores.setdefault(label, {})[suite.name] = suite.comparison.a_mean
-            scores.setdefault("mixture, preservation", {})[suite.name] = suite.comparison.b_mean
-            verdicts.setdefault(label, {})[suite.name] = suite.comparison.verdict
+            scores.setdefault(label, {})[suite.suite.name] = suite.comparison.a_mean
+            scores.setdefault("mixture, preservation", {})[suite.suite.name] = (
+                suite.comparison.b_mean
+            )
+            verdicts.setdefault(label, {})[suite.suite.name] = suite.comparison.verdict
     return {"scores": scores, "verdicts": verdicts, "items": args.task_items}
 
 
