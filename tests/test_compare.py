@@ -156,6 +156,16 @@ def test_mixture_against_itself_and_the_result_cache(mixtures, tmp_path):
     assert len(finished) == 4
     finished[0].unlink()  # as if the run had crashed before this item
     assert run().computed == {"A": 1, "B": 0}
+    # Training settings do not change what a built mixture computes: same key, same results.
+    retrained = tmp_path / "retrained"
+    shutil.copytree(mixtures["good"], retrained)
+    recipe = (retrained / "recipe.yaml").read_text()
+    assert "  steps: 4\n" in recipe
+    (retrained / "recipe.yaml").write_text(recipe.replace("  steps: 4\n", "  steps: 9\n"))
+    again = compare(
+        str(retrained), str(mixtures["bad"]), suites=["loss-chat"], limit=4, cache_dir=cache
+    )
+    assert again.computed == {"A": 0, "B": 4}
 
 
 @pytest.fixture

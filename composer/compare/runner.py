@@ -113,12 +113,15 @@ def _alone(label: str, given: str, spec: dict[str, str], role: str, name: str = 
 
 
 def _keyed(side: Side) -> Side:
-    """The mixture key: the recipe, the carry-on's bytes and the bases' weights."""
+    """The mixture key: the recipe, the carry-on's bytes and the bases' weights. Training
+    settings are left out: a built mixture computes from its weights alone, and a training
+    field added later must not orphan the results already cached."""
     from composer.bases.frozen import resolve_folder
     from composer.bases.identity import base_identity
 
     digest = hashlib.sha256()
-    digest.update(json.dumps(comparable(side.recipe), sort_keys=True).encode())
+    recipe = {k: v for k, v in comparable(side.recipe).items() if k != "train"}
+    digest.update(json.dumps(recipe, sort_keys=True).encode())
     digest.update(sha256_file(side.folder / WEIGHTS).encode() if side.folder else b"base alone")
     for name, spec in side.recipe.bases.items():
         identity = base_identity(resolve_folder(spec, fetch=True))
