@@ -130,7 +130,7 @@ class Engine:
             for job, generation, delta in zip(live, generations, deltas, strict=True):
                 if generation.finish_reason == "cancelled":
                     continue
-                if job.cancelled.is_set():
+                if job.cancelled.is_set() and generation.finish_reason is None:
                     generation.cancel()
                     self.cancelled += 1
                 elif delta:
