@@ -131,12 +131,12 @@ def preserve_loss(
     untouched there), or with `reference="best"` and expert bases, per example the anchor or
     the expert whose loss on the example's chosen next tokens is least."""
     hidden, _, _ = mixture.hidden(batch.features, batch.attention_mask)
-    anchor = mixture.anchor_rows(batch.features)[chosen]
+    kept = mixture.anchor_rows(batch.features)[chosen]  # the distribution to keep
     if reference == "best" and isinstance(mixture.head, FusedHead):
         targets = torch.cat([batch.labels[:, 1:], torch.full_like(batch.labels[:, :1], IGNORE)], 1)
         groups = chosen.nonzero()[:, 0]
-        anchor = best_reference(mixture.head, anchor, targets[chosen], groups)
-    return head_kl(mixture.head, hidden[chosen], anchor)
+        kept = best_reference(mixture.head, kept, targets[chosen], groups)
+    return head_kl(mixture.head, hidden[chosen], kept)
 
 
 @torch.no_grad()
