@@ -17,7 +17,11 @@ shortcut into the last block, as the paper's carry-on reads the base's last laye
 trains the bench's PEFT LoRA arm (rank matched to the mixture) instead, on the same split and
 batches, so both methods get the same chance to pick their rate; `best` sets
 `train.preserve.reference: best` (keep, per general-text example, the better of the anchor's and
-an expert's distribution; with `--experts`).
+an expert's distribution; with `--experts`); `plain` trains without preservation
+(`train.preserve: none`, as the LoRA arm trains); `mid=L` sets `carry_on.write_at: L`: the
+correction enters the anchor's residual stream after its layer L and the anchor's own upper
+layers carry it to the head — a correction inside the anchor, as LoRA's is, rather than after
+its last layer (the mixture's anchor tap moves to layer L when it was above).
 """
 
 from __future__ import annotations
@@ -47,8 +51,13 @@ def variant_dict(args: argparse.Namespace, variant: str) -> dict[str, Any]:
             pass  # PEFT LoRA on the anchor instead of a carry-on (run_variant)
         elif part == "best":
             recipe["train"]["preserve"]["reference"] = "best"
+        elif part == "plain":
+            recipe["train"]["preserve"] = None
+        elif part.startswith("mid="):
+            eb.write_at(recipe, int(part.removeprefix("mid=")))
         else:
-            raise SystemExit(f"unknown variant part {part!r} (lr=X, final, best or lora)")
+            known = "lr=X, final, best, plain, mid=L or lora"
+            raise SystemExit(f"unknown variant part {part!r} ({known})")
     return recipe
 
 

@@ -32,7 +32,9 @@ JSON exists. Nothing is tuned on the held-out items: the settings below were fix
 `bench/carry_on_dev.py` picks the rates on a development split of the training items instead
 (`--carry-on-lr`, `--lora-lr` take its picks; `--cache-out` reuses an earlier OUT's cache).
 `--strong-layer 28 --experts` taps the 1.5B coder at its last layer and pools its own
-log-probabilities into the mixture arms (`carry_on.experts`; docs/quality.md).
+log-probabilities into the mixture arms (`carry_on.experts`; docs/quality.md); `--write-at L`
+makes the mixture arms write their correction into the anchor after its layer L
+(`carry_on.write_at`).
 """
 
 from __future__ import annotations
@@ -57,12 +59,13 @@ TASK_SUITES = ["gsm", "humaneval"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 DOMAINS = ["chat", "code", "math"]
 CARRY_ON_LR = 1.0e-3  # fixed before the first run; bench/carry_on_dev.py tries others
+ANCHOR_TAPS = ["code@6", "code@12", "code@18"]  # the anchor-only carry-on's (all in the cache)
 
 
 def recipe_dict(args: argparse.Namespace, arm: str) -> dict[str, Any]:
     """The recipe of an arm; every arm shares data, steps, batches and the cache's taps."""
     mixture_taps = ["code@12", f"strong@{getattr(args, 'strong_layer', 14)}", "chat@20"]
-    anchor_taps = ["code@6", "code@12", "code@18"]
+    anchor_taps = ANCHOR_TAPS
     own = anchor_taps if arm == "carry-on-anchor" else mixture_taps
     n = args.per_domain
     data = {
@@ -116,7 +119,25 @@ def recipe_dict(args: argparse.Namespace, arm: str) -> dict[str, Any]:
         add_final_tap(recipe)
     if getattr(args, "experts", False) and arm in ("mixture", "mixture-plain"):
         recipe["carry_on"]["experts"] = ["strong"]
+    if getattr(args, "write_at", None) and arm in ("mixture", "mixture-plain"):
+        write_at(recipe, args.write_at)
     return recipe
+
+
+def write_at(recipe: dict[str, Any], layer: int) -> None:
+    """`carry_on.write_at: layer` on a carry-on recipe: the correction enters the anchor after
+    that layer. The anchor may not be tapped above it, so a higher anchor tap (and its
+    shortcut) moves down to that layer; every such layer is in the cache."""
+    if f"code@{layer}" not in ANCHOR_TAPS:
+        raise SystemExit(f"write at {layer}: the cache holds the anchor's {ANCHOR_TAPS}")
+    moved = {t: f"code@{layer}" for t in recipe["taps"] if t.startswith("code@")}
+    moved = {t: m for t, m in moved.items() if int(t.removeprefix("code@")) > layer}
+    recipe["taps"] = list(dict.fromkeys(moved.get(t, t) for t in recipe["taps"]))
+    for block in recipe["carry_on"]["blocks"]:
+        block["shortcuts"] = list(dict.fromkeys(moved.get(t, t) for t in block["shortcuts"]))
+    if f"code@{layer}" not in recipe["taps"]:
+        recipe["taps"].append(f"code@{layer}")
+    recipe["carry_on"]["write_at"] = layer
 
 
 FINAL = "code@24"  # the anchor's final norm: the LM head's input, cached as the anchor state
@@ -447,6 +468,7 @@ def run_arm(arm: str, args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
         cmd += ["--strong-layer", str(args.strong_layer)]
         cmd += ["--experts"] if args.experts else []
         cmd += ["--preserve-reference", args.preserve_reference]
+        cmd += ["--write-at", str(args.write_at)] if args.write_at else []
         cmd += ["--task-items", str(args.task_items), "--task-batch", str(args.task_batch)]
         for key, value in extra.items():
             cmd += [f"--{key.replace('_', '-')}", str(value)]
@@ -521,6 +543,12 @@ def main() -> None:
         choices=["anchor", "best"],
         default="anchor",
         help="train.preserve.reference of the carry-on arms (best: with --experts)",
+    )
+    parser.add_argument(
+        "--write-at",
+        type=int,
+        help="the mixture arms write into the anchor after this layer (carry_on.write_at; "
+        "one of the cached 6, 12, 18)",
     )
     parser.add_argument(
         "--task-items", type=int, default=30, help="GSM and HumanEval items per arm (compare)"

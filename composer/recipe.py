@@ -136,6 +136,16 @@ class CarryOnSpec(BaseModel):
         "what its best base predicts on its own.",
     )
 
+    write_at: int | None = Field(
+        default=None,
+        ge=1,
+        description="Where the correction enters the anchor: unset, into its final state (the "
+        "LM head's input); a layer L, into its residual stream after layer L, and the "
+        "anchor's own layers above L carry it to the head (frozen, but run in training, so "
+        "the gradient passes through them). The anchor's layer L must be tapped, and no "
+        "anchor tap may lie above it. Llama and Qwen2 anchors.",
+    )
+
     @model_validator(mode="after")
     def _heads_divide_width(self) -> CarryOnSpec:
         if self.width % self.heads:
@@ -437,6 +447,20 @@ class Recipe(BaseModel):
                 )
             if name in self.carry_on.experts[:i]:
                 raise ValueError(f"carry_on.experts.{i}: '{name}' is listed twice")
+        layer = self.carry_on.write_at
+        if layer is not None:
+            own = [t for t in self.tap_refs if t.base == self.anchor]
+            if all(t.layer != layer for t in own):
+                raise ValueError(
+                    f"carry_on.write_at: {layer} needs the anchor's layer among the taps "
+                    f"({self.anchor}@{layer}): the correction is added to that state"
+                )
+            above = [str(t) for t in own if t.layer > layer]
+            if above:
+                raise ValueError(
+                    f"carry_on.write_at: {layer} is below the anchor tap(s) {', '.join(above)}; "
+                    "the carry-on runs before the anchor's layers above it, so it cannot read them"
+                )
         return self
 
     def _names(self) -> str:

@@ -10,6 +10,10 @@ from composer.errors import RecipeError
 from composer.model.carry_on import CarryOn
 from composer.recipe import Recipe
 
+# Anchors whose decoder layers `composer.model.upper` runs on their own (one rotary embedding
+# for every layer, no sliding windows): writing into the anchor's layers needs that.
+WRITE_AT_FAMILIES = ("llama", "qwen2")
+
 
 def aligned_bases(recipe: Recipe, folders: dict[str, Path]) -> set[str]:
     """Bases whose tokenizer differs from the anchor's: they need cross-tokenizer alignment."""
@@ -65,6 +69,19 @@ def check_compatible(recipe: Recipe, folders: dict[str, Path]) -> dict[str, dict
                 f"carry_on.experts.{i}: base '{name}' has a vocabulary of "
                 f"{configs[name].get('vocab_size')} tokens, the anchor "
                 f"{configs[recipe.anchor].get('vocab_size')}"
+            )
+    layer, anchor = recipe.carry_on.write_at, configs[recipe.anchor]
+    if layer is not None:
+        if anchor.get("model_type") not in WRITE_AT_FAMILIES:
+            raise RecipeError(
+                f"carry_on.write_at: the anchor is a {anchor.get('model_type')} model; writing "
+                f"into its layers is supported for {', '.join(WRITE_AT_FAMILIES)} anchors"
+            )
+        if layer >= anchor["num_hidden_layers"]:
+            raise RecipeError(
+                f"carry_on.write_at: {layer} leaves no anchor layer above it (it has "
+                f"{anchor['num_hidden_layers']}; write at 1 to {anchor['num_hidden_layers'] - 1}, "
+                "or leave it unset to correct the final state)"
             )
     context = configs[recipe.anchor].get("max_position_embeddings")
     if context and recipe.train.seq_len > context:

@@ -24,6 +24,7 @@ from composer.model.carry_on import CarryOn, KVCache
 from composer.model.experts import FusedHead
 from composer.model.factory import check_compatible, new_carry_on
 from composer.model.head import LMHead, OutputHead
+from composer.model.upper import UpperLayers
 from composer.recipe import Recipe
 
 
@@ -34,6 +35,10 @@ class Features:
     taps: dict[str, torch.Tensor]  # "base@layer" -> (B, T, D_b)
     anchor_hidden: torch.Tensor  # (B, T, D_anchor)
     present: dict[str, torch.Tensor] | None = None  # aligned "base@layer" -> (B, T) bool
+    # A generation step with `carry_on.write_at`: the anchor's KV cache, which the anchor's
+    # upper layers continue, and the new tokens' positions (B, T) where padding shifts them.
+    anchor_cache: Any = None
+    positions: torch.Tensor | None = None
 
 
 @dataclass
@@ -55,6 +60,7 @@ class CarryOnModel:
 
     recipe: Recipe
     carry_on: CarryOn
+    upper: UpperLayers | None = None  # the anchor's layers above `carry_on.write_at`
 
     @property
     def head(self) -> OutputHead:
@@ -67,13 +73,23 @@ class CarryOnModel:
         past: KVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, KVCache]:
         """The rows the head reads (the corrected anchor state; with experts, also their β and
-        states: composer.model.experts), the router's source weights and the carry-on's cache."""
-        out = self.carry_on(
-            features.taps, features.anchor_hidden, attention_mask, past, features.present
-        )
+        states: composer.model.experts), the router's source weights and the carry-on's cache.
+
+        With `carry_on.write_at: L` the carry-on corrects (and its router reads) the anchor's
+        state after layer L, and the anchor's upper layers make the final state of that."""
+        write = self.recipe.carry_on.write_at
+        state = features.anchor_hidden
+        if write is not None:
+            state = features.taps[f"{self.recipe.anchor}@{write}"]
+        out = self.carry_on(features.taps, state, attention_mask, past, features.present)
+        x = out.hidden
+        if write is not None:
+            assert self.upper is not None
+            x = self.upper(x, attention_mask, features.anchor_cache, features.positions)
+            x = x.to(out.hidden.device, out.hidden.dtype)
         if out.expert_weights is None:
-            return out.hidden, out.source_weights, out.cache
-        return self._rows(out.hidden, out.expert_weights, features), out.source_weights, out.cache
+            return x, out.source_weights, out.cache
+        return self._rows(x, out.expert_weights, features), out.source_weights, out.cache
 
     def anchor_rows(self, features: Features) -> torch.Tensor:
         """Rows laid out as `hidden` gives them that read the anchor's own distribution: its
@@ -108,6 +124,8 @@ class Mixture(CarryOnModel):
         self._layers = {
             name: sorted({t.layer for t in recipe.tap_refs if t.base == name}) for name in bases
         }
+        if recipe.carry_on.write_at is not None:
+            self.upper = UpperLayers(self.anchor.decoder, recipe.carry_on.write_at)
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, *, fetch: bool = True, seed: int = 0) -> Mixture:
@@ -163,13 +181,23 @@ class Mixture(CarryOnModel):
                 continue
             is_anchor = name == self.recipe.anchor
             past = state.base_past.get(name) if state is not None else None
-            out = base.forward(input_ids, attention_mask, layers, is_anchor, past, positions)
+            # Generating with `write_at`, the anchor stops at that layer: the upper layers run
+            # on the corrected state (`hidden`) and fill the rest of this cache.
+            writes = is_anchor and self.upper is not None and state is not None
+            final = is_anchor and not writes
+            out = base.forward(input_ids, attention_mask, layers, final, past, positions)
             for layer, hidden in out.taps.items():
                 taps[f"{name}@{layer}"] = hidden.to(device, torch.float32)
-            if is_anchor:
+            if final:
                 anchor_hidden = out.final
+            elif writes:  # no final state is made; its place holds the state written into
+                anchor_hidden = out.taps[self.recipe.carry_on.write_at or 0]
         assert anchor_hidden is not None
-        return Features(taps, anchor_hidden.to(device, torch.float32), present or None)
+        features = Features(taps, anchor_hidden.to(device, torch.float32), present or None)
+        if state is not None and self.upper is not None:
+            features.anchor_cache = state.base_past[self.recipe.anchor]
+            features.positions = positions
+        return features
 
     def _aligned(
         self, name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
@@ -326,10 +354,17 @@ def pad_features(items: list[Features], width: int) -> Features:
 class HeadMixture(CarryOnModel):
     """The trainable half of a mixture, without any base: the carry-on and the anchor's head."""
 
-    def __init__(self, recipe: Recipe, carry_on: CarryOn, head: OutputHead) -> None:
+    def __init__(
+        self,
+        recipe: Recipe,
+        carry_on: CarryOn,
+        head: OutputHead,
+        upper: UpperLayers | None = None,
+    ) -> None:
         self.recipe = recipe
         self.carry_on = carry_on
         self._head = head
+        self.upper = upper
 
     @property
     def head(self) -> OutputHead:
@@ -349,12 +384,21 @@ class HeadMixture(CarryOnModel):
                 for e in recipe.carry_on.experts
             ]
             head = FusedHead(anchor, experts)
+        upper = None
+        if recipe.carry_on.write_at is not None:
+            # Only the anchor's layers above the one written into are kept; the rest of the
+            # model is dropped once this returns.
+            base = load_base(recipe.anchor, recipe.bases[recipe.anchor], fetch=False)
+            upper = UpperLayers(base.decoder, recipe.carry_on.write_at)
         torch.manual_seed(seed)
         carry_on, _ = new_carry_on(recipe, folders, configs)
-        return cls(recipe, carry_on, head)
+        return cls(recipe, carry_on, head, upper)
 
     def to(self, device: torch.device) -> HeadMixture:
-        """Carry-on and head on `device` (a training process's GPU)."""
+        """Carry-on, head and the anchor's upper layers (with `write_at`) on `device` (a
+        training process's GPU)."""
         self.carry_on.to(device)
         self._head = self._head.to(device)
+        if self.upper is not None:
+            self.upper.to(device)
         return self

@@ -141,6 +141,12 @@ def make_plan(recipe: Recipe, *, fetch: bool = False) -> Plan:
         for c in configs.values()
     )
     base_act = B * T * widest * 4 * 4
+    if recipe.carry_on.write_at is not None:
+        # The anchor's layers above write_at run in training: their activations are kept too.
+        a = configs[recipe.anchor]
+        upper = a["num_hidden_layers"] - recipe.carry_on.write_at
+        width = 6 * a["hidden_size"] + 3 * a.get("intermediate_size", 4 * a["hidden_size"])
+        base_act += upper * B * T * (width + a["num_attention_heads"] * T) * 4
     memory = {
         "frozen_weights": int(frozen_bytes),
         "trainable_state": trainable * _ADAMW_BYTES,
