@@ -188,3 +188,28 @@ def test_the_plan_counts_the_upper_layers_activations(tiny, write_recipe):
     plan, plain = make_plan(writing), make_plan(after)
     assert plan.trainable_params == plain.trainable_params  # the upper layers stay frozen
     assert plan.memory_bytes["activations"] > plain.memory_bytes["activations"]
+
+
+def test_a_built_mixture_writing_into_its_anchor_exports_and_reloads_with_identical_logits(
+    tiny, write_recipe, tmp_path
+):
+    from composer.artifacts.export import export
+    from composer.artifacts.load import load_mixture
+    from composer.training.build import build
+
+    mix = tmp_path / "mix"
+    build(load_recipe(_recipe(tiny, write_recipe, layer=2), ["train.lr=0.01"]), out=mix, steps=4)
+    out = tmp_path / "export"
+    export(mix, out, include_bases=True)
+
+    def logits(folder):
+        mixture = load_mixture(folder, fetch=False)
+        ids = _ids(mixture, "He earns 195 * 12 = 2340 a month.")
+        with torch.no_grad():
+            return mixture(ids), ids
+
+    expected, ids = logits(mix)
+    anchor = AutoModelForCausalLM.from_pretrained(tiny["llama"])
+    with torch.no_grad():
+        assert not torch.allclose(expected, anchor(ids).logits, atol=1e-4)  # trained: it moved
+    assert torch.equal(logits(out)[0], expected)
