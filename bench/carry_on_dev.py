@@ -21,7 +21,9 @@ an expert's distribution; with `--experts`); `plain` trains without preservation
 (`train.preserve: none`, as the LoRA arm trains); `mid=L` sets `carry_on.write_at: L`: the
 correction enters the anchor's residual stream after its layer L and the anchor's own upper
 layers carry it to the head — a correction inside the anchor, as LoRA's is, rather than after
-its last layer (the mixture's anchor tap moves to layer L when it was above).
+its last layer (the mixture's anchor tap moves to layer L when it was above). With `--experts`
+(the 1.5B coder pooled through its own head) a run is named `VARIANT,experts`, its results in
+`OUT/dev/VARIANT,experts.json`.
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ def dev_split(items: list[Any]) -> tuple[list[int], list[int]]:
     return [position[id(e)] for e in fit], [position[id(e)] for e in dev]
 
 
-def run_variant(args: argparse.Namespace, variant: str) -> dict[str, Any]:
+def run_variant(args: argparse.Namespace, variant: str, key: str) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from composer.bases.frozen import resolve_folder
@@ -103,7 +105,7 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict[str, Any]:
     fit_idx, dev_idx = dev_split(items)
     keep_idx, general_dev_idx = dev_split(general)  # off-domain development text
     if "lora" in variant.split(","):
-        return run_lora(args, recipe, items, fit_idx, dev_idx, variant)
+        return run_lora(args, recipe, items, fit_idx, dev_idx, key)
     wrap = eb.WithFinalTap if "final" in variant.split(",") else (lambda s: s)
     model = HeadMixture.from_recipe(recipe, seed=recipe.train.seed)
     began = time.perf_counter()
@@ -112,7 +114,7 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict[str, Any]:
         wrap(Subset(cached, fit_idx)),
         wrap(Subset(cached, dev_idx[:4])),
         recipe.train,
-        Path(args.out) / "dev" / variant / "checkpoints",
+        Path(args.out) / "dev" / key / "checkpoints",
         preserve_source=wrap(Subset(sources["preserve"], keep_idx)),
     )
     seconds = time.perf_counter() - began
@@ -123,7 +125,7 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict[str, Any]:
     rows = [(domain, nll, chars) for (domain, nll, _, chars), _ in scored]
     anchor_rows = [(domain, base, chars) for (domain, _, base, chars), _ in scored]
     return {
-        "variant": variant,
+        "variant": key,
         "dev": eb.per_char(rows),
         "anchor_dev": eb.per_char(anchor_rows),
         "fit_items": len(fit_idx),
@@ -172,12 +174,13 @@ def main() -> None:
     torch.manual_seed(0)
     results = []
     for variant in args.variants:
-        path = Path(args.out) / "dev" / f"{variant}.json"
+        key = variant + (",experts" if args.experts else "")  # a run's name: file and table
+        path = Path(args.out) / "dev" / f"{key}.json"
         # Runs from before the general text had its own development quarter are redone.
         if not path.is_file() or "general_dev_items" not in json.loads(path.read_text()):
-            print(f"[{time.strftime('%H:%M:%S')}] variant {variant} ...", flush=True)
+            print(f"[{time.strftime('%H:%M:%S')}] variant {key} ...", flush=True)
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(run_variant(args, variant), indent=2))
+            path.write_text(json.dumps(run_variant(args, variant, key), indent=2))
         results.append(json.loads(path.read_text()))
     columns = [*eb.DOMAINS, "off-domain"]
     lines = ["| variant | " + " | ".join(columns) + " | train loss | s |", "|---" * 7 + "|"]
