@@ -168,6 +168,21 @@ def test_mixture_against_itself_and_the_result_cache(mixtures, tmp_path):
     assert again.computed == {"A": 0, "B": 4}
 
 
+def test_a_model_field_added_later_keys_results_as_before_while_unset(tiny, write_recipe):
+    """`carry_on.write_at` came after results were cached: unset it is not in the key (those
+    results stay found); set, it is (another mixture)."""
+    from composer.compare.runner import key_fields
+
+    bases = {"a": tiny["llama"], "b": tiny["qwen2"]}
+    plain = load_recipe(write_recipe(recipe_yaml(bases, "a", ["a@1", "b@2"])))
+    assert "write_at" not in key_fields(plain)["carry_on"]
+    assert key_fields(plain)["carry_on"]["width"] == 32  # the other model fields stay
+    writing = load_recipe(
+        write_recipe(recipe_yaml(bases, "a", ["a@1", "b@2"])), ["carry_on.write_at=1"]
+    )
+    assert key_fields(writing)["carry_on"]["write_at"] == 1
+
+
 @pytest.fixture
 def tiny_card(tiny, tmp_path, monkeypatch) -> str:
     """A base card `tiny-llama` for the tiny Llama folder, in a cards folder of its own."""

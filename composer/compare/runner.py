@@ -32,7 +32,7 @@ from composer.compare.suites import SUITES, Item, Suite, SuiteRegistry
 from composer.errors import CompareError, ComposeError
 from composer.files import sha256_file, write_json
 from composer.progress import counted
-from composer.recipe import comparable, load_recipe, read_comparable, recipe_from_dict
+from composer.recipe import Recipe, comparable, load_recipe, read_comparable, recipe_from_dict
 from composer.training.checkpoint import RECIPE_FILE, WEIGHTS
 
 SCORING_VERSION = 2  # bump when a suite's scoring changes, so old cached results are not reused
@@ -112,6 +112,23 @@ def _alone(label: str, given: str, spec: dict[str, str], role: str, name: str = 
     return Side(label, given, "base", recipe, text)
 
 
+# Model fields added after results were first cached, with the value that means "as before the
+# field existed": at that value a field is left out of the key, so results cached before it was
+# added stay found (the whole recipe as validated today would hold it, and re-key them all).
+ADDED_FIELDS: dict[str, dict[str, Any]] = {"carry_on": {"write_at": None}}
+
+
+def key_fields(recipe: Recipe) -> dict[str, Any]:
+    """The recipe fields a mixture's result key hashes: all but `output` and `train`, and
+    without added fields at their neutral value (ADDED_FIELDS)."""
+    fields = {k: v for k, v in comparable(recipe).items() if k != "train"}
+    for section, added in ADDED_FIELDS.items():
+        for name, neutral in added.items():
+            if fields[section].get(name, neutral) == neutral:
+                fields[section].pop(name, None)
+    return fields
+
+
 def _keyed(side: Side) -> Side:
     """The mixture key: the recipe, the carry-on's bytes and the bases' weights. Training
     settings are left out: a built mixture computes from its weights alone, and a training
@@ -120,8 +137,7 @@ def _keyed(side: Side) -> Side:
     from composer.bases.identity import base_identity
 
     digest = hashlib.sha256()
-    recipe = {k: v for k, v in comparable(side.recipe).items() if k != "train"}
-    digest.update(json.dumps(recipe, sort_keys=True).encode())
+    digest.update(json.dumps(key_fields(side.recipe), sort_keys=True).encode())
     digest.update(sha256_file(side.folder / WEIGHTS).encode() if side.folder else b"base alone")
     for name, spec in side.recipe.bases.items():
         identity = base_identity(resolve_folder(spec, fetch=True))
