@@ -183,15 +183,15 @@ class Mixture(CarryOnModel):
             past = state.base_past.get(name) if state is not None else None
             # Generating with `write_at`, the anchor stops at that layer: the upper layers run
             # on the corrected state (`hidden`) and fill the rest of this cache.
-            writes = is_anchor and self.upper is not None and state is not None
-            final = is_anchor and not writes
+            write = self.recipe.carry_on.write_at if is_anchor and state is not None else None
+            final = is_anchor and write is None
             out = base.forward(input_ids, attention_mask, layers, final, past, positions)
             for layer, hidden in out.taps.items():
                 taps[f"{name}@{layer}"] = hidden.to(device, torch.float32)
             if final:
                 anchor_hidden = out.final
-            elif writes:  # no final state is made; its place holds the state written into
-                anchor_hidden = out.taps[self.recipe.carry_on.write_at or 0]
+            elif write is not None:  # no final state is made; its place holds the written one
+                anchor_hidden = out.taps[write]
         assert anchor_hidden is not None
         features = Features(taps, anchor_hidden.to(device, torch.float32), present or None)
         if state is not None and self.upper is not None:
