@@ -65,7 +65,7 @@ ANCHOR_TAPS = ["code@6", "code@12", "code@18"]  # the anchor-only carry-on's (al
 def recipe_dict(args: argparse.Namespace, arm: str) -> dict[str, Any]:
     """The recipe of an arm; every arm shares data, steps, batches and the cache's taps."""
     mixture_taps = ["code@12", f"strong@{getattr(args, 'strong_layer', 14)}", "chat@20"]
-    anchor_taps = ANCHOR_TAPS
+    anchor_taps = list(ANCHOR_TAPS)
     own = anchor_taps if arm == "carry-on-anchor" else mixture_taps
     n = args.per_domain
     data = {
