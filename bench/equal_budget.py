@@ -130,8 +130,11 @@ def write_at(recipe: dict[str, Any], layer: int) -> None:
     shortcut) moves down to that layer; every such layer is in the cache."""
     if f"code@{layer}" not in ANCHOR_TAPS:
         raise SystemExit(f"write at {layer}: the cache holds the anchor's {ANCHOR_TAPS}")
-    moved = {t: f"code@{layer}" for t in recipe["taps"] if t.startswith("code@")}
-    moved = {t: m for t, m in moved.items() if int(t.removeprefix("code@")) > layer}
+    moved = {
+        t: f"code@{layer}"
+        for t in recipe["taps"]
+        if t.startswith("code@") and int(t.removeprefix("code@")) > layer
+    }
     recipe["taps"] = list(dict.fromkeys(moved.get(t, t) for t in recipe["taps"]))
     for block in recipe["carry_on"]["blocks"]:
         block["shortcuts"] = list(dict.fromkeys(moved.get(t, t) for t in block["shortcuts"]))

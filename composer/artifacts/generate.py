@@ -93,7 +93,8 @@ class Generation:
             if state is not None:
                 logits, weights = mixture.step(torch.tensor([pending]), state)
             else:
-                features = mixture.features(torch.tensor([self.prompt_ids + self.ids]))
+                ids = torch.tensor([self.prompt_ids + self.ids])
+                features = mixture.features(ids, anchor_final=False)
                 hidden, weights, _ = mixture.hidden(features)
                 logits = mixture.logits(hidden[:, -1])
             if delta := self._take(logits, weights[0, -1]):

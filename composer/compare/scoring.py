@@ -43,7 +43,7 @@ def _loss(mixture: Any, input_ids: list[int], labels: list[int], n_bytes: int) -
 
     with torch.no_grad():
         ids = torch.tensor([input_ids])
-        features = mixture.features(ids)
+        features = mixture.features(ids, anchor_final=False)
         hidden, weights, _ = mixture.hidden(features)
         targets = torch.tensor(labels[1:])
         selected = targets != IGNORE

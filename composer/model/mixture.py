@@ -152,9 +152,15 @@ class Mixture(CarryOnModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         state: GenerationState | None = None,
+        anchor_final: bool = True,
     ) -> Features:
         """Run every base (no grad) on the anchor's ids (B, T); with `state`, continue caches.
         The states come back in float32 on the carry-on's device.
+
+        `anchor_final`: the anchor's own final state is wanted (anchor rows, the feature cache).
+        Without it, or with `state`, a `write_at` mixture's anchor stops at the layer written
+        into (its place in `anchor_hidden`): `hidden` runs the upper layers on the corrected
+        state, and would only run them twice.
 
         Without `state`, padding must be on the right: aligned bases read each row's text up to
         its length. With `state` (generation, `step`), a batch is padded on the left and
@@ -181,9 +187,10 @@ class Mixture(CarryOnModel):
                 continue
             is_anchor = name == self.recipe.anchor
             past = state.base_past.get(name) if state is not None else None
-            # Generating with `write_at`, the anchor stops at that layer: the upper layers run
-            # on the corrected state (`hidden`) and fill the rest of this cache.
-            write = self.recipe.carry_on.write_at if is_anchor and state is not None else None
+            # With `write_at` the anchor may stop at that layer: the upper layers run on the
+            # corrected state (`hidden`) and, generating, fill the rest of this cache.
+            stop = state is not None or not anchor_final
+            write = self.recipe.carry_on.write_at if is_anchor and stop else None
             final = is_anchor and write is None
             out = base.forward(input_ids, attention_mask, layers, final, past, positions)
             for layer, hidden in out.taps.items():
@@ -271,7 +278,7 @@ class Mixture(CarryOnModel):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Full-sequence logits (B, T, vocab) of the mixture."""
-        features = self.features(input_ids, attention_mask)
+        features = self.features(input_ids, attention_mask, anchor_final=False)
         hidden, _, _ = self.hidden(features, attention_mask)
         return self.logits(hidden)
 
