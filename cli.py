@@ -174,7 +174,7 @@ def _report(verb: str, result: Any) -> None:
     out.print(f"[green]{verb}[/] {result.out_dir}: {summary(result.metrics)}", highlight=False)
 
 
-class Engine(enum.StrEnum):
+class CacheEngine(enum.StrEnum):
     local = "local"
     ray = "ray"
 
@@ -184,12 +184,12 @@ def cache(
     recipe: RecipeArg,
     overrides: Overrides = None,
     engine: Annotated[
-        Engine,
+        CacheEngine,
         typer.Option(
             help="Where the bases run: local (this process) or ray (Ray actors, "
             "train.cache.ray); both write the same shards."
         ),
-    ] = Engine.local,
+    ] = CacheEngine.local,
     address: Annotated[
         str | None,
         typer.Option(
@@ -202,10 +202,10 @@ def cache(
     """Run the bases once over the data; store their states as checksummed shards (resumable)."""
     from composer.recipe import load_recipe
 
-    if address is not None and engine is not Engine.ray:
+    if address is not None and engine is not CacheEngine.ray:
         err.print("[bold red]error:[/] --address names a Ray cluster: use it with --engine ray")
         raise typer.Exit(1)
-    if engine is Engine.ray:
+    if engine is CacheEngine.ray:
         from composer.features.ray_engine import write_cache as write_ray
 
         result = _run(
@@ -281,7 +281,7 @@ TrustRemoteCode = Annotated[
 def _sampling(
     temperature: float, top_p: float, top_k: int, repetition_penalty: float, seed: int | None
 ) -> Any:
-    from composer.artifacts.sampling import Sampling
+    from composer.generation.sampling import Sampling
 
     return Sampling(
         temperature=temperature,

@@ -89,7 +89,7 @@ def run_variant(args: argparse.Namespace, variant: str, key: str) -> dict[str, A
 
     from composer.bases.frozen import resolve_folder
     from composer.features.cache import open_cache
-    from composer.model.mixture import HeadMixture
+    from composer.model.mixture import CachedMixture
     from composer.recipe import recipe_from_dict
     from composer.training.train import train
 
@@ -107,7 +107,7 @@ def run_variant(args: argparse.Namespace, variant: str, key: str) -> dict[str, A
     if "lora" in variant.split(","):
         return run_lora(args, recipe, items, fit_idx, dev_idx, key)
     wrap = eb.WithFinalTap if "final" in variant.split(",") else (lambda s: s)
-    model = HeadMixture.from_recipe(recipe, seed=recipe.train.seed)
+    model = CachedMixture.from_recipe(recipe, seed=recipe.train.seed)
     began = time.perf_counter()
     result = train(
         model,
@@ -145,9 +145,9 @@ def run_lora(
     variant: str,
 ) -> dict[str, Any]:
     """LoRA on the anchor, rank matched to the mixture's trainable count, on the same split."""
-    from composer.model.mixture import HeadMixture
+    from composer.model.mixture import CachedMixture
 
-    mixture = HeadMixture.from_recipe(eb.load(args, "mixture"))
+    mixture = CachedMixture.from_recipe(eb.load(args, "mixture"))
     target = sum(p.numel() for p in mixture.carry_on.parameters() if p.requires_grad)
     began = time.perf_counter()
     result, _ = eb.lora_run(

@@ -203,11 +203,11 @@ def arm_cache(args: argparse.Namespace) -> dict[str, Any]:
 
 def arm_bases(args: argparse.Namespace) -> dict[str, Any]:
     """Held-out nats/char of the anchor and of each base alone, live, in float32."""
-    from composer.model.mixture import Mixture
+    from composer.model.mixture import LiveMixture
     from composer.training.metrics import domain_metrics
 
     recipe = load(args, "mixture")
-    mixture = Mixture.from_recipe(recipe)
+    mixture = LiveMixture.from_recipe(recipe)
     splits = held_out(recipe, mixture.tokenizer)
     report = domain_metrics(mixture, splits["eval"] + splits["general"], batch_size=4)
     out: dict[str, dict[str, float]] = {}
@@ -228,13 +228,13 @@ def arm_bases(args: argparse.Namespace) -> dict[str, Any]:
 def arm_carry_on(args: argparse.Namespace, arm: str) -> dict[str, Any]:
     """A carry-on trained from the shared cache for the common steps; held-out per char."""
     from composer.features.cache import open_cache
-    from composer.model.mixture import HeadMixture
-    from composer.training.checkpoint import RECIPE_FILE, WEIGHTS, save_weights
+    from composer.model.mixture import CachedMixture
+    from composer.model.weights import RECIPE_FILE, WEIGHTS, save_weights
     from composer.training.train import train
 
     recipe = load(args, arm)
     cache = open_cache(load(args, "cache"))
-    model = HeadMixture.from_recipe(recipe, seed=recipe.train.seed)
+    model = CachedMixture.from_recipe(recipe, seed=recipe.train.seed)
     sources = {name: cache.source(name) for name in cache.manifest["shards"]}
     if args.final_tap:
         sources = {name: WithFinalTap(s) for name, s in sources.items()}

@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
-from composer.artifacts.generate import Generation
+from composer.generation.decode import Generation
 from composer.model.align import anchor_text
-from composer.model.mixture import Mixture
+from composer.model.mixture import LiveMixture
 from composer.recipe import load_recipe
 
 TEXT = (
@@ -39,14 +39,14 @@ TEXT = (
 )
 
 
-def _seconds(mixture: Mixture, prompt: list[int], new: int, cached: bool) -> float:
+def _seconds(mixture: LiveMixture, prompt: list[int], new: int, cached: bool) -> float:
     start = time.perf_counter()
     out = Generation(mixture, prompt, new, use_cache=cached, stop_at_eos=False).run().ids
     assert len(out) == new
     return time.perf_counter() - start
 
 
-def per_token_seconds(mixture: Mixture, prompt: list[int], new: int, cached: bool) -> float:
+def per_token_seconds(mixture: LiveMixture, prompt: list[int], new: int, cached: bool) -> float:
     """Seconds per generated token after the first: (t(1 + new) - t(1)) / new, so the prompt's
     own forward (the same for both paths) is not spread over the new tokens. Median of 3."""
     runs = []
@@ -87,7 +87,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    mixture = Mixture.from_recipe(load_recipe(args.recipe))
+    mixture = LiveMixture.from_recipe(load_recipe(args.recipe))
     ids = mixture.tokenizer(TEXT * 40, add_special_tokens=False)["input_ids"]
     rows = []
     for cached in (True, False):

@@ -109,16 +109,16 @@ def run_carry_on(recipe: Recipe, from_cache: bool, args: argparse.Namespace) -> 
 
     if from_cache:
         from composer.features.cache import open_cache
-        from composer.model.mixture import HeadMixture
+        from composer.model.mixture import CachedMixture
 
         cache = open_cache(recipe)
-        model: Any = HeadMixture.from_recipe(recipe, seed=0)
+        model: Any = CachedMixture.from_recipe(recipe, seed=0)
         train_source: Any = cache.source("train")
         eval_source: Any = cache.source("eval")
     else:
-        from composer.model.mixture import Mixture
+        from composer.model.mixture import LiveMixture
 
-        model = Mixture.from_recipe(recipe, seed=0)
+        model = LiveMixture.from_recipe(recipe, seed=0)
         train_ex, eval_ex = examples(recipe, model.tokenizer)
         train_source = FeatureSource(model, train_ex, False)
         eval_source = FeatureSource(model, eval_ex[:1], False)

@@ -204,12 +204,12 @@ def write_mixture_dir(recipe_path: Path, out: Path, seed: int = 1, noise: float 
     training: the carry-on is perturbed so that its correction is not zero."""
     import torch
 
-    from composer.model.mixture import Mixture
+    from composer.model.mixture import LiveMixture
+    from composer.model.weights import RECIPE_FILE, WEIGHTS, save_weights
     from composer.recipe import load_recipe
-    from composer.training.checkpoint import RECIPE_FILE, WEIGHTS, save_weights
 
     recipe = load_recipe(recipe_path)
-    mixture = Mixture.from_recipe(recipe, seed=seed)
+    mixture = LiveMixture.from_recipe(recipe, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in mixture.carry_on.parameters():

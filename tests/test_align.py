@@ -7,9 +7,9 @@ import torch
 from conftest import recipe_yaml
 from transformers import AutoModelForCausalLM
 
-from composer.artifacts.generate import generate_ids
+from composer.generation.decode import generate_ids
 from composer.model.align import align, anchor_texts, tokenize
-from composer.model.mixture import Mixture
+from composer.model.mixture import LiveMixture
 from composer.recipe import load_recipe
 
 
@@ -49,10 +49,10 @@ def test_anchor_texts_drop_partial_characters(tiny):
     assert all(texts[-1].startswith(t) for t in texts)
 
 
-def _cross_mixture(tiny, write_recipe, perturb: bool = True) -> Mixture:
+def _cross_mixture(tiny, write_recipe, perturb: bool = True) -> LiveMixture:
     bases = {"a": tiny["llama"], "w": tiny["wordpiece"], "o": tiny["other"]}
     path = write_recipe(recipe_yaml(bases, "a", ["a@2", "w@1", "w@2", "o@1"]))
-    mixture = Mixture.from_recipe(load_recipe(path), seed=3)
+    mixture = LiveMixture.from_recipe(load_recipe(path), seed=3)
     assert mixture.aligned == {"w", "o"}
     if perturb:  # a carry-on that reads the aligned bases strongly
         with torch.no_grad():
@@ -145,7 +145,7 @@ def test_batched_features_equal_single(tiny, write_recipe):
 
 
 def test_gates_per_generated_token(tiny, write_recipe):
-    from composer.artifacts.generate import generate, generate_with_gates
+    from composer.generation.decode import generate, generate_with_gates
 
     mixture = _cross_mixture(tiny, write_recipe)
     pieces = generate_with_gates(mixture, "How many days?", 10)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import EXPERT_CARRY_ON, recipe_yaml
 
-from composer.artifacts.generate import Generation, run_together
-from composer.model.mixture import Mixture
+from composer.generation.decode import Generation, run_together
+from composer.model.mixture import LiveMixture
 from composer.recipe import load_recipe
 
 PROMPTS = [
@@ -20,7 +20,7 @@ PROMPTS = [
 ]
 
 
-def _mixture(tiny, write_recipe, kind: str) -> Mixture:
+def _mixture(tiny, write_recipe, kind: str) -> LiveMixture:
     """A mixture whose carry-on changes the logits: over a same-tokenizer tap and an expert, or
     over a base aligned across tokenizers."""
     if kind == "expert":
@@ -28,7 +28,7 @@ def _mixture(tiny, write_recipe, kind: str) -> Mixture:
         path = write_recipe(recipe_yaml(bases, "a", ["a@1", "b@4"], carry_on=EXPERT_CARRY_ON))
     else:
         path = write_recipe(recipe_yaml({"a": tiny["llama"], "o": tiny["other"]}, "a", ["o@1"]))
-    mixture = Mixture.from_recipe(load_recipe(path), seed=3)
+    mixture = LiveMixture.from_recipe(load_recipe(path), seed=3)
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in mixture.carry_on.parameters():
@@ -36,7 +36,7 @@ def _mixture(tiny, write_recipe, kind: str) -> Mixture:
     return mixture
 
 
-def _new(mixture: Mixture, prompt: str, max_new: int, **stops) -> Generation:
+def _new(mixture: LiveMixture, prompt: str, max_new: int, **stops) -> Generation:
     ids = mixture.tokenizer(prompt, add_special_tokens=False)["input_ids"]
     return Generation(mixture, ids, max_new, gates=True, stop_at_eos=False, **stops)
 

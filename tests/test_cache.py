@@ -19,7 +19,7 @@ from composer.errors import CacheError
 from composer.features.cache import MANIFEST, open_cache, write_cache
 from composer.features.data import collate
 from composer.model.head import LMHead, head_loss
-from composer.model.mixture import Mixture
+from composer.model.mixture import LiveMixture
 from composer.recipe import BaseSpec, load_recipe
 from composer.training.build import build, train_mixture
 
@@ -101,7 +101,7 @@ def test_cache_and_live_agree_with_an_aligned_base(tiny, write_recipe, tmp_path)
     rows = [0, 1, 2, 3]
     cached = source.batch(rows).features
     ids = collate([source.examples[i] for i in rows], pad_id=0)
-    live = Mixture.from_recipe(recipe).features(ids["input_ids"], ids["attention_mask"])
+    live = LiveMixture.from_recipe(recipe).features(ids["input_ids"], ids["attention_mask"])
     assert cached.present is not None and live.present is not None
     assert set(cached.present) == {"o@1"}
     real = ids["attention_mask"].bool()

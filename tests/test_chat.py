@@ -8,9 +8,9 @@ import sys
 import pexpect
 import pytest
 
-from composer.artifacts.generate import chat_ids, context_length
 from composer.artifacts.load import load_mixture
-from composer.artifacts.sampling import Sampling
+from composer.generation.decode import chat_ids, context_length
+from composer.generation.sampling import Sampling
 from composer.serving.chat import ChatSession
 
 # ~150 tiny-tokenizer tokens; no trailing space, which the terminal's line would lose

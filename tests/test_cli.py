@@ -54,8 +54,8 @@ def test_build_then_generate(recipe_path, tmp_path):
     assert metrics["peak_rss_bytes"] > 0
     result = _run("generate", out, "--prompt", "How many days?", "--max-new-tokens", "5")
     assert result.exit_code == 0, result.output
-    from composer.artifacts.generate import generate
     from composer.artifacts.load import load_mixture
+    from composer.generation.decode import generate
 
     expected = generate(load_mixture(out), "How many days?", 5)
     assert result.stdout == expected + "\n"
@@ -65,7 +65,7 @@ def test_build_then_generate(recipe_path, tmp_path):
     assert result.exit_code == 0, result.output
     assert result.stdout == expected + "\n"  # the same text, coloured on a terminal
     assert "dominant source per token" in result.output and "a@1" in result.output
-    from composer.artifacts.sampling import Sampling
+    from composer.generation.sampling import Sampling
 
     sampled = ["--temperature", "1.5", "--seed", "3", "--top-k", "50", "--max-new-tokens", "8"]
     result = _run("generate", out, "--prompt", "How many days?", *sampled)

@@ -81,7 +81,7 @@ def test_final_number():
 def test_humaneval_completions_end_at_the_first_stop(tiny):
     from transformers import AutoTokenizer
 
-    from composer.artifacts.detokenize import TextStream
+    from composer.generation.detokenize import TextStream
 
     tokenizer = AutoTokenizer.from_pretrained(tiny["llama"])
     # A chat model that closes an imagined code fence has finished its code.

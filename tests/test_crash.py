@@ -14,7 +14,7 @@ import torch
 from conftest import recipe_yaml
 from safetensors.torch import load_file
 
-from composer.training.checkpoint import WEIGHTS
+from composer.model.weights import WEIGHTS
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from composer.errors import TrainError
 from composer.features.cache import write_cache
-from composer.model.mixture import HeadMixture
+from composer.model.mixture import CachedMixture
 from composer.recipe import load_recipe
 from composer.training.build import train_mixture
 from composer.training.distributed import Ranks
@@ -72,7 +72,7 @@ def test_two_processes_reach_the_one_process_parameters(cached_recipe, tmp_path)
     assert two.stdout.count("trained") == 1  # rank 0 alone reports (and writes)
     one_w, two_w = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     recipe = load_recipe(cached_recipe)
-    initial = HeadMixture.from_recipe(recipe).carry_on.state_dict()
+    initial = CachedMixture.from_recipe(recipe).carry_on.state_dict()
     assert one_w.keys() == two_w.keys()
     moved = [n for n in one_w if not torch.equal(one_w[n], initial[n])]
     assert len(moved) > len(one_w) // 2  # training changed the carry-on ...

@@ -9,12 +9,12 @@ import torch.nn.functional as F
 from conftest import EXPERT_CARRY_ON, full_softmax_kl, recipe_yaml
 from transformers import AutoModelForCausalLM
 
-from composer.artifacts.generate import generate_ids
 from composer.errors import RecipeError
 from composer.features.data import load_splits
+from composer.generation.decode import generate_ids
 from composer.model.experts import FusedHead, best_reference
 from composer.model.head import LMHead, head_kl, head_loss
-from composer.model.mixture import HeadMixture, Mixture
+from composer.model.mixture import CachedMixture, LiveMixture
 from composer.recipe import load_recipe
 from composer.training.train import FeatureSource, token_loss, train
 
@@ -127,7 +127,7 @@ def test_fused_logits_pool_the_anchor_and_the_experts_geometrically():
 
 
 def test_untrained_mixture_with_an_expert_equals_its_anchor(tiny, write_recipe):
-    mixture = Mixture.from_recipe(load_recipe(_expert_recipe(tiny, write_recipe)))
+    mixture = LiveMixture.from_recipe(load_recipe(_expert_recipe(tiny, write_recipe)))
     assert isinstance(mixture.head, FusedHead)
     reference = AutoModelForCausalLM.from_pretrained(tiny["llama"])
     ids = torch.tensor(
@@ -140,7 +140,7 @@ def test_untrained_mixture_with_an_expert_equals_its_anchor(tiny, write_recipe):
 def test_an_expert_at_full_weight_is_that_expert(tiny, write_recipe):
     """β = 1 everywhere: the mixture is the expert, its probabilities as the expert model
     itself computes them."""
-    mixture = Mixture.from_recipe(load_recipe(_expert_recipe(tiny, write_recipe)))
+    mixture = LiveMixture.from_recipe(load_recipe(_expert_recipe(tiny, write_recipe)))
     assert mixture.carry_on.expert_weights is not None
     with torch.no_grad():
         mixture.carry_on.expert_weights.bias.fill_(1.0)
@@ -154,7 +154,7 @@ def test_an_expert_at_full_weight_is_that_expert(tiny, write_recipe):
 
 
 def test_cached_generation_with_an_expert_equals_uncached(tiny, write_recipe):
-    mixture = Mixture.from_recipe(load_recipe(_expert_recipe(tiny, write_recipe)), seed=2)
+    mixture = LiveMixture.from_recipe(load_recipe(_expert_recipe(tiny, write_recipe)), seed=2)
     generator = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for p in mixture.carry_on.parameters():
@@ -169,8 +169,8 @@ def test_training_from_features_moves_the_experts_weight_and_lowers_the_loss(
     tiny, write_recipe, tmp_path
 ):
     recipe = load_recipe(_expert_recipe(tiny, write_recipe), ["train.steps=12", "train.lr=0.01"])
-    live = Mixture.from_recipe(recipe, seed=0)
-    model = HeadMixture.from_recipe(recipe, seed=0)  # the expert's head read from its folder
+    live = LiveMixture.from_recipe(recipe, seed=0)
+    model = CachedMixture.from_recipe(recipe, seed=0)  # the expert's head read from its folder
     assert isinstance(model.head, FusedHead)
     splits = load_splits(recipe, live.tokenizer)
     source = FeatureSource(live, splits["train"], keep=True)
@@ -217,12 +217,12 @@ def test_an_expert_must_tap_its_last_layer_and_share_the_tokenizer(tiny, write_r
     no_last = EXPERT_CARRY_ON.replace("[b@4]", "[b@2]")
     recipe = load_recipe(_expert_recipe(tiny, write_recipe, no_last, ("a@1", "b@2")))
     with pytest.raises(RecipeError, match=r"carry_on.experts.0: tap b@4, the last layer of 'b'"):
-        Mixture.from_recipe(recipe)
+        LiveMixture.from_recipe(recipe)
     bases = {"a": tiny["llama"], "o": tiny["other"]}
     other = EXPERT_CARRY_ON.replace("[b]", "[o]").replace("[b@4]", "[o@2]")
     path = write_recipe(recipe_yaml(bases, "a", ["a@1", "o@2"], carry_on=other), "other.yaml")
     with pytest.raises(RecipeError, match="carry_on.experts.0: base 'o' does not share"):
-        Mixture.from_recipe(load_recipe(path))
+        LiveMixture.from_recipe(load_recipe(path))
 
 
 def test_a_built_expert_mixture_exports_and_reloads_with_identical_logits(tiny, tmp_path):

@@ -9,32 +9,32 @@ import torch
 from conftest import recipe_yaml
 from transformers import AutoTokenizer
 
-from composer.artifacts.detokenize import TextStream
-from composer.artifacts.generate import Generation, generate_ids, prompt_ids
-from composer.artifacts.sampling import Sampling, TokenChooser
-from composer.model.mixture import Mixture
+from composer.generation.decode import Generation, generate_ids, prompt_ids
+from composer.generation.detokenize import TextStream
+from composer.generation.sampling import Sampling, TokenChooser
+from composer.model.mixture import LiveMixture
 from composer.recipe import load_recipe
 
 HOT = Sampling(temperature=1.5, seed=0)
 
 
 @pytest.fixture(scope="module")
-def mixture(tiny, tmp_path_factory) -> Mixture:
+def mixture(tiny, tmp_path_factory) -> LiveMixture:
     """Two bases, one tokenizer, a carry-on perturbed so the correction is not zero."""
     path = tmp_path_factory.mktemp("generate") / "recipe.yaml"
     path.write_text(recipe_yaml({"a": tiny["llama"], "b": tiny["qwen2"]}, "a", ["a@1", "b@2"]))
-    mixture = Mixture.from_recipe(load_recipe(path), seed=1)
+    mixture = LiveMixture.from_recipe(load_recipe(path), seed=1)
     with torch.no_grad():
         for p in mixture.carry_on.parameters():
             p.add_(torch.randn_like(p) * 0.3)
     return mixture
 
 
-def _ids(mixture: Mixture) -> list[int]:
+def _ids(mixture: LiveMixture) -> list[int]:
     return prompt_ids(mixture, "How many days does he work?")
 
 
-def _run(mixture: Mixture, n: int = 24, **kwargs) -> Generation:
+def _run(mixture: LiveMixture, n: int = 24, **kwargs) -> Generation:
     return Generation(mixture, _ids(mixture), n, **kwargs).run()
 
 

@@ -1,7 +1,7 @@
 """The package layout stays true: every module imports, and dependencies run one way (down).
 
-Layers, top to bottom: cli → compare → artifacts → training → features → model → bases →
-the shared leaves (files, errors, recipe, progress). A module may import its own subpackage or
+Layers, top to bottom: cli → serving → compare → artifacts → training → features → generation
+→ model → bases → the shared leaves (files, errors, recipe, progress, versions). A module may import its own subpackage or
 any layer below it, never one above, and no two modules may import each other (no cycle).
 """
 
@@ -16,7 +16,17 @@ from pathlib import Path
 import composer
 
 ROOT = Path(composer.__file__).parent
-LAYERS = ["leaf", "bases", "model", "features", "training", "artifacts", "compare", "serving"]
+LAYERS = [
+    "leaf",
+    "bases",
+    "model",
+    "generation",
+    "features",
+    "training",
+    "artifacts",
+    "compare",
+    "serving",
+]
 
 
 def _modules() -> list[str]:
@@ -86,3 +96,31 @@ def test_no_import_cycle() -> None:
     for module in graph:
         if module not in state:
             visit(module, [])
+
+
+def _imports_of_room(room: str) -> dict[str, set[str]]:
+    return {m: _imports(m) for m in _modules() if m.startswith(f"composer.{room}.")}
+
+
+def test_storing_a_mixture_never_reaches_into_training() -> None:
+    """artifacts/ reads the mixture's folder format from model/, not from training/."""
+    found = [
+        f"{m} imports {d}"
+        for m, deps in _imports_of_room("artifacts").items()
+        for d in deps
+        if d.startswith("composer.training")
+    ]
+    assert not found, "\n".join(found)
+
+
+def test_running_a_mixture_needs_no_training_compare_or_serving() -> None:
+    """generation/ is the decoder alone: it may be used by anything above it, and uses none."""
+    rooms = ("composer.training", "composer.compare", "composer.serving", "composer.features")
+    found = [
+        f"{m} imports {d}"
+        for m, deps in _imports_of_room("generation").items()
+        for d in deps
+        if d.startswith(rooms)
+    ]
+    assert not found, "\n".join(found)
+    assert _imports_of_room("generation"), "composer/generation holds no module"

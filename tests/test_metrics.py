@@ -6,7 +6,7 @@ import pytest
 from conftest import recipe_yaml
 
 from composer.features.data import encode_qa, text_windows
-from composer.model.mixture import Mixture
+from composer.model.mixture import LiveMixture
 from composer.recipe import load_recipe
 from composer.training.metrics import base_target_nll, domain_metrics
 
@@ -14,7 +14,9 @@ from composer.training.metrics import base_target_nll, domain_metrics
 @pytest.fixture()
 def mixture(tiny, write_recipe):
     bases = {"a": tiny["llama"], "w": tiny["wordpiece"]}
-    return Mixture.from_recipe(load_recipe(write_recipe(recipe_yaml(bases, "a", ["a@1", "w@1"]))))
+    return LiveMixture.from_recipe(
+        load_recipe(write_recipe(recipe_yaml(bases, "a", ["a@1", "w@1"])))
+    )
 
 
 def test_domain_metrics(mixture):
@@ -55,7 +57,8 @@ def test_qa_without_a_chat_template_keeps_the_prompt_tokens(tiny):
     answer as its targets."""
     from transformers import AutoTokenizer
 
-    from composer.features.data import IGNORE, format_prompt
+    from composer.features.data import IGNORE
+    from composer.generation.templates import format_prompt
 
     tok = AutoTokenizer.from_pretrained(tiny["llama"])
     tok.chat_template = None

@@ -7,14 +7,14 @@ import torch
 from conftest import recipe_yaml
 from transformers import AutoModelForCausalLM
 
-from composer.artifacts.generate import generate_ids
 from composer.bases.frozen import load_base
 from composer.errors import RecipeError
-from composer.model.mixture import Mixture
+from composer.generation.decode import generate_ids
+from composer.model.mixture import LiveMixture
 from composer.recipe import BaseSpec, load_recipe
 
 
-def _ids(mixture: Mixture, text: str) -> torch.Tensor:
+def _ids(mixture: LiveMixture, text: str) -> torch.Tensor:
     return torch.tensor([mixture.tokenizer(text)["input_ids"]])
 
 
@@ -48,7 +48,7 @@ def test_untrained_mixture_equals_anchor(tiny, write_recipe):
     path = write_recipe(
         recipe_yaml({"a": tiny["llama"], "b": tiny["qwen2"]}, "a", ["a@1", "b@2", "a@3"])
     )
-    mixture = Mixture.from_recipe(load_recipe(path))
+    mixture = LiveMixture.from_recipe(load_recipe(path))
     reference = AutoModelForCausalLM.from_pretrained(tiny["llama"])
     ids = _ids(mixture, "Robert has a bag of pebbles with 72 inside.")
     with torch.no_grad():
@@ -57,9 +57,9 @@ def test_untrained_mixture_equals_anchor(tiny, write_recipe):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
 
-def _trained_mixture(tiny, write_recipe) -> Mixture:
+def _trained_mixture(tiny, write_recipe) -> LiveMixture:
     path = write_recipe(recipe_yaml({"a": tiny["llama"], "b": tiny["qwen2"]}, "a", ["a@1", "b@4"]))
-    mixture = Mixture.from_recipe(load_recipe(path), seed=1)
+    mixture = LiveMixture.from_recipe(load_recipe(path), seed=1)
     with torch.no_grad():  # a carry-on that actually changes the logits
         for p in mixture.carry_on.parameters():
             p.add_(torch.randn_like(p) * 0.2)
@@ -100,4 +100,4 @@ def test_padding_does_not_change_real_positions(tiny, write_recipe):
 def test_layer_out_of_range(tiny, write_recipe):
     path = write_recipe(recipe_yaml({"a": tiny["llama"]}, "a", ["a@1", "a@9"]))
     with pytest.raises(RecipeError, match=r"taps.1: layer 9 out of range for base 'a' \(it has 3"):
-        Mixture.from_recipe(load_recipe(path))
+        LiveMixture.from_recipe(load_recipe(path))

@@ -19,10 +19,9 @@ from composer.bases.lora import apply_lora
 from composer.errors import OutputError, PortError, RecipeError
 from composer.features.cache import cache_key
 from composer.files import write_text
-from composer.model.mixture import Mixture
+from composer.model.mixture import LiveMixture
+from composer.model.weights import RECIPE_FILE, WEIGHTS, save_weights
 from composer.recipe import BaseSpec, recipe_from_dict
-from composer.training.build import RECIPE_FILE
-from composer.training.checkpoint import WEIGHTS, save_weights
 
 TEXT = "He works 6 * 2 = 12 days a month, so he earns 195 * 12 = 2340 a month."
 runner = CliRunner()
@@ -70,7 +69,7 @@ def _mixture_dir(tmp_path: Path, bases: dict[str, Path], taps: list[str]) -> Pat
     import yaml
 
     recipe = recipe_from_dict(yaml.safe_load(recipe_yaml(bases, "chat", taps)))
-    mixture = Mixture.from_recipe(recipe, fetch=False)
+    mixture = LiveMixture.from_recipe(recipe, fetch=False)
     torch.manual_seed(2)
     with torch.no_grad():
         for p in mixture.carry_on.parameters():
@@ -116,7 +115,7 @@ def test_mixture_with_lora_base_starts_at_the_patched_anchor(tiny, tmp_path):
     import yaml
 
     recipe = recipe_from_dict(yaml.safe_load(text))
-    mixture = Mixture.from_recipe(recipe, fetch=False)
+    mixture = LiveMixture.from_recipe(recipe, fetch=False)
     with torch.no_grad():
         got = mixture(_ids(tiny["llama"]))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -12,7 +12,7 @@ from composer.features.batch import Batch
 from composer.features.data import collate, load_splits, pad_id
 from composer.model.carry_on import CarryOn
 from composer.model.head import LMHead, head_kl
-from composer.model.mixture import Mixture
+from composer.model.mixture import LiveMixture
 from composer.recipe import CarryOnSpec, load_recipe
 from composer.training.build import harm_warning, off_domain
 from composer.training.train import (
@@ -27,12 +27,12 @@ from composer.training.train import (
 
 
 @pytest.fixture()
-def mixture(tiny, write_recipe) -> Mixture:
+def mixture(tiny, write_recipe) -> LiveMixture:
     path = write_recipe(recipe_yaml({"a": tiny["llama"], "b": tiny["qwen2"]}, "a", ["a@1", "b@2"]))
-    return Mixture.from_recipe(load_recipe(path))
+    return LiveMixture.from_recipe(load_recipe(path))
 
 
-def _general_batch(mixture: Mixture, n: int = 4) -> Batch:
+def _general_batch(mixture: LiveMixture, n: int = 4) -> Batch:
     splits = load_splits(mixture.recipe, mixture.tokenizer)
     rows = splits["preserve"][:n]
     tensors = collate(rows, pad_id(mixture.tokenizer))
@@ -88,7 +88,7 @@ def test_preservation_against_the_best_base_keeps_each_examples_better_base(tiny
 
     bases = {"a": tiny["llama"], "b": tiny["qwen2"]}
     text = recipe_yaml(bases, "a", ["a@1", "b@4"], carry_on=EXPERT_CARRY_ON)
-    mixture = Mixture.from_recipe(load_recipe(write_recipe(text)))
+    mixture = LiveMixture.from_recipe(load_recipe(write_recipe(text)))
     n = 8
     examples = load_splits(mixture.recipe, mixture.tokenizer)["preserve"][:n]
     batch = _general_batch(mixture, n)
@@ -114,7 +114,9 @@ def test_preservation_against_the_best_base_keeps_each_examples_better_base(tiny
     assert got == pytest.approx(expected, rel=1e-4)
 
     # Without experts `best` is the anchor: the same loss once the carry-on moves.
-    plain = Mixture.from_recipe(load_recipe(write_recipe(recipe_yaml(bases, "a", ["a@1", "b@2"]))))
+    plain = LiveMixture.from_recipe(
+        load_recipe(write_recipe(recipe_yaml(bases, "a", ["a@1", "b@2"])))
+    )
     with torch.no_grad():
         plain.carry_on.up.weight.normal_(0, 0.5)
         batch = _general_batch(plain, n)
@@ -160,7 +162,7 @@ def test_held_out_text_is_never_training_text(tiny, write_recipe):
     )
     recipe = load_recipe(write_recipe(text))
     assert recipe.train.data.kind == "chatterbot"
-    splits = load_splits(recipe, Mixture.from_recipe(recipe).tokenizer)
+    splits = load_splits(recipe, LiveMixture.from_recipe(recipe).tokenizer)
     seen = {tuple(e.input_ids) for e in splits["train"]}
     assert not any(tuple(e.input_ids) in seen for e in splits["eval"])
     seen |= {tuple(e.input_ids) for e in splits["eval"]}
@@ -188,15 +190,15 @@ def test_preserve_none_trains_on_the_task_loss_alone(tiny, write_recipe, tmp_pat
     recipe = load_recipe(write_recipe(text))
     assert recipe.train.preserve is None
     spec = recipe.train
-    splits = load_splits(recipe, Mixture.from_recipe(recipe).tokenizer)
+    splits = load_splits(recipe, LiveMixture.from_recipe(recipe).tokenizer)
     assert set(splits) == {"train", "eval"}
 
-    trained = Mixture.from_recipe(recipe, seed=spec.seed)
+    trained = LiveMixture.from_recipe(recipe, seed=spec.seed)
     source = FeatureSource(trained, splits["train"], keep=True)
     stray = FeatureSource(trained, splits["eval"], keep=True)
     train(trained, source, stray, spec, tmp_path / "ckpt", preserve_source=stray)
 
-    reference = Mixture.from_recipe(recipe, seed=spec.seed)
+    reference = LiveMixture.from_recipe(recipe, seed=spec.seed)
     params = [p for p in reference.carry_on.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     reference.carry_on.train()

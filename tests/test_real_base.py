@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from composer.bases import pull, registry
 from composer.bases.frozen import DTYPES
-from composer.model.mixture import Mixture
+from composer.model.mixture import LiveMixture
 from composer.recipe import load_recipe
 from composer.training.build import build
 
@@ -30,7 +30,7 @@ def smollm2() -> Path:
 def test_untrained_demo_mixture_equals_smollm2(smollm2):
     recipe = load_recipe(DEMO)
     dtype = DTYPES[recipe.bases["chat"].dtype]  # the reference loads as the recipe says
-    mixture = Mixture.from_recipe(recipe)
+    mixture = LiveMixture.from_recipe(recipe)
     reference = AutoModelForCausalLM.from_pretrained(smollm2, dtype=dtype)
     text = "Natalia sold clips to 48 of her friends in April."
     ids = torch.tensor([mixture.tokenizer(text)["input_ids"]])

@@ -124,9 +124,9 @@ def test_plan_counts_without_weights(tiny, write_recipe):
     path = write_recipe(recipe_yaml({"a": tiny["llama"], "b": tiny["qwen2"]}, "a", ["a@1", "b@4"]))
     recipe = load_recipe(path)
     plan = make_plan(recipe)
-    from composer.model.mixture import Mixture
+    from composer.model.mixture import LiveMixture
 
-    mixture = Mixture.from_recipe(recipe)
+    mixture = LiveMixture.from_recipe(recipe)
     real_trainable = sum(p.numel() for p in mixture.carry_on.parameters() if p.requires_grad)
     real_frozen = sum(sum(p.numel() for p in b.model.parameters()) for b in mixture.bases.values())
     assert plan.trainable_params == real_trainable
@@ -143,8 +143,8 @@ def test_build_and_compare_read_an_older_build_as_the_same_recipe(tiny, tmp_path
     names another output) is the same recipe for `build --resume` and for `compare`."""
     from composer.compare.runner import resolve_side
     from composer.errors import CompareError, OutputError
+    from composer.model.weights import RECIPE_FILE, WEIGHTS
     from composer.training.build import check_output_dir
-    from composer.training.checkpoint import RECIPE_FILE, WEIGHTS
 
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "recipe.yaml"

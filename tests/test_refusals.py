@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from cli import app
-from composer.training.checkpoint import WEIGHTS
+from composer.model.weights import WEIGHTS
 
 runner = CliRunner()
 

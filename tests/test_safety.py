@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 
 from composer.errors import CheckpointError, ComposeError
 from composer.model.carry_on import CarryOn
+from composer.model.weights import WEIGHTS, load_weights
 from composer.recipe import CarryOnSpec, load_recipe
-from composer.training.checkpoint import WEIGHTS, load_training_state, load_weights
+from composer.training.checkpoint import load_training_state
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
 

@@ -12,9 +12,9 @@ from types import SimpleNamespace
 import openai
 import pytest
 
-from composer.artifacts.generate import generate, prompt_ids
 from composer.artifacts.load import load_mixture
-from composer.artifacts.sampling import Sampling
+from composer.generation.decode import generate, prompt_ids
+from composer.generation.sampling import Sampling
 from composer.serving.server import create_app
 
 KEY = "sk-test-key"
@@ -331,8 +331,8 @@ def test_waiting_requests_are_decoded_together_each_as_alone(tiny_mixture_dir):
     streams the text it gets alone; one whose client leaves mid-batch stops, the others go on."""
     import asyncio
 
-    from composer.artifacts.generate import Generation
-    from composer.serving.engine import Engine, Job
+    from composer.generation.decode import Generation
+    from composer.serving.scheduler import Job, Scheduler
 
     mixture = load_mixture(tiny_mixture_dir)
     questions = ["How many days?", "Tom has 3 apples and buys 4 more. How many?", "Hi", "Why?"]
@@ -353,7 +353,7 @@ def test_waiting_requests_are_decoded_together_each_as_alone(tiny_mixture_dir):
                 return text, None
 
     async def scenario() -> tuple[list, dict]:
-        engine = Engine(mixture, max_queue=8, batch=4)
+        engine = Scheduler(mixture, max_queue=8, batch=4)
         try:
             jobs = [
                 Job(p, n, Sampling(), [], stop_at_eos=False)

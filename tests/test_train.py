@@ -12,10 +12,11 @@ from safetensors.torch import load_file
 
 from composer.artifacts.load import load_mixture
 from composer.errors import CheckpointError, OutputError
-from composer.model.mixture import Mixture
+from composer.model.mixture import LiveMixture
+from composer.model.weights import WEIGHTS
 from composer.recipe import CacheSpec, load_recipe
 from composer.training.build import build, check_output_dir
-from composer.training.checkpoint import WEIGHTS, latest_checkpoint
+from composer.training.checkpoint import latest_checkpoint
 
 
 @pytest.fixture()
@@ -24,7 +25,7 @@ def recipe(tiny, write_recipe):
     return load_recipe(write_recipe(text))
 
 
-def _snapshot(mixture: Mixture) -> dict[str, torch.Tensor]:
+def _snapshot(mixture: LiveMixture) -> dict[str, torch.Tensor]:
     return {
         f"{name}.{key}": value.clone()
         for name, base in mixture.bases.items()
@@ -35,8 +36,8 @@ def _snapshot(mixture: Mixture) -> dict[str, torch.Tensor]:
 def test_build_trains_carry_on_only(recipe, tmp_path, monkeypatch):
     import composer.training.build as build_module
 
-    seen: list[Mixture] = []
-    original = Mixture.from_recipe
+    seen: list[LiveMixture] = []
+    original = LiveMixture.from_recipe
 
     def spy(*args, **kwargs):
         mixture = original(*args, **kwargs)
@@ -44,7 +45,7 @@ def test_build_trains_carry_on_only(recipe, tmp_path, monkeypatch):
         seen.append(_snapshot(mixture))  # type: ignore[arg-type]
         return mixture
 
-    monkeypatch.setattr(build_module.Mixture, "from_recipe", spy)
+    monkeypatch.setattr(build_module.LiveMixture, "from_recipe", spy)
     # Live features: the bases and the training carry-on share the process.
     live = recipe.model_copy(
         update={"train": recipe.train.model_copy(update={"cache": CacheSpec(enabled=False)})}
@@ -75,7 +76,7 @@ def test_build_trains_carry_on_only(recipe, tmp_path, monkeypatch):
 def test_saved_weights_hold_carry_on_keys_only(recipe, tmp_path):
     build(recipe, out=tmp_path / "out", steps=2)
     keys = set(load_file(str(tmp_path / "out" / WEIGHTS)))
-    fresh = Mixture.from_recipe(recipe)
+    fresh = LiveMixture.from_recipe(recipe)
     assert keys == set(fresh.carry_on.state_dict())
     assert not any("embed_tokens" in k or "layers." in k for k in keys)
 

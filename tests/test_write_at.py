@@ -11,10 +11,10 @@ import torch
 from conftest import recipe_yaml
 from transformers import AutoModelForCausalLM
 
-from composer.artifacts.generate import generate_ids
 from composer.errors import RecipeError
 from composer.features.data import load_splits
-from composer.model.mixture import HeadMixture, Mixture
+from composer.generation.decode import generate_ids
+from composer.model.mixture import CachedMixture, LiveMixture
 from composer.recipe import load_recipe
 from composer.training.train import FeatureSource, token_loss, train
 
@@ -50,7 +50,7 @@ def _ids(mixture, text):
 
 @pytest.mark.parametrize(("anchor", "layer"), [("llama", 1), ("llama", 2), ("qwen2", 2)])
 def test_untrained_mixture_writing_into_the_anchor_is_the_anchor(tiny, write_recipe, anchor, layer):
-    mixture = Mixture.from_recipe(load_recipe(_recipe(tiny, write_recipe, anchor, layer)))
+    mixture = LiveMixture.from_recipe(load_recipe(_recipe(tiny, write_recipe, anchor, layer)))
     reference = AutoModelForCausalLM.from_pretrained(tiny[anchor])
     ids = _ids(mixture, "Robert has a bag of pebbles with 72 inside.")
     with torch.no_grad():
@@ -65,7 +65,9 @@ def test_the_correction_is_the_anchor_run_from_a_changed_state(tiny, write_recip
     h_L + α·g⊙Δ replaces its hidden state after layer L (a hook on the plain transformers
     model, not our code)."""
     layer = 2
-    mixture = _perturbed(Mixture.from_recipe(load_recipe(_recipe(tiny, write_recipe, layer=layer))))
+    mixture = _perturbed(
+        LiveMixture.from_recipe(load_recipe(_recipe(tiny, write_recipe, layer=layer)))
+    )
     ids = _ids(mixture, "def add(a, b): return a + b")
     features = mixture.features(ids)
     with torch.no_grad():
@@ -81,7 +83,7 @@ def test_the_correction_is_the_anchor_run_from_a_changed_state(tiny, write_recip
 
 
 def test_generation_with_caches_equals_without_and_batches_as_alone(tiny, write_recipe):
-    mixture = _perturbed(Mixture.from_recipe(load_recipe(_recipe(tiny, write_recipe, layer=2))))
+    mixture = _perturbed(LiveMixture.from_recipe(load_recipe(_recipe(tiny, write_recipe, layer=2))))
     prompt = mixture.tokenizer("If he gets paid 195 every day")["input_ids"]
     with_cache = generate_ids(mixture, prompt, 12, use_cache=True)
     assert with_cache == generate_ids(mixture, prompt, 12, use_cache=False)
@@ -107,8 +109,8 @@ def test_training_from_cached_features_equals_the_live_mixture_and_moves_only_th
     tiny, write_recipe, tmp_path
 ):
     recipe = load_recipe(_recipe(tiny, write_recipe, layer=2), ["train.steps=8", "train.lr=0.01"])
-    live = Mixture.from_recipe(recipe, seed=0)
-    model = HeadMixture.from_recipe(recipe, seed=0)  # the upper layers read from the folder
+    live = LiveMixture.from_recipe(recipe, seed=0)
+    model = CachedMixture.from_recipe(recipe, seed=0)  # the upper layers read from the folder
     assert model.upper is not None and len(model.upper.layers) == 1
     splits = load_splits(recipe, live.tokenizer)
     source = FeatureSource(live, splits["train"], keep=True)
@@ -166,7 +168,7 @@ def test_a_write_layer_the_anchor_does_not_have_above_it_or_its_family_is_refuse
     tiny, write_recipe, tmp_path
 ):
     with pytest.raises(RecipeError, match="carry_on.write_at: 3 leaves no anchor layer above it"):
-        Mixture.from_recipe(load_recipe(_recipe(tiny, write_recipe, layer=3)))
+        LiveMixture.from_recipe(load_recipe(_recipe(tiny, write_recipe, layer=3)))
     folder = tmp_path / "gemma"  # a config is all the check reads
     folder.mkdir()
     config = json.loads((tiny["llama"] / "config.json").read_text())
@@ -177,7 +179,7 @@ def test_a_write_layer_the_anchor_does_not_have_above_it_or_its_family_is_refuse
         write_recipe(recipe_yaml(bases, "a", ["a@1"], carry_on=carry_on), "g.yaml")
     )
     with pytest.raises(RecipeError, match="carry_on.write_at: the anchor is a gemma2 model"):
-        HeadMixture.from_recipe(recipe)
+        CachedMixture.from_recipe(recipe)
 
 
 def test_the_plan_counts_the_upper_layers_activations(tiny, write_recipe):

@@ -18,9 +18,7 @@ the export has been loaded back and gave the same logits as the source.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
-import platform
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +34,9 @@ from composer.bases.lora import CONFIG as LORA_CONFIG
 from composer.bases.lora import WEIGHTS as LORA_WEIGHTS
 from composer.errors import CheckpointError
 from composer.files import check_new_output, staged_output, write_json, write_text
+from composer.model.weights import RECIPE_FILE, WEIGHTS
 from composer.recipe import Recipe, recipe_from_dict
-from composer.training.checkpoint import RECIPE_FILE, WEIGHTS
+from composer.versions import package_versions
 
 DEFAULT_SHARD_BYTES = 1 << 30
 TOKENIZER_FILES = (
@@ -52,7 +51,6 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 PROBE = "Tom has 3 apples and buys 4 more. How many apples does he have now?"
-VERSIONED = ("compose-carry-on", "torch", "transformers", "safetensors", "tokenizers")
 
 
 @dataclass
@@ -104,7 +102,7 @@ def export(
         metrics = _read_metrics(mixture_dir)
         if metrics is not None:
             write_json(staging / "metrics.json", metrics)
-        versions = _versions()
+        versions = package_versions()
         write_text(
             staging / "README.md", model_card(exported, sources, metrics, versions, include_bases)
         )
@@ -134,7 +132,7 @@ def _copy_files(src: Path, dst: Path, names: tuple[str, ...]) -> None:
             shutil.copyfile(src / name, dst / name)
 
 
-def weight_files(folder: Path) -> list[Path]:
+def safetensors_files(folder: Path) -> list[Path]:
     """The safetensors files a base loads from; other weight formats are refused."""
     found = sorted(folder.glob("*.safetensors"))
     if not found:
@@ -160,7 +158,7 @@ def _copy_base(folder: Path, dst: Path, shard_bytes: int) -> None:
             shutil.copyfile(path, dst / path.name)
     plan: list[list[tuple[Path, str, int]]] = [[]]
     size = 0
-    for file in weight_files(folder):
+    for file in safetensors_files(folder):
         with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 tensor = handle.get_slice(key)
@@ -199,7 +197,7 @@ def _nbytes(shape: list[int], dtype: str) -> int:
 def _source(recipe: Recipe, name: str, folder: Path) -> dict[str, Any]:
     """Where a base came from and the sha256 of the weights it loads."""
     spec = recipe.bases[name]
-    weight_files(folder)  # refuses a base export cannot copy
+    safetensors_files(folder)  # refuses a base export cannot copy
     identity = base_identity(folder)
     entry: dict[str, Any] = {
         "card": spec.card,
@@ -238,16 +236,6 @@ def _read_metrics(mixture_dir: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: cannot read: {exc}") from exc
-
-
-def _versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for package in VERSIONED:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return versions
 
 
 def check_same_logits(source: Path, exported: Path, *, trust_remote_code: bool = False) -> None:

@@ -1,4 +1,4 @@
-"""Load a mixture directory (a build or an export) back as a Mixture."""
+"""Load a mixture directory (a build or an export) back as a LiveMixture."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ import yaml
 
 from composer.artifacts.manifest import resolve_export
 from composer.errors import CheckpointError
-from composer.model.mixture import Mixture
+from composer.model.mixture import LiveMixture
+from composer.model.weights import RECIPE_FILE, WEIGHTS, load_weights
 from composer.recipe import Recipe, recipe_from_dict
-from composer.training.checkpoint import RECIPE_FILE, WEIGHTS, load_weights
 
 
 def load_mixture(
     folder: str | Path, *, fetch: bool = True, trust_remote_code: bool = False
-) -> Mixture:
-    """A mixture directory (resolved recipe + carry-on weights) back as a Mixture.
+) -> LiveMixture:
+    """A mixture directory (resolved recipe + carry-on weights) back as a LiveMixture.
 
     A base whose recipe sets `trust_remote_code` loads only when the caller passes
     `trust_remote_code=True` too (the user's own flag): a mixture folder cannot decide to run
@@ -25,7 +25,7 @@ def load_mixture(
     folder = Path(folder)
     # An export checks its files and names its bases by paths relative to itself.
     recipe = read_mixture_recipe(folder, trust_remote_code=trust_remote_code)
-    mixture = Mixture.from_recipe(recipe, fetch=fetch)
+    mixture = LiveMixture.from_recipe(recipe, fetch=fetch)
     load_weights(folder / WEIGHTS, mixture.carry_on)
     mixture.carry_on.eval()
     return mixture

@@ -19,7 +19,6 @@ and its README card.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import shutil
 from dataclasses import dataclass
@@ -36,8 +35,9 @@ from composer.errors import PortError
 from composer.files import check_new_output, sha256_file, staged_output, write_json, write_text
 from composer.model.factory import aligned_bases
 from composer.model.head import find_head
+from composer.model.weights import RECIPE_FILE, WEIGHTS
 from composer.recipe import BaseSpec, Recipe, recipe_from_dict
-from composer.training.checkpoint import RECIPE_FILE, WEIGHTS
+from composer.versions import package_versions
 
 PORT_FILE = "port.json"
 FORMAT = "compose-port"
@@ -188,7 +188,7 @@ def port_mixture(
             "checked": [*SHAPE_FIELDS, *ANCHOR_FIELDS, "lm_head_rows", "tokenizer"],
             "bases": versions,
             "source_metrics": _source_metrics(mixture_dir),
-            "versions": _versions(),
+            "versions": package_versions(),
         }
         write_json(staging / PORT_FILE, record)
         write_text(staging / "README.md", mixture_card(ported, record))
@@ -221,10 +221,6 @@ def _source_metrics(mixture_dir: Path) -> dict[str, Any]:
         return {}
     keys = ("steps", "eval_loss_anchor", "eval_loss_mixture")
     return {k: metrics[k] for k in keys if k in metrics}
-
-
-def _versions() -> dict[str, str]:
-    return {p: importlib.metadata.version(p) for p in ("torch", "transformers", "safetensors")}
 
 
 def port_lora(
@@ -277,7 +273,7 @@ def port_lora(
             "weights_sha256": {
                 p.name: sha256_file(p) for p in sorted(staging.glob("*.safetensors"))
             },
-            "versions": _versions(),
+            "versions": package_versions(),
         }
         write_json(staging / PORT_FILE, record)
         write_text(staging / "README.md", lora_card(record))

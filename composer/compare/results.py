@@ -23,11 +23,11 @@ class Side:
 
     def load(self) -> Any:
         from composer.artifacts.load import load_mixture
-        from composer.model.mixture import Mixture
+        from composer.model.mixture import LiveMixture
 
         if self.folder is not None:
             return load_mixture(self.folder)
-        return Mixture.from_recipe(self.recipe)
+        return LiveMixture.from_recipe(self.recipe)
 
 
 @dataclass

@@ -31,9 +31,9 @@ from composer.compare.stats import compare_paired
 from composer.compare.suites import SUITES, Item, Suite, SuiteRegistry
 from composer.errors import CompareError, ComposeError
 from composer.files import sha256_file, write_json
+from composer.model.weights import RECIPE_FILE, WEIGHTS
 from composer.progress import counted
 from composer.recipe import Recipe, comparable, load_recipe, read_comparable, recipe_from_dict
-from composer.training.checkpoint import RECIPE_FILE, WEIGHTS
 
 SCORING_VERSION = 2  # bump when a suite's scoring changes, so old cached results are not reused
 

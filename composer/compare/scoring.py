@@ -16,11 +16,12 @@ from collections.abc import Callable
 from typing import Any
 
 from composer.compare.sandbox import Limits, run_untrusted
+from composer.model.protocol import Mixture
 
 HUMANEVAL_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "```", "\nassert ")
 _NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
 _GSM_DONE = re.compile(rf"####\s*{_NUMBER}\s*\n")  # a worked answer has given its number
-BatchRunner = Callable[[Any, list[Any], dict[str, Any]], list[dict[str, Any]]]
+BatchRunner = Callable[[Mixture, list[Any], dict[str, Any]], list[dict[str, Any]]]
 
 
 def _gate(weights: Any, rows: Any = None) -> list[float] | None:
@@ -35,7 +36,9 @@ def _gate(weights: Any, rows: Any = None) -> list[float] | None:
     return [round(float(w), 6) for w in picked.float().mean(dim=0)]
 
 
-def _loss(mixture: Any, input_ids: list[int], labels: list[int], n_bytes: int) -> dict[str, Any]:
+def _loss(
+    mixture: Mixture, input_ids: list[int], labels: list[int], n_bytes: int
+) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
@@ -53,7 +56,7 @@ def _loss(mixture: Any, input_ids: list[int], labels: list[int], n_bytes: int) -
     return {"nll": float(nll), "tokens": int(selected.sum()), "bytes": n_bytes, "gate": gate}
 
 
-def _qa_loss(mixture: Any, messages: list[dict[str, str]], answer: str, seq_len: int) -> dict:
+def _qa_loss(mixture: Mixture, messages: list[dict[str, str]], answer: str, seq_len: int) -> dict:
     from composer.features.data import encode_qa
 
     example = encode_qa(mixture.tokenizer, messages, answer, seq_len)
@@ -62,17 +65,17 @@ def _qa_loss(mixture: Any, messages: list[dict[str, str]], answer: str, seq_len:
     return _loss(mixture, example.input_ids, example.labels, len(answer.encode("utf-8")))
 
 
-def run_chat_loss(mixture: Any, item: Any, settings: dict[str, Any]) -> dict[str, Any]:
+def run_chat_loss(mixture: Mixture, item: Any, settings: dict[str, Any]) -> dict[str, Any]:
     *context, last = item.data["messages"]
     return _qa_loss(mixture, context, last["content"], settings["seq_len"])
 
 
-def run_math_loss(mixture: Any, item: Any, settings: dict[str, Any]) -> dict[str, Any]:
+def run_math_loss(mixture: Mixture, item: Any, settings: dict[str, Any]) -> dict[str, Any]:
     messages = [{"role": "user", "content": item.data["question"]}]
     return _qa_loss(mixture, messages, item.data["worked"], settings["seq_len"])
 
 
-def run_code_loss(mixture: Any, item: Any, settings: dict[str, Any]) -> dict[str, Any]:
+def run_code_loss(mixture: Mixture, item: Any, settings: dict[str, Any]) -> dict[str, Any]:
     """Loss on the reference solution given the prompt, as plain text (no chat template).
 
     Targets are the tokens that hold any solution character, found from the offsets: a
@@ -97,21 +100,26 @@ def run_code_loss(mixture: Any, item: Any, settings: dict[str, Any]) -> dict[str
 def each(run: Callable[[Any, Any, dict[str, Any]], dict[str, Any]]) -> BatchRunner:
     """A suite's runner over a batch of items from one that scores one item."""
 
-    def run_each(mixture: Any, items: list[Any], settings: dict[str, Any]) -> list[dict]:
+    def run_each(mixture: Mixture, items: list[Any], settings: dict[str, Any]) -> list[dict]:
         return [run(mixture, item, settings) for item in items]
 
     return run_each
 
 
 def _generate(
-    mixture: Any, prompts: list[str], settings: dict[str, Any], *, chat: bool = True, **stops: Any
+    mixture: Mixture,
+    prompts: list[str],
+    settings: dict[str, Any],
+    *,
+    chat: bool = True,
+    **stops: Any,
 ) -> list[tuple[str, list[float] | None]]:
     """The greedy answer to each prompt (a user message, or plain text when not `chat`), all
     generated as one batch, and the mean router weights of the steps that chose it (the one
     that chose end-of-sequence too)."""
     import torch
 
-    from composer.artifacts.generate import Generation, prompt_ids, run_together
+    from composer.generation.decode import Generation, prompt_ids, run_together
 
     generations = [
         Generation(
@@ -143,7 +151,7 @@ def same_number(predicted: str | None, expected: str) -> bool:
         return False
 
 
-def run_gsm(mixture: Any, items: list[Any], settings: dict[str, Any]) -> list[dict[str, Any]]:
+def run_gsm(mixture: Mixture, items: list[Any], settings: dict[str, Any]) -> list[dict[str, Any]]:
     questions = [item.data["question"] for item in items]
     results = []
     for item, (output, gate) in zip(
@@ -161,7 +169,9 @@ def humaneval_program(problem: dict[str, Any], completion: str) -> str:
     )
 
 
-def run_humaneval(mixture: Any, items: list[Any], settings: dict[str, Any]) -> list[dict[str, Any]]:
+def run_humaneval(
+    mixture: Mixture, items: list[Any], settings: dict[str, Any]
+) -> list[dict[str, Any]]:
     prompts = [item.data["prompt"] for item in items]
     # The decoder cuts each completion before the first of the stop strings.
     answers = _generate(mixture, prompts, settings, chat=False, stop=HUMANEVAL_STOPS)
@@ -182,7 +192,7 @@ def run_humaneval(mixture: Any, items: list[Any], settings: dict[str, Any]) -> l
 
 
 def run_generation(
-    mixture: Any, items: list[Any], settings: dict[str, Any]
+    mixture: Mixture, items: list[Any], settings: dict[str, Any]
 ) -> list[dict[str, Any]]:
     answers = _generate(mixture, [item.data["prompt"] for item in items], settings)
     return [{"output": output, "gate": gate} for output, gate in answers]

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from composer.compare import scoring
 from composer.errors import CompareError
 from composer.features.data import chatterbot_dialogs, chatterbot_pairs
+from composer.model.protocol import Mixture
 from composer.recipe import ChatterbotData, GsmData, MixData, Recipe
 
 EVAL_SEED = 1_000_003  # gsm_symbolic seed of the held-out problems; training seeds differ
@@ -35,7 +36,7 @@ class Item:
 Kind = Literal["loss", "pass", "generations"]
 Loader = Callable[[int, Sequence[Recipe]], list[Item]]  # (n, recipes compared) -> first n
 # (mixture, items, settings) -> one result per item; generation suites run the items as a batch
-Runner = Callable[[Any, list[Item], dict[str, Any]], list[dict[str, Any]]]
+Runner = Callable[[Mixture, list[Item], dict[str, Any]], list[dict[str, Any]]]
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 This is the part of training the paper hands to inference nodes: the bases never take
 gradients, so their states can be computed once, stored, and read back at every epoch by a
-process that holds no base at all (composer.model.head.HeadMixture).
+process that holds no base at all (composer.model.head.CachedMixture).
 
 A cache folder holds `manifest.json` and shards (features.shards). The manifest is keyed by a
 hash of everything that decides the states: each base's weights, config, dtype, quantization and
@@ -46,7 +46,7 @@ from composer.features.data import Example, collate, load_splits, pad_id
 from composer.features.shards import CachedSource, Encoded, encode, pack
 from composer.files import atomic_write, read_json, sha256_file, write_json
 from composer.model.factory import check_compatible
-from composer.model.mixture import Mixture
+from composer.model.mixture import LiveMixture
 from composer.progress import counted
 from composer.recipe import CacheSpec, DataSpec, Recipe
 
@@ -267,7 +267,7 @@ def torch_threads(threads: int) -> Iterator[None]:
 
 
 def shard_tensors(
-    mixture: Mixture,
+    mixture: LiveMixture,
     examples: Sequence[Example],
     members: Sequence[int],
     spec: CacheSpec,
@@ -338,7 +338,7 @@ class CacheRun:
         write_json(self.folder / MANIFEST, self.manifest)
 
 
-Engine = Callable[[CacheRun, Console], float]
+ShardWriter = Callable[[CacheRun, Console], float]  # writes the missing shards, returns seconds
 
 
 @contextmanager
@@ -358,7 +358,7 @@ def cache_progress(console: Console, total: int) -> Iterator[Callable[[int, int]
 
 
 def write_cache(
-    recipe: Recipe, *, console: Console | None = None, engine: Engine | None = None
+    recipe: Recipe, *, console: Console | None = None, engine: ShardWriter | None = None
 ) -> FeatureCache:
     """Reuse the recipe's cache when complete, else compute it (resuming a partial one).
 
@@ -415,7 +415,7 @@ def _run_bases(run: CacheRun, console: Console) -> float:
     """The local engine: load the bases in this process, write the pending shards in order."""
     cache = run.recipe.train.cache
     with console.status("loading bases"):
-        mixture = Mixture.from_recipe(run.recipe, fetch=True, seed=run.recipe.train.seed)
+        mixture = LiveMixture.from_recipe(run.recipe, fetch=True, seed=run.recipe.train.seed)
     jobs = run.pending()
     began = time.perf_counter()
     with cache_progress(console, sum(len(job.members) for job in jobs)) as advance:

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 import sysconfig
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ import torch
 
 from composer.errors import DataError
 from composer.files import read_text_file
+from composer.generation.templates import format_prompt, render_chat
 from composer.recipe import (
     ChatterbotData,
     DataSpec,
@@ -40,53 +39,6 @@ class Example:
     input_ids: list[int]
     labels: list[int]  # aligned with input_ids; the loss predicts labels[t + 1] at position t
     domain: str = ""  # the data source's domain, for per-domain metrics
-
-
-TEMPLATE_SECONDS = 2.0  # a chat template renders in milliseconds; a looping one never ends
-
-
-class _TemplateTimeout(Exception):
-    pass
-
-
-def render_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-    """The tokenizer's chat template on `messages`, refused in one line if Jinja's sandbox
-    rejects it or it runs past TEMPLATE_SECONDS. The deadline is checked on every line the
-    compiled template executes (a trace on this thread only), so nested loops stop too."""
-    deadline = time.monotonic() + TEMPLATE_SECONDS
-
-    def trace(frame: Any, event: str, arg: Any) -> Any:
-        if time.monotonic() > deadline:
-            raise _TemplateTimeout
-        return trace
-
-    previous = sys.gettrace()
-    sys.settrace(trace)
-    try:
-        return str(
-            tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt
-            )
-        )
-    except _TemplateTimeout:
-        raise DataError(
-            f"the anchor's chat template ran past {TEMPLATE_SECONDS:g} s and was stopped"
-        ) from None
-    except Exception as exc:  # jinja2's TemplateError and SecurityError, a template's raise
-        if isinstance(exc, DataError):
-            raise
-        text = " ".join(str(exc).split())[:200]
-        raise DataError(f"the anchor's chat template failed: {text}") from exc
-    finally:
-        sys.settrace(previous)
-
-
-def format_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
-    """The text a model sees before it answers `messages` (chat template if it has one)."""
-    if getattr(tokenizer, "chat_template", None):
-        return render_chat(tokenizer, messages, add_generation_prompt=True)
-    turns = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
-    return "\n".join(turns) + "\nAssistant: "
 
 
 def encode_qa(

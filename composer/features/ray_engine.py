@@ -3,7 +3,7 @@
 The driver (this process) reads and splits the data as the local engine does and loads no base.
 It hands Ray Data one row per shard still to write: the split, the shard's number, the positions
 of its examples and the examples themselves (token ids, labels), so workers never read the data.
-Each actor loads the bases once (`Mixture.from_recipe` on the recipe the driver sends as JSON,
+Each actor loads the bases once (`LiveMixture.from_recipe` on the recipe the driver sends as JSON,
 validated again), computes a shard with the local engine's own function
 (features.cache.shard_tensors: the same forwards in the same order, on `train.cache.threads`
 torch threads, so the same floats), writes it atomically into the cache folder and returns its
@@ -44,7 +44,7 @@ from composer.features.cache import (
 )
 from composer.features.cache import write_cache as write_with
 from composer.features.data import Example
-from composer.model.mixture import Mixture
+from composer.model.mixture import LiveMixture
 from composer.recipe import RaySpec, Recipe, recipe_from_dict
 
 RECORD = ("split", "file", "examples", "tokens", "bytes", "sha256")
@@ -87,7 +87,7 @@ class ShardWriter:
     def __init__(self, recipe_json: str, folder: str, pad_id: int) -> None:
         recipe = recipe_from_dict(json.loads(recipe_json), "the recipe sent by the driver")
         self.cache = recipe.train.cache
-        self.mixture = Mixture.from_recipe(recipe, fetch=False, seed=recipe.train.seed)
+        self.mixture = LiveMixture.from_recipe(recipe, fetch=False, seed=recipe.train.seed)
         self.folder = Path(folder)
         self.pad_id = pad_id
 

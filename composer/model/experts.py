@@ -189,7 +189,7 @@ def _fused_kl(
     head: FusedHead, rows: torch.Tensor, anchor_rows: torch.Tensor, want_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Summed KL(p_a ‖ p_m) of fused rows against the anchor's rows (as
-    `CarryOnModel.anchor_rows` lays them out: β = 0), and its gradient to `rows`:
+    `MixtureCore.anchor_rows` lays them out: β = 0), and its gradient to `rows`:
     d KL / d z_m = p_m − p_a, carried to x' and to β as above."""
     x, betas, states = head.split(rows)
     xa, betas_a, _ = head.split(anchor_rows)
@@ -235,7 +235,7 @@ def _fused_kl(
 def best_reference(
     head: FusedHead, rows: torch.Tensor, targets: torch.Tensor, groups: torch.Tensor
 ) -> torch.Tensor:
-    """Reference rows (n, width), laid out as `CarryOnModel.anchor_rows` gives them, in which
+    """Reference rows (n, width), laid out as `MixtureCore.anchor_rows` gives them, in which
     each group's rows (one general-text example's) read whichever source — the anchor (β = 0)
     or one expert (its β = 1: exactly its distribution) — gives the group's known next tokens
     the least summed loss; ties go to the anchor. `rows` are the anchor's rows, `targets` (n,)

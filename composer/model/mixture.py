@@ -53,9 +53,9 @@ class GenerationState:
     length: int = 0  # positions fed so far, padding included
 
 
-class CarryOnModel:
+class MixtureCore:
     """What training and scoring need of a mixture: the carry-on, the anchor's LM head, and the
-    corrected anchor state. A `Mixture` runs its bases; a `HeadMixture` holds none and reads
+    corrected anchor state. A `LiveMixture` runs its bases; a `CachedMixture` holds none and reads
     cached features."""
 
     recipe: Recipe
@@ -108,7 +108,7 @@ class CarryOnModel:
         return self.head.logits(hidden)
 
 
-class Mixture(CarryOnModel):
+class LiveMixture(MixtureCore):
     def __init__(
         self,
         recipe: Recipe,
@@ -128,7 +128,7 @@ class Mixture(CarryOnModel):
             self.upper = UpperLayers(self.anchor.decoder, recipe.carry_on.write_at)
 
     @classmethod
-    def from_recipe(cls, recipe: Recipe, *, fetch: bool = True, seed: int = 0) -> Mixture:
+    def from_recipe(cls, recipe: Recipe, *, fetch: bool = True, seed: int = 0) -> LiveMixture:
         """Load every base frozen, check they fit the recipe, and make a fresh carry-on."""
         bases = {}
         for name, spec in recipe.bases.items():
@@ -143,6 +143,10 @@ class Mixture(CarryOnModel):
     @property
     def tokenizer(self) -> Any:
         return self.anchor.tokenizer
+
+    @property
+    def context_length(self) -> int | None:
+        return getattr(self.anchor.config, "max_position_embeddings", None)
 
     def _active(self) -> list[str]:
         return [n for n in self.bases if self._layers[n] or n == self.recipe.anchor]
@@ -358,7 +362,7 @@ def pad_features(items: list[Features], width: int) -> Features:
     )
 
 
-class HeadMixture(CarryOnModel):
+class CachedMixture(MixtureCore):
     """The trainable half of a mixture, without any base: the carry-on and the anchor's head."""
 
     def __init__(
@@ -378,8 +382,8 @@ class HeadMixture(CarryOnModel):
         return self._head
 
     @classmethod
-    def from_recipe(cls, recipe: Recipe, *, seed: int = 0) -> HeadMixture:
-        """The carry-on a `Mixture.from_recipe` with this seed would make, from configs alone."""
+    def from_recipe(cls, recipe: Recipe, *, seed: int = 0) -> CachedMixture:
+        """The carry-on `LiveMixture.from_recipe` with this seed would make, from configs alone."""
         folders = {name: resolve_folder(spec, fetch=False) for name, spec in recipe.bases.items()}
         configs = check_compatible(recipe, folders)
         dtype = DTYPES[recipe.bases[recipe.anchor].dtype]
@@ -401,7 +405,7 @@ class HeadMixture(CarryOnModel):
         carry_on, _ = new_carry_on(recipe, folders, configs)
         return cls(recipe, carry_on, head, upper)
 
-    def to(self, device: torch.device) -> HeadMixture:
+    def to(self, device: torch.device) -> CachedMixture:
         """Carry-on, head and the anchor's upper layers (with `write_at`) on `device` (a
         training process's GPU)."""
         self.carry_on.to(device)

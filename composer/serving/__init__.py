@@ -37,6 +37,6 @@ def lm_eval_main() -> None:
         need_extra("eval", "lm_eval")
     except ServingError as exc:
         raise SystemExit(f"error: {exc}") from None
-    from composer.serving.harness import main
+    from composer.serving.lm_eval_model import main
 
     main()

@@ -10,13 +10,13 @@ import shlex
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from pydantic import ValidationError
 from rich.console import Console
 
-from composer.artifacts.generate import Generation, chat_ids, context_length, with_sources
-from composer.artifacts.sampling import Sampling
+from composer.generation.decode import Generation, chat_ids, context_length, with_sources
+from composer.generation.sampling import Sampling
+from composer.model.protocol import Mixture
 from composer.serving.terminal import legend, print_stream
 
 HELP = """commands:
@@ -32,7 +32,7 @@ HELP = """commands:
 class ChatSession:
     """A conversation with a mixture: its history and how answers are sampled."""
 
-    mixture: Any
+    mixture: Mixture
     sampling: Sampling = field(default_factory=Sampling)
     max_new_tokens: int = 256
     show_gates: bool = False

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from composer.artifacts.sampling import Sampling
+from composer.generation.sampling import Sampling
 
 # Every token checks each stop string's tail: keep that work small.
 MAX_STOPS = 16

@@ -25,10 +25,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from composer.artifacts.generate import Generation, chat_ids, context_length
 from composer.errors import DataError
+from composer.generation.decode import Generation, chat_ids, context_length
+from composer.model.protocol import Mixture
 from composer.serving import openai_api as api
-from composer.serving.engine import Engine, Job, QueueFull
+from composer.serving.scheduler import Job, QueueFull, Scheduler
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_TOKENS = 4096  # the most tokens one request may ask for
@@ -37,7 +38,7 @@ DISCONNECT_POLL_S = 0.5  # how often a request that waits for its whole answer c
 
 
 def create_app(
-    mixture: Any,
+    mixture: Mixture,
     *,
     model_name: str,
     api_key: str | None = None,
@@ -47,7 +48,7 @@ def create_app(
 ) -> Starlette:
     """The server's app; `app.state.engine` runs the generations (up to `batch` waiting
     requests decoded together)."""
-    engine = Engine(mixture, max_queue=max_queue, batch=batch)
+    engine = Scheduler(mixture, max_queue=max_queue, batch=batch)
     context = context_length(mixture)
     created = int(time.time())
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
 
 from rich.console import Console
 from rich.text import Text
 
-from composer.artifacts.generate import Generation, prompt_ids, with_sources
-from composer.artifacts.sampling import Sampling
+from composer.generation.decode import Generation, prompt_ids, with_sources
+from composer.generation.sampling import Sampling
+from composer.model.protocol import Mixture
 
 PALETTE = ["cyan", "magenta", "green", "yellow", "blue", "red", "bright_white", "bright_cyan"]
 
@@ -50,7 +50,7 @@ def print_stream(
 
 
 def stream_answer(
-    mixture: Any,
+    mixture: Mixture,
     prompt: str,
     max_new_tokens: int,
     sampling: Sampling,

@@ -7,7 +7,6 @@ bad input leaves nothing behind; checkpoints inside it make a killed build resum
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,10 +22,10 @@ from composer.errors import OutputError, RecipeError, ResourceError, TrainError
 from composer.features.cache import FeatureCache, open_cache, write_cache
 from composer.features.data import load_splits
 from composer.files import write_json, write_png, write_text
-from composer.model.mixture import CarryOnModel, HeadMixture, Mixture
+from composer.model.mixture import CachedMixture, LiveMixture, MixtureCore
+from composer.model.weights import RECIPE_FILE, WEIGHTS, load_weights, save_weights
 from composer.progress import counted
 from composer.recipe import Recipe, comparable, read_comparable
-from composer.training.checkpoint import RECIPE_FILE, WEIGHTS, load_weights, save_weights
 from composer.training.distributed import Ranks
 from composer.training.metrics import domain_metrics, gate_separation
 from composer.training.plan import Plan, make_plan
@@ -38,6 +37,7 @@ from composer.training.train import (
     peak_rss_bytes,
     train,
 )
+from composer.versions import package_versions
 
 
 @dataclass
@@ -177,7 +177,7 @@ def domain_report(
     base alone (per character, so tokenizers compare), and the router's mean weight per source;
     with preservation, the held-out general text too (`general/...` domains: off-domain).
     With the build's feature `cache`, the mixture and the anchor read its states."""
-    mixture = Mixture.from_recipe(recipe, fetch=True, seed=recipe.train.seed)
+    mixture = LiveMixture.from_recipe(recipe, fetch=True, seed=recipe.train.seed)
     load_weights(out_dir / WEIGHTS, mixture.carry_on)
     mixture.carry_on.eval()
     splits = load_splits(recipe, mixture.tokenizer)
@@ -229,13 +229,13 @@ def _train_mixture(
     check_output_dir(out_dir, recipe, resume)
     ranks.barrier()  # every process has checked the output before the first one writes there
     spec = recipe.train
-    model: CarryOnModel
+    model: MixtureCore
     train_source: Source
     eval_source: Source
     sources: dict[str, Source]
     if from_cache:
         cache = cache or open_cache(recipe)
-        model = HeadMixture.from_recipe(recipe, seed=spec.seed).to(ranks.device)
+        model = CachedMixture.from_recipe(recipe, seed=spec.seed).to(ranks.device)
         sources = {name: cache.source(name) for name in cache.manifest["shards"]}
     else:
         model, sources = _live(recipe, console)
@@ -283,7 +283,7 @@ def _train_mixture(
 
 
 def off_domain(
-    model: CarryOnModel, general: Source, batch_size: int, ranks: Ranks | None = None
+    model: MixtureCore, general: Source, batch_size: int, ranks: Ranks | None = None
 ) -> dict[str, float]:
     """Held-out loss on general text (per target token), anchor alone and mixture: the harm
     a build does outside what it trained on."""
@@ -327,11 +327,11 @@ def summary(metrics: dict[str, Any]) -> str:
     return "; ".join(parts) + f"; {metrics['trainable_params']:,} trainable params"
 
 
-def _live(recipe: Recipe, console: Console) -> tuple[Mixture, dict[str, Source]]:
+def _live(recipe: Recipe, console: Console) -> tuple[LiveMixture, dict[str, Source]]:
     """The bases loaded; training batches computed per step, eval features once, in memory."""
     spec = recipe.train
     with console.status("loading bases"):
-        mixture = Mixture.from_recipe(recipe, fetch=True, seed=spec.seed)
+        mixture = LiveMixture.from_recipe(recipe, fetch=True, seed=spec.seed)
     with console.status("reading data"):
         splits = load_splits(recipe, mixture.tokenizer)
     with counted("bases", "eval examples", console=console) as progress:
@@ -349,7 +349,7 @@ def _live(recipe: Recipe, console: Console) -> tuple[Mixture, dict[str, Source]]
 
 def _metrics(
     recipe: Recipe,
-    mixture: CarryOnModel,
+    mixture: MixtureCore,
     result: TrainResult,
     anchor_eval: float,
     n_train: int,
@@ -376,7 +376,7 @@ def _metrics(
         "trainable_params": trainable,
         "peak_rss_bytes": peak_rss_bytes(),
         "train_seconds": round(result.seconds, 1),
-        "versions": {pkg: importlib.metadata.version(pkg) for pkg in ("torch", "transformers")},
+        "versions": package_versions(),
     }
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from composer.features.data import IGNORE, Example, collate, pad_id
-from composer.model.mixture import Mixture
+from composer.model.mixture import LiveMixture
 
 if TYPE_CHECKING:
     from composer.training.train import Source
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 @torch.no_grad()
 def domain_metrics(
-    mixture: Mixture,
+    mixture: LiveMixture,
     examples: list[Example],
     batch_size: int = 8,
     cached: Source | None = None,
@@ -115,7 +115,7 @@ def target_text(tokenizer: Any, example: Example) -> str:
     return _split_text(tokenizer, example)[1]
 
 
-def base_target_nll(base: Any, mixture: Mixture, examples: list[Example]) -> list[float]:
+def base_target_nll(base: Any, mixture: LiveMixture, examples: list[Example]) -> list[float]:
     """Each example's target text scored by a base alone, in its own tokenization: the summed
     NLL of the tokens that end inside the target text (a token straddling the boundary counts,
     so every target character is covered once). One right-padded forward for all of them."""

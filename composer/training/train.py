@@ -22,7 +22,7 @@ from composer.features.batch import Batch
 from composer.features.data import IGNORE, Example, collate, pad_id
 from composer.model.experts import FusedHead, best_reference
 from composer.model.head import head_kl, head_loss
-from composer.model.mixture import CarryOnModel, Features, Mixture, pad_features
+from composer.model.mixture import Features, LiveMixture, MixtureCore, pad_features
 from composer.progress import counted
 from composer.recipe import PreserveSpec, TrainSpec
 from composer.training.checkpoint import (
@@ -47,7 +47,7 @@ class FeatureSource:
 
     def __init__(
         self,
-        mixture: Mixture,
+        mixture: LiveMixture,
         examples: list[Example],
         keep: bool,
         advance: Callable[[int], object] | None = None,
@@ -93,7 +93,7 @@ def _slice(features: Features, row: int, n: int) -> Features:
     )
 
 
-def token_loss(mixture: CarryOnModel, batch: Batch, use_carry_on: bool = True) -> torch.Tensor:
+def token_loss(mixture: MixtureCore, batch: Batch, use_carry_on: bool = True) -> torch.Tensor:
     """Summed next-token cross-entropy over target positions; the head sees only those rows,
     a chunk at a time (composer.model.head.head_loss)."""
     if use_carry_on:
@@ -124,7 +124,7 @@ def preserve_positions(
 
 
 def preserve_loss(
-    mixture: CarryOnModel, batch: Batch, chosen: torch.Tensor, reference: str = "anchor"
+    mixture: MixtureCore, batch: Batch, chosen: torch.Tensor, reference: str = "anchor"
 ) -> torch.Tensor:
     """Summed KL(reference ‖ mixture) of the next-token distributions at the `chosen`
     positions. The reference is the anchor (zero while the carry-on leaves the anchor's state
@@ -141,7 +141,7 @@ def preserve_loss(
 
 @torch.no_grad()
 def evaluate(
-    mixture: CarryOnModel,
+    mixture: MixtureCore,
     source: Source,
     batch_size: int,
     use_carry_on: bool = True,
@@ -192,7 +192,7 @@ def peak_rss_bytes() -> int:
 
 
 def train(
-    mixture: CarryOnModel,
+    mixture: MixtureCore,
     train_source: Source,
     eval_source: Source,
     spec: TrainSpec,
@@ -300,7 +300,7 @@ def _diverged(step: int, loss: float, checkpoints: Path) -> str:
 
 
 def _preserve_step(
-    model: CarryOnModel,
+    model: MixtureCore,
     source: Source,
     spec: TrainSpec,
     preserve: PreserveSpec,

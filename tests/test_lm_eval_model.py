@@ -15,10 +15,10 @@ from conftest import recipe_yaml, write_mixture_dir
 from lm_eval import simple_evaluate
 from lm_eval.tasks import TaskManager
 
-from composer.artifacts.generate import Generation
 from composer.compare.scoring import _loss
 from composer.features.data import IGNORE
-from composer.serving.harness import ComposeLM
+from composer.generation.decode import Generation
+from composer.serving.lm_eval_model import ComposeLM
 
 QUESTIONS = [
     {
@@ -151,7 +151,7 @@ def test_lm_eval_command_line_finds_the_compose_model(tasks, tiny_mixture_dir, t
     command = [
         sys.executable,
         "-m",
-        "composer.serving.harness",
+        "composer.serving.lm_eval_model",
         "run",
         "--model",
         "compose",

@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
-from composer.artifacts.detokenize import TextStream
-from composer.artifacts.sampling import Sampling, TokenChooser
-from composer.features.data import format_prompt
+from composer.generation.detokenize import TextStream
+from composer.generation.sampling import Sampling, TokenChooser
+from composer.generation.templates import format_prompt
+from composer.model.protocol import Mixture
 
 
 class Generation:
@@ -33,7 +34,7 @@ class Generation:
 
     def __init__(
         self,
-        mixture: Any,
+        mixture: Mixture,
         prompt_ids: Sequence[int],
         max_new_tokens: int,
         *,
@@ -180,13 +181,13 @@ def decode_together(generations: Sequence[Generation]) -> Iterator[list[str]]:
         pending_mask = torch.tensor(live, dtype=torch.long)[:, None]
 
 
-def chat_ids(mixture: Any, messages: list[dict[str, str]]) -> list[int]:
+def chat_ids(mixture: Mixture, messages: list[dict[str, str]]) -> list[int]:
     """The anchor's ids for a conversation, ready for the assistant's turn (chat template)."""
     text = format_prompt(mixture.tokenizer, messages)
     return mixture.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def prompt_ids(mixture: Any, prompt: str, *, chat: bool = True) -> list[int]:
+def prompt_ids(mixture: Mixture, prompt: str, *, chat: bool = True) -> list[int]:
     """The anchor's ids for `prompt` (as one user message through its chat template when
     `chat`)."""
     if chat:
@@ -194,13 +195,13 @@ def prompt_ids(mixture: Any, prompt: str, *, chat: bool = True) -> list[int]:
     return mixture.tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
-def context_length(mixture: Any) -> int | None:
+def context_length(mixture: Mixture) -> int | None:
     """How many tokens the anchor reads at most (None if its config does not say)."""
-    return getattr(mixture.anchor.config, "max_position_embeddings", None)
+    return mixture.context_length
 
 
 def generate_ids(
-    mixture: Any, prompt_ids: list[int], max_new_tokens: int, *, use_cache: bool = True
+    mixture: Mixture, prompt_ids: list[int], max_new_tokens: int, *, use_cache: bool = True
 ) -> list[int]:
     """Greedy tokens after the prompt, end-of-sequence included when reached."""
     generation = Generation(mixture, prompt_ids, max_new_tokens, use_cache=use_cache).run()
@@ -210,7 +211,7 @@ def generate_ids(
 
 
 def generate(
-    mixture: Any,
+    mixture: Mixture,
     prompt: str,
     max_new_tokens: int = 128,
     *,
@@ -223,7 +224,7 @@ def generate(
     return Generation(mixture, ids, max_new_tokens, sampling=sampling, stop=stop).run().text
 
 
-def with_sources(mixture: Any, generation: Generation) -> Iterator[tuple[str, str, float]]:
+def with_sources(mixture: Mixture, generation: Generation) -> Iterator[tuple[str, str, float]]:
     """Run `generation` (made with `gates=True`): each text delta with the source the router
     weighed most at the token that completed it, and that weight."""
     assert generation.gates is not None, "make the Generation with gates=True"
@@ -235,7 +236,7 @@ def with_sources(mixture: Any, generation: Generation) -> Iterator[tuple[str, st
 
 
 def generate_with_gates(
-    mixture: Any, prompt: str, max_new_tokens: int = 128, *, chat: bool = True, **decoding: Any
+    mixture: Mixture, prompt: str, max_new_tokens: int = 128, *, chat: bool = True, **decoding: Any
 ) -> list[tuple[str, str, float]]:
     """(text, dominant source, its router weight) for each piece of the answer; `decoding`
     takes Generation's `sampling` and `stop`."""

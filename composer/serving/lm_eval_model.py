@@ -2,13 +2,13 @@
 
 Everything is scored and generated in the anchor's tokens (the mixture reads its other bases
 through their own tokenizers itself), so mixtures whose bases tokenize differently work too.
-Generation goes through the one decoder, `composer.artifacts.generate.Generation`,
+Generation goes through the one decoder, `composer.generation.decode.Generation`,
 `batch_size` requests at a time (`--batch_size N`, 8 by default and for `auto`), decoded
 together and each as it would be alone.
 
 lm-eval finds models in its registry, which only holds the models its own package imports
 (it reads no plugin entry points), so `compose-lm-eval ARGS` (`python -m
-composer.serving.harness ARGS`) is `lm_eval ARGS` with this one registered:
+composer.serving.lm_eval_model ARGS`) is `lm_eval ARGS` with this one registered:
 
     compose-lm-eval run --model compose --model_args path=runs/demo --tasks hellaswag
 
@@ -26,9 +26,9 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from composer.artifacts.generate import Generation, context_length, run_together
-from composer.artifacts.sampling import Sampling
-from composer.features.data import render_chat
+from composer.generation.decode import Generation, context_length, run_together
+from composer.generation.sampling import Sampling
+from composer.generation.templates import render_chat
 
 
 @register_model("compose")

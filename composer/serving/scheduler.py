@@ -16,8 +16,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from composer.artifacts.generate import Generation, decode_together
-from composer.artifacts.sampling import Sampling
+from composer.generation.decode import Generation, decode_together
+from composer.generation.sampling import Sampling
+from composer.model.protocol import Mixture
 
 
 @dataclass
@@ -42,11 +43,11 @@ class QueueFull(Exception):
     """Every place in the queue is taken."""
 
 
-class Engine:
+class Scheduler:
     """Runs jobs on a worker thread, up to `batch` at a time decoded together; at most
     `max_queue` wait behind those running."""
 
-    def __init__(self, mixture: Any, max_queue: int = 8, batch: int = 1) -> None:
+    def __init__(self, mixture: Mixture, max_queue: int = 8, batch: int = 1) -> None:
         if batch < 1:
             raise ValueError(f"batch must be at least 1, got {batch}")
         self.mixture = mixture
@@ -58,7 +59,7 @@ class Engine:
         self.served = 0
         self.cancelled = 0  # stopped early because their client went away
         self.largest_batch = 0
-        self._worker = threading.Thread(target=self._work, name="compose-engine", daemon=True)
+        self._worker = threading.Thread(target=self._work, name="compose-scheduler", daemon=True)
         self._worker.start()
 
     def submit(self, job: Job) -> None:
