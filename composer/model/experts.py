@@ -11,10 +11,9 @@ experts whose weights sum to 1):
 
 β starts at 0 (zero-initialized), so an untrained mixture is still exactly its anchor; at
 β_e = 1 the mixture is expert e. Why the weights sum to 1: two bases of one family agree, so
-their plain product p_anchor · p_e^β is over-confident. On the equal-budget bench's development
-split it was worse than the anchor alone at every β > 0 (code 0.611 nats/char at β = 0, 0.623 at
-0.25, 0.811 at 1), while the pool at β = 0.7–0.85 beat both bases (code 0.515–0.518, the
-1.5B coder alone 0.516, the 0.5B anchor 0.611).
+their plain product p_anchor · p_e^β is over-confident: on the equal-budget bench's development
+split it was worse than the anchor alone at every β > 0, while the pool beat both bases
+(figures in docs/quality.md).
 
 A `FusedHead` reads *rows* that carry everything the output needs, concatenated on the last
 dimension: `[x' (D_anchor) | β (n_experts) | h_1 (D_1) | ... ]`. Every consumer of a mixture's

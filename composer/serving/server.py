@@ -16,6 +16,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,20 @@ MAX_BODY_BYTES = 8 << 20
 DISCONNECT_POLL_S = 0.5  # how often a request that waits for its whole answer checks its client
 
 
+@dataclass(frozen=True)
+class ServerState:
+    """What the handlers read, kept in `app.state.server`: the one mixture, the scheduler that
+    decodes for it, and this server's limits."""
+
+    mixture: Mixture
+    engine: Scheduler
+    model_name: str
+    api_key: str | None
+    max_tokens: int  # the most tokens one request may ask for
+    context: int | None  # the anchor's context length (None if its config does not say)
+    created: int  # when the server started, as the model card says
+
+
 def create_app(
     mixture: Mixture,
     *,
@@ -46,179 +61,17 @@ def create_app(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     batch: int = 4,
 ) -> Starlette:
-    """The server's app; `app.state.engine` runs the generations (up to `batch` waiting
+    """The server's app; `app.state.server.engine` runs the generations (up to `batch` waiting
     requests decoded together)."""
-    engine = Scheduler(mixture, max_queue=max_queue, batch=batch)
-    context = context_length(mixture)
-    created = int(time.time())
-
-    def authorize(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-            raise api.BadRequest("missing or wrong API key", status=401, code="invalid_api_key")
-
-    async def body(request: Request, model: type[Any]) -> Any:
-        authorize(request)
-        raw = await request.body()
-        try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise api.BadRequest(f"the body is not valid JSON: {exc}") from None
-        parsed = api.parse(model, data)
-        if parsed.model is not None and parsed.model != model_name:
-            raise api.BadRequest(
-                f"model: '{parsed.model}' is not served here (this server serves '{model_name}')",
-                "model",
-                status=404,
-                code="model_not_found",
-            )
-        return parsed
-
-    def job_for(request: api.ChatRequest | api.CompletionRequest, ids: list[int], field: str):
-        asked = request.limit()
-        if asked is not None and asked > max_tokens:
-            raise api.BadRequest(
-                f"max_tokens: {asked} is more than this server allows ({max_tokens})",
-                "max_tokens",
-            )
-        if not ids:
-            raise api.BadRequest(f"{field}: empty (no tokens to continue from)", field)
-        room = max_tokens if context is None else min(max_tokens, context - len(ids))
-        if room < 1:
-            raise api.BadRequest(
-                f"{field}: the prompt ({len(ids)} tokens) fills the context ({context} tokens)",
-                field,
-            )
-        if asked is not None and asked > room:
-            raise api.BadRequest(
-                f"max_tokens: {asked} does not fit after the prompt's {len(ids)} tokens "
-                f"(context {context} tokens; at most {room})",
-                "max_tokens",
-            )
-        job = Job(ids, asked or room, request.sampling(), request.stops(), not request.ignore_eos)
-        try:
-            engine.submit(job)
-        except QueueFull as exc:
-            raise api.BadRequest(str(exc), status=503, code="overloaded") from None
-        return job
-
-    async def chat_completions(request: Request) -> Response:
-        req = await body(request, api.ChatRequest)
-        try:
-            ids = chat_ids(mixture, [m.as_dict() for m in req.messages])
-        except DataError as exc:  # the chat template refused these messages, or ran too long
-            raise api.BadRequest(str(exc), param="messages") from None
-        job = job_for(req, ids, "messages")
-        return await respond(request, job, req, chat=True)
-
-    async def completions(request: Request) -> Response:
-        req = await body(request, api.CompletionRequest)
-        ids = mixture.tokenizer(req.prompt, add_special_tokens=False)["input_ids"]
-        job = job_for(req, ids, "prompt")
-        return await respond(request, job, req, chat=False)
-
-    async def respond(request: Request, job: Job, req: Any, *, chat: bool) -> Response:
-        id_ = api.new_id("chatcmpl" if chat else "cmpl")
-        if req.stream:
-            events = stream(job, id_, chat=chat, include_usage=req.include_usage)
-            return StreamingResponse(events, media_type="text/event-stream")
-        parts: list[str] = []
-        generation = None
-        watcher = asyncio.create_task(cancel_on_disconnect(request, job))
-        try:
-            while generation is None and not job.cancelled.is_set():
-                item = await job.out.get()
-                if isinstance(item, Exception):
-                    raise item
-                if isinstance(item, Generation):
-                    generation = item
-                elif item is not None:
-                    parts.append(item)
-        finally:
-            watcher.cancel()
-            if generation is None:  # the generation failed
-                job.cancelled.set()
-        if generation is None:  # the client went away: nobody to answer
-            return Response(status_code=499)
-        make = api.chat_completion if chat else api.completion
-        text = "".join(parts)
-        return JSONResponse(make(id_, model_name, text, finish(generation), usage(job, generation)))
-
-    async def cancel_on_disconnect(request: Request, job: Job) -> None:
-        """Stop the job once its client has gone (a whole answer is sent only at the end)."""
-        while not await request.is_disconnected():
-            await asyncio.sleep(DISCONNECT_POLL_S)
-        job.cancelled.set()
-        job.out.put_nowait(None)  # wake the request up
-
-    async def stream(job: Job, id_: str, *, chat: bool, include_usage: bool) -> AsyncIterator[str]:
-        done = False
-        try:
-            if chat:
-                yield sse(
-                    api.chat_chunk(id_, model_name, {"role": "assistant", "content": ""}, None)
-                )
-            while True:
-                item = await job.out.get()
-                if isinstance(item, Exception):
-                    log.error("generation failed", exc_info=item)
-                    yield sse(api.error_body("the generation failed", kind="server_error"))
-                    break
-                if isinstance(item, Generation):
-                    reason = finish(item)
-                    yield sse(
-                        api.chat_chunk(id_, model_name, {}, reason)
-                        if chat
-                        else api.completion_chunk(id_, model_name, "", reason)
-                    )
-                    if include_usage:
-                        last = (
-                            api.chat_chunk(id_, model_name, {}, None)
-                            if chat
-                            else api.completion_chunk(id_, model_name, "", None)
-                        )
-                        last["choices"], last["usage"] = [], usage(job, item)
-                        yield sse(last)
-                    break
-                yield sse(
-                    api.chat_chunk(id_, model_name, {"content": item}, None)
-                    if chat
-                    else api.completion_chunk(id_, model_name, item, None)
-                )
-            done = True
-            yield "data: [DONE]\n\n"
-        finally:
-            if not done:  # the client disconnected: stop generating for it
-                job.cancelled.set()
-
-    async def models(request: Request) -> Response:
-        authorize(request)
-        card = {"id": model_name, "object": "model", "created": created, "owned_by": "compose"}
-        return JSONResponse({"object": "list", "data": [card]})
-
-    async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", **engine.stats()})
-
-    async def bad_request(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, api.BadRequest)
-        return JSONResponse(api.error_body(exc.message, exc.param, code=exc.code), exc.status)
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        return JSONResponse(api.error_body(str(exc.detail)), exc.status_code)
-
-    async def internal_error(request: Request, exc: Exception) -> Response:
-        log.error("request failed", exc_info=exc)
-        body = api.error_body("internal error; see the server's log", kind="server_error")
-        return JSONResponse(body, 500)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        yield
-        engine.close()
-
+    state = ServerState(
+        mixture=mixture,
+        engine=Scheduler(mixture, max_queue=max_queue, batch=batch),
+        model_name=model_name,
+        api_key=api_key,
+        max_tokens=max_tokens,
+        context=context_length(mixture),
+        created=int(time.time()),
+    )
     app = Starlette(
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
@@ -226,16 +79,225 @@ def create_app(
             Route("/v1/models", models, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
         ],
-        exception_handlers={
-            api.BadRequest: bad_request,
-            HTTPException: http_error,
-            Exception: internal_error,
-        },
+        exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
         max_body_size=MAX_BODY_BYTES,
     )
-    app.state.engine = engine
+    app.state.server = state
     return app
+
+
+def server_state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+def authorize(request: Request) -> None:
+    api_key = server_state(request).api_key
+    if api_key is None:
+        return
+    given = request.headers.get("authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+        raise api.BadRequest("missing or wrong API key", status=401, code="invalid_api_key")
+
+
+async def parse_body(request: Request, model: type[Any]) -> Any:
+    """The authorized request's body as `model`, or BadRequest naming the field at fault."""
+    authorize(request)
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise api.BadRequest(f"the body is not valid JSON: {exc}") from None
+    parsed = api.parse(model, data)
+    model_name = server_state(request).model_name
+    if parsed.model is not None and parsed.model != model_name:
+        raise api.BadRequest(
+            f"model: '{parsed.model}' is not served here (this server serves '{model_name}')",
+            "model",
+            status=404,
+            code="model_not_found",
+        )
+    return parsed
+
+
+def job_for(
+    state: ServerState,
+    request: api.ChatRequest | api.CompletionRequest,
+    ids: list[int],
+    field: str,
+) -> Job:
+    """The request's job, queued on the scheduler once its prompt and token budget fit."""
+    max_tokens, context = state.max_tokens, state.context
+    asked = request.limit()
+    if asked is not None and asked > max_tokens:
+        raise api.BadRequest(
+            f"max_tokens: {asked} is more than this server allows ({max_tokens})",
+            "max_tokens",
+        )
+    if not ids:
+        raise api.BadRequest(f"{field}: empty (no tokens to continue from)", field)
+    room = max_tokens if context is None else min(max_tokens, context - len(ids))
+    if room < 1:
+        raise api.BadRequest(
+            f"{field}: the prompt ({len(ids)} tokens) fills the context ({context} tokens)",
+            field,
+        )
+    if asked is not None and asked > room:
+        raise api.BadRequest(
+            f"max_tokens: {asked} does not fit after the prompt's {len(ids)} tokens "
+            f"(context {context} tokens; at most {room})",
+            "max_tokens",
+        )
+    job = Job(ids, asked or room, request.sampling(), request.stops(), not request.ignore_eos)
+    try:
+        state.engine.submit(job)
+    except QueueFull as exc:
+        raise api.BadRequest(str(exc), status=503, code="overloaded") from None
+    return job
+
+
+async def chat_completions(request: Request) -> Response:
+    req = await parse_body(request, api.ChatRequest)
+    state = server_state(request)
+    try:
+        ids = chat_ids(state.mixture, [m.as_dict() for m in req.messages])
+    except DataError as exc:  # the chat template refused these messages, or ran too long
+        raise api.BadRequest(str(exc), param="messages") from None
+    job = job_for(state, req, ids, "messages")
+    return await respond(request, job, req, chat=True)
+
+
+async def completions(request: Request) -> Response:
+    req = await parse_body(request, api.CompletionRequest)
+    state = server_state(request)
+    ids = state.mixture.tokenizer(req.prompt, add_special_tokens=False)["input_ids"]
+    job = job_for(state, req, ids, "prompt")
+    return await respond(request, job, req, chat=False)
+
+
+async def respond(request: Request, job: Job, req: Any, *, chat: bool) -> Response:
+    """The job's answer: streamed as SSE if asked, else whole once it is done."""
+    model_name = server_state(request).model_name
+    id_ = api.new_id("chatcmpl" if chat else "cmpl")
+    if req.stream:
+        events = stream(job, id_, model_name, chat=chat, include_usage=req.include_usage)
+        return StreamingResponse(events, media_type="text/event-stream")
+    parts: list[str] = []
+    generation = None
+    watcher = asyncio.create_task(cancel_on_disconnect(request, job))
+    try:
+        while generation is None and not job.cancelled.is_set():
+            item = await job.out.get()
+            if isinstance(item, Exception):
+                raise item
+            if isinstance(item, Generation):
+                generation = item
+            elif item is not None:
+                parts.append(item)
+    finally:
+        watcher.cancel()
+        if generation is None:  # the generation failed
+            job.cancelled.set()
+    if generation is None:  # the client went away: nobody to answer
+        return Response(status_code=499)
+    make = api.chat_completion if chat else api.completion
+    text = "".join(parts)
+    return JSONResponse(make(id_, model_name, text, finish(generation), usage(job, generation)))
+
+
+async def cancel_on_disconnect(request: Request, job: Job) -> None:
+    """Stop the job once its client has gone (a whole answer is sent only at the end)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(DISCONNECT_POLL_S)
+    job.cancelled.set()
+    job.out.put_nowait(None)  # wake the request up
+
+
+async def stream(
+    job: Job, id_: str, model_name: str, *, chat: bool, include_usage: bool
+) -> AsyncIterator[str]:
+    """The job's deltas as OpenAI stream chunks, then `[DONE]`."""
+    done = False
+    try:
+        if chat:
+            yield sse(api.chat_chunk(id_, model_name, {"role": "assistant", "content": ""}, None))
+        while True:
+            item = await job.out.get()
+            if isinstance(item, Exception):
+                log.error("generation failed", exc_info=item)
+                yield sse(api.error_body("the generation failed", kind="server_error"))
+                break
+            if isinstance(item, Generation):
+                reason = finish(item)
+                yield sse(
+                    api.chat_chunk(id_, model_name, {}, reason)
+                    if chat
+                    else api.completion_chunk(id_, model_name, "", reason)
+                )
+                if include_usage:
+                    last = (
+                        api.chat_chunk(id_, model_name, {}, None)
+                        if chat
+                        else api.completion_chunk(id_, model_name, "", None)
+                    )
+                    last["choices"], last["usage"] = [], usage(job, item)
+                    yield sse(last)
+                break
+            yield sse(
+                api.chat_chunk(id_, model_name, {"content": item}, None)
+                if chat
+                else api.completion_chunk(id_, model_name, item, None)
+            )
+        done = True
+        yield "data: [DONE]\n\n"
+    finally:
+        if not done:  # the client disconnected: stop generating for it
+            job.cancelled.set()
+
+
+async def models(request: Request) -> Response:
+    authorize(request)
+    state = server_state(request)
+    card = {
+        "id": state.model_name,
+        "object": "model",
+        "created": state.created,
+        "owned_by": "compose",
+    }
+    return JSONResponse({"object": "list", "data": [card]})
+
+
+async def health(request: Request) -> Response:
+    return JSONResponse({"status": "ok", **server_state(request).engine.stats()})
+
+
+async def bad_request(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, api.BadRequest)
+    return JSONResponse(api.error_body(exc.message, exc.param, code=exc.code), exc.status)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return JSONResponse(api.error_body(str(exc.detail)), exc.status_code)
+
+
+async def internal_error(request: Request, exc: Exception) -> Response:
+    log.error("request failed", exc_info=exc)
+    body = api.error_body("internal error; see the server's log", kind="server_error")
+    return JSONResponse(body, 500)
+
+
+EXCEPTION_HANDLERS = {
+    api.BadRequest: bad_request,
+    HTTPException: http_error,
+    Exception: internal_error,
+}
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    yield
+    app.state.server.engine.close()
 
 
 def finish(generation: Generation) -> str:
