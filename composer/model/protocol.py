@@ -11,6 +11,7 @@ from typing import Any, Protocol
 import torch
 
 from composer.model.carry_on import CarryOn, KVCache
+from composer.model.head import OutputHead
 from composer.model.mixture import Features, GenerationState
 from composer.recipe import Recipe
 
@@ -44,6 +45,11 @@ class Mixture(Protocol):
         attention_mask: torch.Tensor | None = None,
         past: KVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, KVCache]: ...
+
+    @property
+    def head(self) -> OutputHead:
+        """What reads the rows `hidden` gives (the anchor's LM head, fused with experts')."""
+        ...
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
@@ -29,6 +28,7 @@ from tqdm import tqdm
 from composer.generation.decode import Generation, context_length, run_together
 from composer.generation.sampling import Sampling
 from composer.generation.templates import render_chat
+from composer.model.likelihood import nll
 
 
 @register_model("compose")
@@ -68,16 +68,31 @@ class ComposeLM(LM):
         return whole[:n_context], whole[n_context:]
 
     @torch.no_grad()
-    def _score(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
-        """log P(continuation | context) in nats, and whether greedy decoding gives it.
-        Only the last `max_length` tokens are read (a longer continuation keeps its end)."""
+    def _rows(
+        self, context: list[int], continuation: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head's rows (N, D) at the positions that predict the continuation's tokens, and
+        those tokens (N,). Only the last `max_length` tokens are read (a longer continuation
+        keeps its end)."""
         continuation = continuation[-self.max_length :]
         ids = (context + continuation)[-(self.max_length + 1) :][:-1]
-        logits = self.mixture(torch.tensor([ids]))[0, -len(continuation) :]  # (N, vocab)
-        logprobs = F.log_softmax(logits.float(), dim=-1)
-        target = torch.tensor(continuation)
-        total = float(logprobs.gather(1, target[:, None]).sum())
-        return total, bool((logprobs.argmax(dim=-1) == target).all())
+        features = self.mixture.features(torch.tensor([ids]), anchor_final=False)
+        hidden, _, _ = self.mixture.hidden(features)
+        return hidden[0, -len(continuation) :], torch.tensor(continuation)
+
+    @torch.no_grad()
+    def _logprob(self, context: list[int], continuation: list[int]) -> float:
+        """log P(continuation | context) in nats."""
+        return -float(nll(self.mixture.head, *self._rows(context, continuation)))
+
+    @torch.no_grad()
+    def _score(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+        """log P(continuation | context) in nats, and whether greedy decoding gives it."""
+        rows, target = self._rows(context, continuation)
+        total = -float(nll(self.mixture.head, rows, target))
+        # Greedy asks for every token's argmax: the full logits, of the continuation's rows only.
+        greedy = self.mixture.logits(rows).argmax(dim=-1).cpu() == target  # (N,)
+        return total, bool(greedy.all())
 
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[Any]:
         out = []
@@ -95,7 +110,7 @@ class ComposeLM(LM):
             windows = get_rolling_token_windows(
                 self._encode(text), self.prefix_token_id, self.max_length, context_len=1
             )
-            total = sum(self._score(*make_disjoint_window(w))[0] for w in windows)
+            total = sum(self._logprob(*make_disjoint_window(w)) for w in windows)
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
             out.append(total)
         return out

@@ -12,9 +12,10 @@ from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 
 from composer.features.data import IGNORE, Example, collate, pad_id
+from composer.model.head import LMHead
+from composer.model.likelihood import nll
 from composer.model.mixture import LiveMixture
 
 if TYPE_CHECKING:
@@ -41,6 +42,7 @@ def domain_metrics(
     sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     gates: dict[str, torch.Tensor] = {}
     pad = pad_id(mixture.tokenizer)
+    head = mixture.head
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         if cached is not None:
@@ -51,15 +53,14 @@ def domain_metrics(
             mask = tensors["attention_mask"]
             features = mixture.features(tensors["input_ids"], mask)
         hidden, weights, _ = mixture.hidden(features, mask)
+        anchor = mixture.anchor_rows(features)
         for row, example in enumerate(chunk):
             n = len(example.input_ids)
             acc = sums[example.domain]
             targets = torch.tensor(example.labels[1:n])
-            keep = targets != IGNORE
-            for name, h in (("mixture", hidden), ("anchor", mixture.anchor_rows(features))):
-                logits = mixture.logits(h[row, : n - 1][keep])
-                acc[f"nll_{name}"] += float(F.cross_entropy(logits, targets[keep], reduction="sum"))
-            acc["tokens"] += int(keep.sum())
+            for name, h in (("mixture", hidden), ("anchor", anchor)):
+                acc[f"nll_{name}"] += float(nll(head, h[row, : n - 1], targets))
+            acc["tokens"] += int((targets != IGNORE).sum())
             acc["chars"] += len(target_text(mixture.tokenizer, example))
             acc["examples"] += 1
             g = weights[row, :n].mean(dim=0)
@@ -67,8 +68,8 @@ def domain_metrics(
         for name, base in mixture.bases.items():
             if base is mixture.anchor:
                 continue
-            for example, nll in zip(chunk, base_target_nll(base, mixture, chunk), strict=True):
-                sums[example.domain][f"nll_base_{name}"] += nll
+            for example, alone in zip(chunk, base_target_nll(base, mixture, chunk), strict=True):
+                sums[example.domain][f"nll_base_{name}"] += alone
     report = {}
     for domain, acc in sums.items():
         chars = max(acc["chars"], 1.0)
@@ -130,14 +131,11 @@ def base_target_nll(base: Any, mixture: LiveMixture, examples: list[Example]) ->
     batch = collate([Example(input_ids=ids, labels=ids) for ids, _ in rows], pad_id(base.tokenizer))
     states = base.forward(batch["input_ids"], batch["attention_mask"], [], need_final=True)
     assert states.final is not None
+    head = LMHead.from_base(base)
     out = []
     for r, (ids, wanted) in enumerate(rows):
-        if not wanted:
-            out.append(0.0)
-            continue
-        logits = base.logits(states.final[r, [j - 1 for j in wanted]])
-        nll = F.cross_entropy(logits, torch.tensor([ids[j] for j in wanted]), reduction="sum")
-        out.append(float(nll))
+        targets = torch.tensor([ids[j] for j in wanted], dtype=torch.long)
+        out.append(float(nll(head, states.final[r, [j - 1 for j in wanted]], targets)))
     return out
 
 

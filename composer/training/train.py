@@ -21,7 +21,8 @@ from composer.errors import TrainError
 from composer.features.batch import Batch
 from composer.features.data import IGNORE, Example, collate, pad_id
 from composer.model.experts import FusedHead, best_reference
-from composer.model.head import head_kl, head_loss
+from composer.model.head import head_kl
+from composer.model.likelihood import nll
 from composer.model.mixture import Features, LiveMixture, MixtureCore, pad_features
 from composer.progress import counted
 from composer.recipe import PreserveSpec, TrainSpec
@@ -94,17 +95,13 @@ def _slice(features: Features, row: int, n: int) -> Features:
 
 
 def token_loss(mixture: MixtureCore, batch: Batch, use_carry_on: bool = True) -> torch.Tensor:
-    """Summed next-token cross-entropy over target positions; the head sees only those rows,
-    a chunk at a time (composer.model.head.head_loss)."""
+    """Summed next-token cross-entropy over the batch's target positions, through the mixture
+    (or, without `use_carry_on`, the anchor alone): composer.model.likelihood.nll."""
     if use_carry_on:
         hidden, _, _ = mixture.hidden(batch.features, batch.attention_mask)
     else:
         hidden = mixture.anchor_rows(batch.features)
-    targets = batch.labels[:, 1:]
-    selected = targets != IGNORE
-    rows = hidden[:, :-1][selected]  # (N, D)
-    wanted = targets[selected]  # (N,)
-    return head_loss(mixture.head, rows, wanted)
+    return nll(mixture.head, hidden[:, :-1], batch.labels[:, 1:])
 
 
 def preserve_positions(
