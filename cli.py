@@ -167,7 +167,7 @@ def build(
 
 def _report(verb: str, result: Any) -> None:
     """A build's last lines: held-out losses per domain and off-domain; a warning on harm."""
-    from composer.training.build import harm_warning, summary
+    from composer.training.report import harm_warning, summary
 
     if warning := harm_warning(result.metrics):
         err.print(f"[yellow]{warning}[/]", highlight=False)
@@ -453,8 +453,20 @@ def _suite_choices() -> type[enum.Enum]:
 def _suite_help() -> str:
     from composer.compare.suites import SUITES
 
-    return "Suite to run; repeat for several (default: all). " + "; ".join(
-        f"{s.name}: {s.description}" for s in SUITES
+    return (
+        "Suite to run; repeat for several (default: every suite whose data is installed, plus "
+        "each benchmark given --data). " + "; ".join(f"{s.name}: {s.description}" for s in SUITES)
+    )
+
+
+def _data_help() -> str:
+    from composer.compare.suites import SUITES, data_names
+
+    return (
+        "A local copy of a benchmark's data, NAME=PATH (repeat for several): a .jsonl/.json/"
+        ".parquet file, a folder of them or a save_to_disk folder; without it the suite reads "
+        "the Hugging Face hub. "
+        + "; ".join(f"{name}: {what}" for name, what in data_names(SUITES).items())
     )
 
 
@@ -497,6 +509,10 @@ def compare(
         Path | None,
         typer.Option(help="Per-item result cache (default: $COMPOSE_HOME/compare)."),
     ] = None,
+    data: Annotated[
+        list[str] | None,
+        typer.Option(help=_data_help(), metavar="NAME=PATH", show_default=False),
+    ] = None,
 ) -> None:
     """A/B compare two mixtures (or a base alone) on the same items, with paired statistics."""
     from composer.compare.report import summary_rows
@@ -516,6 +532,7 @@ def compare(
             out=target,
             cache_dir=cache_dir,
             console=err,
+            data=data or [],
         )
     )
     table = Table(title=f"A = {a}   B = {b}   ({level:.0%} level)", box=box.SIMPLE_HEAD)
@@ -524,10 +541,13 @@ def compare(
         table.add_column(col, justify="right", no_wrap=True)
     table.add_column(f"{level:.0%} interval", justify="right")
     table.add_column("p", justify="right", no_wrap=True)
+    table.add_column("detects", justify="right")
     table.add_column("verdict", min_width=11)
-    for name, metric, n, a_mean, b_mean, diff, ci, _test, p, verdict in summary_rows(result, 3):
+    for name, metric, n, a_mean, b_mean, diff, ci, _test, p, mde, verdict in summary_rows(
+        result, 3
+    ):
         style = {"A better": "red", "B better": "green"}.get(verdict)
-        row = (f"{name}\n[dim]{metric}", n, a_mean, b_mean, diff, ci, p, verdict)
+        row = (f"{name}\n[dim]{metric}", n, a_mean, b_mean, diff, ci, p, mde, verdict)
         table.add_row(*row, style=style)
     out.print(table)
     reused = ", ".join(f"{side} ran {n} item(s)" for side, n in result.computed.items())

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
 from composer.errors import OutputError
 
 
@@ -142,3 +144,14 @@ def staged_output(out: Path, fill: Callable[[Path], None]) -> None:
 def sha256_file(path: Path) -> str:
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def lock_now(path: Path, busy: Exception) -> FileLock:
+    """The file lock at `path`, held; `busy` is raised at once if another process holds it
+    (a second run is refused, never queued behind the first)."""
+    lock = FileLock(path)
+    try:
+        lock.acquire(blocking=False)
+    except Timeout:
+        raise busy from None
+    return lock

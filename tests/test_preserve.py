@@ -14,7 +14,8 @@ from composer.model.carry_on import CarryOn
 from composer.model.head import LMHead, head_kl
 from composer.model.mixture import LiveMixture
 from composer.recipe import CarryOnSpec, load_recipe
-from composer.training.build import harm_warning, off_domain
+from composer.training.build import off_domain
+from composer.training.report import harm_warning
 from composer.training.train import (
     FeatureSource,
     batch_indices,

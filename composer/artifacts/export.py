@@ -34,6 +34,7 @@ from composer.bases.lora import CONFIG as LORA_CONFIG
 from composer.bases.lora import WEIGHTS as LORA_WEIGHTS
 from composer.errors import CheckpointError
 from composer.files import check_new_output, staged_output, write_json, write_text
+from composer.model.card import table, use_section
 from composer.model.weights import RECIPE_FILE, WEIGHTS
 from composer.recipe import Recipe, recipe_from_dict
 from composer.versions import package_versions
@@ -272,22 +273,22 @@ def model_card(
             origin += f" ({src.get('source_kind')} sha256 `{src['card_sha256']}`)"
         weights = "<br>".join(f"`{f}` sha256 `{h}`" for f, h in src["weights"].items())
         role = " (anchor)" if name == recipe.anchor else ""
-        rows.append(
-            f"| `{name}`{role} | {origin} | {src['dtype']} | {src['quantization']} | {weights} |"
-        )
+        rows.append((f"`{name}`{role}", origin, src["dtype"], src["quantization"], weights))
+    bases = table(("base", "source", "dtype", "quantization", "weights loaded"), rows)
     if include_bases:
         where = "The bases' weights are in `bases/` (sharded safetensors); nothing else is read."
     else:
         where = "The bases are not included: they load from their cards or paths as listed."
-    table = ["| metric | value |", "|---|---|"]
+    values = []
     for key in ("steps", "tokens", "train_loss_last", "eval_loss_anchor", "eval_loss_mixture"):
         value = (metrics or {}).get(key)
         if isinstance(value, float):
-            table.append(f"| {key} | {value:.4f} |")
+            values.append((key, f"{value:.4f}"))
         elif isinstance(value, int):
-            table.append(f"| {key} | {value:,} |")
-    training = "\n".join(table) if len(table) > 2 else "No training metrics were found."
+            values.append((key, f"{value:,}"))
+    training = table(("metric", "value"), values) if values else "No training metrics were found."
     libs = ", ".join(f"{k} {v}" for k, v in versions.items())
+    python = 'or in Python: `composer.load_mixture("<this folder>")`.'
     return f"""# {recipe.name} (exported mixture)
 
 A carry-on mixture exported by `compose export`: frozen bases, a trained carry-on writing a
@@ -296,9 +297,7 @@ gated correction into the anchor `{recipe.anchor}`'s final hidden state, read by
 
 ## Bases
 
-| base | source | dtype | quantization | weights loaded |
-|---|---|---|---|---|
-{chr(10).join(rows)}
+{bases}
 
 Quantized bases are stored as their original weights; the recipe's `quantization` setting
 quantizes them on load.
@@ -313,11 +312,6 @@ quantizes them on load.
 {recipe.to_yaml().rstrip()}
 ```
 
-## Use
-
-    compose generate <this folder> --prompt "..."
-
-or in Python: `composer.load_mixture("<this folder>")`.
-
+{use_section(python)}
 Exported with {libs}.
 """

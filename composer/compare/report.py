@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from composer.compare.stats import POWER
 from composer.files import write_json, write_png, write_text
 
 if TYPE_CHECKING:
@@ -82,12 +83,13 @@ def _cell(text: Any, limit: int = 400) -> str:
 
 
 def summary_rows(result: CompareResult, digits: int = 4) -> list[list[str]]:
-    """suite, metric, n, A, B, B − A, interval, test, p, verdict: for the terminal and markdown."""
+    """suite, metric, n, A, B, B − A, interval, test, p, detectable, verdict: for the terminal
+    and markdown."""
     rows = []
     for s in result.suites:
         c = s.comparison
         if c is None:
-            unscored = ["–"] * 6 + ["side by side (not scored)"]
+            unscored = ["–"] * 7 + ["side by side (not scored)"]
             rows.append(
                 [s.suite.name, metric_name(s) or "generations", str(len(s.items)), *unscored]
             )
@@ -96,11 +98,49 @@ def summary_rows(result: CompareResult, digits: int = 4) -> list[list[str]]:
         test = "McNemar exact" if c.test == "mcnemar" else "paired bootstrap"
         means = [fmt(x, digits) for x in (c.a_mean, c.b_mean, c.diff)]
         interval = f"[{fmt(c.ci[0], digits)}, {fmt(c.ci[1], digits)}]"
-        rows.append([s.suite.name, metric_name(s), str(c.n), *means, interval, test, p, c.verdict])
+        detectable = "none" if c.mde is None else f"≥ {_difference(s, c.mde, digits)}"
+        row = [s.suite.name, metric_name(s), str(c.n), *means, interval, test, p, detectable]
+        rows.append([*row, c.verdict])
     return rows
 
 
-SUMMARY_COLUMNS = ["suite", "metric", "n", "A", "B", "B − A", "interval", "test", "p", "verdict"]
+SUMMARY_COLUMNS = [
+    "suite",
+    "metric",
+    "n",
+    "A",
+    "B",
+    "B − A",
+    "interval",
+    "test",
+    "p",
+    "detectable",
+    "verdict",
+]
+
+
+def _difference(s: SuiteResult, value: float, digits: int = 4) -> str:
+    """A difference in the suite's metric: pass rates in percentage points."""
+    if s.suite.kind == "pass":
+        return f"{100 * value:.0f} points"
+    return f"{fmt(value, digits)} {metric_name(s)}"
+
+
+def power_note(s: SuiteResult) -> str:
+    """The verdict and how large a difference its item count could detect, in words."""
+    c = s.comparison
+    if c is None:
+        return ""
+    p = "" if c.p_value is None else f" (p={c.p_value:.2g})"
+    if c.mde is None:
+        return (
+            f"{c.verdict}{p}; at {c.n} items ({c.mde_basis}) no difference would be detected "
+            f"{POWER:.0%} of the time"
+        )
+    return (
+        f"{c.verdict}{p}; at {c.n} items only a difference of ≥ {_difference(s, c.mde)} would "
+        f"be detected {POWER:.0%} of the time ({c.mde_basis})"
+    )
 
 
 def markdown(result: CompareResult) -> str:
@@ -122,7 +162,10 @@ def markdown(result: CompareResult) -> str:
         "",
         "Differences are B − A on the same items. Pass/fail suites are decided by McNemar's "
         f"exact test (p < {1 - result.level:.2g}), the others by whether the {pct} paired "
-        "bootstrap interval of the mean difference excludes zero. Lower loss is better.",
+        "bootstrap interval of the mean difference excludes zero. Lower loss is better. "
+        f"`detectable`: the smallest difference these items would find significant {POWER:.0%} "
+        "of the time (McNemar: exact, at the observed share of items where the sides differ; "
+        "losses: normal approximation from the spread of the per-item differences).",
         "",
     ]
     cols = [c.replace("interval", f"{pct} interval") for c in SUMMARY_COLUMNS]
@@ -144,6 +187,8 @@ def markdown(result: CompareResult) -> str:
             lines.append(f"| {name} | {side} | {weights} |")
     for s in result.suites:
         lines += ["", f"## {s.suite.name}", "", s.suite.description + "."]
+        if s.comparison is not None:
+            lines += ["", power_note(s)[:1].upper() + power_note(s)[1:] + "."]
         if s.skipped:
             lines.append(f"{s.skipped} item(s) skipped on one side (too long for its tokens).")
         lines += ["", *(_generations(s) if s.suite.kind == "generations" else _per_item(s))]

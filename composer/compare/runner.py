@@ -28,7 +28,7 @@ from composer.artifacts.load import read_mixture_recipe
 from composer.bases.registry import cache_home
 from composer.compare.results import CompareResult, Side, SuiteResult
 from composer.compare.stats import compare_paired
-from composer.compare.suites import SUITES, Item, Suite, SuiteRegistry
+from composer.compare.suites import SUITES, FromData, Item, Suite, SuiteRegistry, parse_data
 from composer.errors import CompareError, ComposeError
 from composer.files import sha256_file, write_json
 from composer.model.weights import RECIPE_FILE, WEIGHTS
@@ -183,22 +183,27 @@ def compare(
     cache_dir: Path | None = None,
     registry: SuiteRegistry = SUITES,
     console: Console | None = None,
+    data: Sequence[str] = (),
 ) -> CompareResult:
     """Run both sides on the same items of each suite and compare them item by item.
 
     Generation suites decode `batch` items at a time (padded on the left; each answer is the
-    one generated alone, up to float rounding)."""
+    one generated alone, up to float rounding). `data`: `NAME=PATH` local copies of the
+    benchmarks' data (`--data`); the rest come from the Hugging Face hub."""
     console = console or Console(stderr=True)
     if not 0 < level < 1:
         raise CompareError(f"--level {level} must be between 0 and 1")
     if batch < 1:
         raise CompareError(f"--batch {batch} must be at least 1")
-    chosen = [registry.get(name) for name in dict.fromkeys(suites or registry.names())]
+    places = parse_data(data, registry)
+    chosen = [
+        registry.get(name) for name in dict.fromkeys(suites or default_suites(registry, places))
+    ]
     with console.status("resolving both sides"):
         sides = [resolve_side("A", a), resolve_side("B", b)]
     recipes = [s.recipe for s in sides if s.kind == "mixture"]
     with console.status("reading the suites' items"):
-        items = {suite.name: suite.items(limit, recipes) for suite in chosen}
+        items = {suite.name: suite.items(limit, recipes, places) for suite in chosen}
     cache = ResultCache(cache_dir or cache_home() / "compare")
     computed = {
         side.label: _run_side(side, chosen, items, cache, seed, batch, console) for side in sides
@@ -214,6 +219,12 @@ def compare(
         write_reports(result, out)
         result.out_dir = out
     return result
+
+
+def default_suites(registry: SuiteRegistry, data: dict[str, str]) -> list[str]:
+    """The suites run when none is named: those whose data ships with the installed packages,
+    and each benchmark whose local copy `--data` names (the hub is never read unasked)."""
+    return [s.name for s in registry if not isinstance(s.load, FromData) or s.load.name in data]
 
 
 def _run_side(

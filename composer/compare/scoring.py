@@ -40,20 +40,20 @@ def _loss(
     mixture: Mixture, input_ids: list[int], labels: list[int], n_bytes: int
 ) -> dict[str, Any]:
     import torch
-    import torch.nn.functional as F
 
     from composer.features.data import IGNORE
+    from composer.model.likelihood import nll
 
+    # The loss is read through the mixture's head, blocked as training reads it.
     with torch.no_grad():
         ids = torch.tensor([input_ids])
         features = mixture.features(ids, anchor_final=False)
         hidden, weights, _ = mixture.hidden(features)
         targets = torch.tensor(labels[1:])
-        selected = targets != IGNORE
-        logits = mixture.logits(hidden[0, :-1][selected])  # (N, vocab)
-        nll = F.cross_entropy(logits.float(), targets[selected], reduction="sum")
+        total = nll(mixture.head, hidden[0, :-1], targets)
+    selected = targets != IGNORE
     gate = _gate(weights[:, :-1] if isinstance(weights, torch.Tensor) else None, selected)
-    return {"nll": float(nll), "tokens": int(selected.sum()), "bytes": n_bytes, "gate": gate}
+    return {"nll": float(total), "tokens": int(selected.sum()), "bytes": n_bytes, "gate": gate}
 
 
 def _qa_loss(mixture: Mixture, messages: list[dict[str, str]], answer: str, seq_len: int) -> dict:
@@ -175,10 +175,20 @@ def run_humaneval(
     prompts = [item.data["prompt"] for item in items]
     # The decoder cuts each completion before the first of the stop strings.
     answers = _generate(mixture, prompts, settings, chat=False, stop=HUMANEVAL_STOPS)
+    return _run_programs(items, answers, humaneval_program, settings)
+
+
+def _run_programs(
+    items: list[Any],
+    answers: list[tuple[str, list[float] | None]],
+    program: Callable[[dict[str, Any], str], str],
+    settings: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """Each item's program (made from its completion) run in the sandbox: passed or not."""
     limits = Limits(timeout_s=settings["timeout_s"], memory_bytes=settings["memory_mb"] << 20)
     results = []
     for item, (completion, gate) in zip(items, answers, strict=True):
-        result = run_untrusted(humaneval_program(item.data, completion), limits)
+        result = run_untrusted(program(item.data, completion), limits)
         results.append(
             {
                 "completion": completion,
@@ -196,3 +206,38 @@ def run_generation(
 ) -> list[dict[str, Any]]:
     answers = _generate(mixture, [item.data["prompt"] for item in items], settings)
     return [{"output": output, "gate": gate} for output, gate in answers]
+
+
+# The standard MBPP prompt (Austin et al. 2021, section 2.1), asked as one user message.
+MBPP_PROMPT = (
+    "You are an expert Python programmer, and here is your task: {text} "
+    "Your code should pass these tests:\n\n{tests}"
+)
+CODE_FENCE = "```"
+
+
+def mbpp_prompt(problem: dict[str, Any]) -> str:
+    return MBPP_PROMPT.format(text=problem["text"], tests="\n".join(problem["test_list"]))
+
+
+def mbpp_program(problem: dict[str, Any], code: str) -> str:
+    """The answer's code, the task's setup code, then its three asserts."""
+    tests = "\n".join(problem["test_list"])
+    return f"{code}\n\n{problem.get('test_setup_code') or ''}\n\n{tests}\n"
+
+
+def run_mbpp(mixture: Mixture, items: list[Any], settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """Greedy code for each task, run with the task's asserts in the sandbox (as HumanEval).
+
+    The assistant's turn starts with `settings["answer_prefix"]` (a ```python fence), so the
+    answer is code, and the closing fence ends it: the code is what lies between the fences."""
+    from composer.generation.templates import format_prompt
+
+    prefix = settings["answer_prefix"]
+    prompts = [
+        format_prompt(mixture.tokenizer, [{"role": "user", "content": mbpp_prompt(item.data)}])
+        + prefix
+        for item in items
+    ]
+    answers = _generate(mixture, prompts, settings, chat=False, stop=(CODE_FENCE,))
+    return _run_programs(items, answers, mbpp_program, settings)

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock, Timeout
 from rich.console import Console
 from safetensors.torch import save_file
 
@@ -44,11 +43,11 @@ from composer.bases.registry import cache_home
 from composer.errors import CacheError
 from composer.features.data import Example, collate, load_splits, pad_id
 from composer.features.shards import CachedSource, Encoded, encode, pack
-from composer.files import atomic_write, read_json, sha256_file, write_json
+from composer.files import atomic_write, lock_now, read_json, sha256_file, write_json
 from composer.model.factory import check_compatible
 from composer.model.mixture import LiveMixture
 from composer.progress import counted
-from composer.recipe import CacheSpec, DataSpec, Recipe
+from composer.recipe import CacheSpec, DataSpec, HfData, MixData, Recipe
 
 FORMAT = 1
 # How load_splits draws a recipe's examples; part of the key, so a cache written under an
@@ -70,12 +69,27 @@ def _sha256_files(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def _data_identity(data: DataSpec) -> dict[str, Any]:
-    identity: dict[str, Any] = data.model_dump(mode="json")
+def _file_identity(data: DataSpec) -> dict[str, str]:
+    """The content hash of a source read from local files (a `path`, or an `hf` dataset given
+    as a local file or folder): the same path with other contents is other data."""
     path = getattr(data, "path", None)
     if path is not None:
-        identity["sha256"] = sha256_file(Path(path)) if Path(path).is_file() else "missing"
-    elif data.kind == "gsm_symbolic":
+        return {"sha256": sha256_file(Path(path)) if Path(path).is_file() else "missing"}
+    if isinstance(data, HfData) and Path(data.dataset).expanduser().exists():
+        local = Path(data.dataset).expanduser()
+        files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
+        return {"sha256": _sha256_files(files)}
+    return {}
+
+
+def _data_identity(data: DataSpec) -> dict[str, Any]:
+    identity: dict[str, Any] = data.model_dump(mode="json")
+    if isinstance(data, MixData):
+        for part, dumped in zip(data.parts, identity["parts"], strict=True):
+            dumped["data"] |= _file_identity(part.data)
+        return identity
+    identity |= _file_identity(data)
+    if data.kind == "gsm_symbolic":
         identity["generator"] = f"reasoning-gym {importlib.metadata.version('reasoning-gym')}"
     elif data.kind == "python_stdlib":
         identity["python"] = platform.python_version()
@@ -212,11 +226,9 @@ def open_cache(recipe: Recipe) -> FeatureCache:
 @contextmanager
 def _locked(folder: Path) -> Iterator[None]:
     folder.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(folder / ".lock")
-    try:
-        lock.acquire(blocking=False)
-    except Timeout:
-        raise CacheError(f"cache {folder} is being written by another process") from None
+    lock = lock_now(
+        folder / ".lock", CacheError(f"cache {folder} is being written by another process")
+    )
     try:
         yield
     finally:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import sysconfig
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from composer.recipe import (
     ChatterbotData,
     DataSpec,
     GsmData,
+    HfData,
     JsonlData,
     MixData,
     PythonDocsData,
@@ -195,10 +197,7 @@ def load_jsonl(spec: JsonlData, tokenizer: Any, seq_len: int) -> list[Example]:
             messages = [{"role": "user", "content": str(row["prompt"])}]
             example = encode_qa(tokenizer, messages, str(row["answer"]), seq_len)
         elif isinstance(row, dict) and _is_chat(row.get("messages")):
-            *context, last = row["messages"]
-            if last["role"] != "assistant":
-                raise DataError(f"{spec.path}:{n}: the last message must be the assistant's")
-            example = encode_qa(tokenizer, context, last["content"], seq_len)
+            example = encode_chat(tokenizer, row["messages"], seq_len, f"{spec.path}:{n}")
         else:
             raise DataError(
                 f"{spec.path}:{n}: expected an object with 'text', 'prompt'+'answer' or 'messages'"
@@ -216,6 +215,70 @@ def _is_chat(messages: Any) -> bool:
     )
 
 
+def encode_chat(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    seq_len: int,
+    where: str,
+    answer: Callable[[str], str] = str,
+) -> Example | None:
+    """A chat with the loss on its last message (the assistant's), `answer` applied to it."""
+    *context, last = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+    if last["role"] != "assistant":
+        raise DataError(f"{where}: the last message must be the assistant's")
+    return encode_qa(tokenizer, context, answer(last["content"]), seq_len)
+
+
+# GSM8K's calculator annotations: `<<48/2=24>>` before the result the solution writes itself.
+# No whitespace inside (none of GSM8K's has any), so `1 << n == m >> 1` in code is left alone.
+CALCULATOR = re.compile(r"<<[^<>=\s]+=[^<>=\s]+>>")
+
+
+def strip_calculator(text: str) -> str:
+    """`48/2 = <<48/2=24>>24 clips` -> `48/2 = 24 clips`."""
+    return CALCULATOR.sub("", text)
+
+
+def load_hf(spec: HfData, tokenizer: Any, seq_len: int) -> list[Example]:
+    """Rows of a Hugging Face dataset (hub id or local copy), by the roles in `fields`."""
+    from composer.features.hf_datasets import check_columns, open_split
+
+    where = f"{spec.dataset} {spec.split}"
+    rows = open_split(
+        spec.dataset, spec.config, spec.split, hint="; give a local file or folder as `dataset`"
+    )
+    columns = {role: c for role, c in spec.fields.columns().items() if c is not None}
+    check_columns(rows, columns, where)
+    order = list(range(len(rows)))
+    if spec.size is not None:
+        if spec.size > len(order):
+            raise DataError(f"{where}: size {spec.size} is more than its {len(order)} rows")
+        random.Random(spec.seed).shuffle(order)
+        order = order[: spec.size]
+    target = strip_calculator if spec.calculator == "strip" else str
+    picked = rows.select_columns(list(dict.fromkeys(columns.values()))).select(order)
+    out: list[Example] = []
+    for index, row in zip(order, picked, strict=True):
+        example: Example | None
+        if "text" in columns:
+            out += text_windows(tokenizer, [target(str(row[columns["text"]]))], seq_len, None)
+            continue
+        if "messages" in columns:
+            messages = row[columns["messages"]]
+            if not _is_chat(messages):
+                raise DataError(
+                    f"{where}: row {index}: fields.messages: column '{columns['messages']}' is "
+                    "not a chat (a list of at least two {role, content})"
+                )
+            example = encode_chat(tokenizer, messages, seq_len, f"{where}: row {index}", target)
+        else:
+            question = [{"role": "user", "content": str(row[columns["question"]])}]
+            example = encode_qa(tokenizer, question, target(str(row[columns["answer"]])), seq_len)
+        if example is not None:
+            out.append(example)
+    return out
+
+
 DATA_SOURCES: dict[str, Callable[[Any, Any, int], list[Example]]] = {
     "gsm_symbolic": load_gsm,
     "python_stdlib": load_stdlib,
@@ -223,6 +286,7 @@ DATA_SOURCES: dict[str, Callable[[Any, Any, int], list[Example]]] = {
     "jsonl": load_jsonl,
     "chatterbot": load_chatterbot,
     "python_docs": load_python_docs,
+    "hf": load_hf,
 }
 
 

@@ -1,5 +1,11 @@
 """`compose build` and `compose train`: features (cached or live), training, the mixture directory.
 
+Both commands run one path (`_run`): the output is checked, locked and checked again, the
+carry-on trains, and the directory's files are written once, at the end. `build` adds a memory
+check, writes (or reuses) the feature cache and measures each held-out domain with the bases
+alone too; `train` reads a cache `compose cache` wrote, or runs the bases live, and trains
+data-parallel from the cache on several processes, where rank 0 alone locks and writes.
+
 The output directory holds the resolved recipe, the carry-on weights, metrics.json, the loss
 plot and a README card. It is created only once everything before training has succeeded, so
 bad input leaves nothing behind; checkpoints inside it make a killed build resumable.
@@ -15,20 +21,20 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from filelock import FileLock, Timeout
 from rich.console import Console
 
 from composer.errors import OutputError, RecipeError, ResourceError, TrainError
 from composer.features.cache import FeatureCache, open_cache, write_cache
 from composer.features.data import load_splits
-from composer.files import write_json, write_png, write_text
+from composer.files import lock_now, write_json, write_text
 from composer.model.mixture import CachedMixture, LiveMixture, MixtureCore
-from composer.model.weights import RECIPE_FILE, WEIGHTS, load_weights, save_weights
+from composer.model.weights import RECIPE_FILE, WEIGHTS, save_weights
 from composer.progress import counted
 from composer.recipe import Recipe, comparable, read_comparable
 from composer.training.distributed import Ranks
 from composer.training.metrics import domain_metrics, gate_separation
 from composer.training.plan import Plan, make_plan
+from composer.training.report import model_card, plot_losses
 from composer.training.train import (
     FeatureSource,
     Source,
@@ -77,28 +83,16 @@ def check_output_dir(out_dir: Path, recipe: Recipe, resume: bool) -> None:
         raise OutputError(f"output {out_dir} was built from a different recipe; cannot resume")
 
 
-_HELD: set[Path] = set()  # outputs this process has locked: build holds it across train_mixture
-
-
 @contextmanager
 def output_lock(out_dir: Path) -> Iterator[None]:
     """Hold `.<name>.lock` beside `out_dir` for a run: a second run to the same output, from
     any process, is refused at once instead of writing into it too."""
-    key = out_dir.resolve()
-    if key in _HELD:
-        yield
-        return
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(out_dir.parent / f".{out_dir.name}.lock")
-    try:
-        lock.acquire(blocking=False)
-    except Timeout:
-        raise OutputError(f"output {out_dir} is being written by another run") from None
-    _HELD.add(key)
+    busy = OutputError(f"output {out_dir} is being written by another run")
+    lock = lock_now(out_dir.parent / f".{out_dir.name}.lock", busy)
     try:
         yield
     finally:
-        _HELD.discard(key)
         Path(lock.lock_file).unlink(missing_ok=True)  # while held: no other run has it open
         lock.release()
 
@@ -122,71 +116,8 @@ def build(
 
     A plan whose memory estimate exceeds the available memory is refused unless `force`."""
     out_dir = out or recipe.output_dir()
-    check_output_dir(out_dir, recipe, resume)
-    with output_lock(out_dir):
-        return _build(recipe, out_dir, steps, resume, force, console)
-
-
-def _build(
-    recipe: Recipe,
-    out_dir: Path,
-    steps: int | None,
-    resume: bool,
-    force: bool,
-    console: Console | None,
-) -> BuildResult:
-    console = console or Console(stderr=True)
-    check_output_dir(out_dir, recipe, resume)  # again, now that no other run can write there
-    check_memory(make_plan(recipe, fetch=True), force)
-    cache = None
-    if recipe.train.cache.enabled:
-        cache = write_cache(recipe, console=console)
-        how = "reused" if cache.reused else "written"
-        console.print(f"feature cache {how}: {cache.folder} ({cache.tokens:,} tokens)")
-    result = train_mixture(
-        recipe,
-        from_cache=cache is not None,
-        out=out_dir,
-        steps=steps,
-        resume=resume,
-        console=console,
-        cache=cache,
-    )
-    with console.status("held-out metrics per domain, the bases alone included"):
-        result.metrics["domains"] = domain_report(recipe, out_dir, cache)
-        result.metrics["gate_separation"] = gate_separation(result.metrics["domains"])
-    write_json(out_dir / "metrics.json", result.metrics)
-    write_text(out_dir / "README.md", model_card(recipe, result.metrics))
-    return result
-
-
-def check_memory(plan: Plan, force: bool) -> None:
-    need = plan.memory_bytes["total"]
-    available = psutil.virtual_memory().available
-    if need > available and not force:
-        raise ResourceError(
-            f"the plan needs about {need / 2**30:.1f} GiB of memory but {available / 2**30:.1f} "
-            "GiB is available (see `compose plan`); pass --force to run anyway"
-        )
-
-
-def domain_report(
-    recipe: Recipe, out_dir: Path, cache: FeatureCache | None = None
-) -> dict[str, Any]:
-    """Per data domain, on the held-out split: loss of the anchor, of the mixture and of each
-    base alone (per character, so tokenizers compare), and the router's mean weight per source;
-    with preservation, the held-out general text too (`general/...` domains: off-domain).
-    With the build's feature `cache`, the mixture and the anchor read its states."""
-    mixture = LiveMixture.from_recipe(recipe, fetch=True, seed=recipe.train.seed)
-    load_weights(out_dir / WEIGHTS, mixture.carry_on)
-    mixture.carry_on.eval()
-    splits = load_splits(recipe, mixture.tokenizer)
-    report: dict[str, Any] = {}
-    for name in ("eval", "general"):
-        if name in splits:
-            source = cache.source(name) if cache is not None else None
-            report |= domain_metrics(mixture, splits[name], recipe.train.batch_size, source)
-    return report
+    run = _Run(recipe.train.cache.enabled, whole=True, steps=steps, resume=resume, force=force)
+    return _run(recipe, out_dir, run, console)
 
 
 def train_mixture(
@@ -197,44 +128,63 @@ def train_mixture(
     steps: int | None = None,
     resume: bool = False,
     console: Console | None = None,
-    cache: FeatureCache | None = None,
 ) -> BuildResult:
-    """Train the carry-on and write the mixture directory. From the recipe's feature cache
-    (`cache`, when already opened), no base weights are loaded but the anchor's LM head;
-    otherwise the bases run live."""
+    """Train the carry-on and write the mixture directory. From the recipe's feature cache no
+    base weights are loaded but the anchor's LM head; otherwise the bases run live."""
     out_dir = out or recipe.output_dir()
-    if not Ranks.current().is_main:  # the processes of one data-parallel run share the output
-        return _train_mixture(recipe, from_cache, out_dir, steps, resume, console, cache)
-    check_output_dir(out_dir, recipe, resume)
-    with output_lock(out_dir):
-        return _train_mixture(recipe, from_cache, out_dir, steps, resume, console, cache)
+    return _run(recipe, out_dir, _Run(from_cache, steps=steps, resume=resume), console)
 
 
-def _train_mixture(
-    recipe: Recipe,
-    from_cache: bool,
-    out_dir: Path,
-    steps: int | None,
-    resume: bool,
-    console: Console | None,
-    cache: FeatureCache | None,
-) -> BuildResult:
+@dataclass(frozen=True)
+class _Run:
+    """What a run does beyond training: `whole` is `build` (memory check, the cache written
+    or reused, held-out metrics per domain with the bases alone)."""
+
+    from_cache: bool
+    whole: bool = False
+    steps: int | None = None
+    resume: bool = False
+    force: bool = False
+
+
+def _run(recipe: Recipe, out_dir: Path, run: _Run, console: Console | None) -> BuildResult:
+    """The one path of `build` and `train`: the output checked before the lock and again
+    inside it; the processes of a data-parallel run other than rank 0 check it but neither
+    lock nor write."""
     console = console or Console(stderr=True)
     ranks = Ranks.current()
-    if ranks.world > 1 and not from_cache:
+    if ranks.world > 1 and (run.whole or not run.from_cache):
         raise TrainError(
             f"training on {ranks.world} processes reads the feature cache: run `compose cache` "
             "first, then launch `compose train --from-cache`"
         )
-    check_output_dir(out_dir, recipe, resume)
+    check_output_dir(out_dir, recipe, run.resume)
+    if not ranks.is_main:  # the processes of one data-parallel run share rank 0's lock
+        return _make_mixture(recipe, out_dir, run, ranks, console)
+    with output_lock(out_dir):
+        check_output_dir(out_dir, recipe, run.resume)  # again, now that no other run can write
+        return _make_mixture(recipe, out_dir, run, ranks, console)
+
+
+def _make_mixture(
+    recipe: Recipe, out_dir: Path, run: _Run, ranks: Ranks, console: Console
+) -> BuildResult:
     ranks.barrier()  # every process has checked the output before the first one writes there
     spec = recipe.train
+    if run.whole:
+        check_memory(make_plan(recipe, fetch=True), run.force)
+    cache = None
+    if run.from_cache and run.whole:
+        cache = write_cache(recipe, console=console)
+        how = "reused" if cache.reused else "written"
+        console.print(f"feature cache {how}: {cache.folder} ({cache.tokens:,} tokens)")
+    elif run.from_cache:
+        cache = open_cache(recipe)
     model: MixtureCore
     train_source: Source
     eval_source: Source
     sources: dict[str, Source]
-    if from_cache:
-        cache = cache or open_cache(recipe)
+    if cache is not None:
         model = CachedMixture.from_recipe(recipe, seed=spec.seed).to(ranks.device)
         sources = {name: cache.source(name) for name in cache.manifest["shards"]}
     else:
@@ -261,8 +211,8 @@ def _train_mixture(
         eval_source,
         spec,
         out_dir / "checkpoints",
-        steps=steps,
-        resume=resume,
+        steps=run.steps,
+        resume=run.resume,
         console=console,
         ranks=ranks,
         preserve_source=sources.get("preserve"),
@@ -271,15 +221,57 @@ def _train_mixture(
     metrics["off_domain"] = None
     if general is not None:
         metrics["off_domain"] = off_domain(model, general, spec.batch_size, ranks)
-    metrics["features"] = "cache" if from_cache else "live"
+    metrics["features"] = "cache" if cache is not None else "live"
     metrics["processes"] = ranks.world
     if ranks.is_main:
         save_weights(out_dir / WEIGHTS, model.carry_on)
+    if run.whole:  # one process: `_run` refuses a build on several
+        with console.status("held-out metrics per domain, the bases alone included"):
+            metrics["domains"] = domain_report(recipe, _live_mixture(recipe, model), cache)
+            metrics["gate_separation"] = gate_separation(metrics["domains"])
+    if ranks.is_main:
         write_json(out_dir / "metrics.json", metrics)
         plot_losses(out_dir / "loss.png", result, anchor_eval)
         write_text(out_dir / "README.md", model_card(recipe, metrics))
     ranks.barrier()
     return BuildResult(out_dir=out_dir, metrics=metrics)
+
+
+def check_memory(plan: Plan, force: bool) -> None:
+    need = plan.memory_bytes["total"]
+    available = psutil.virtual_memory().available
+    if need > available and not force:
+        raise ResourceError(
+            f"the plan needs about {need / 2**30:.1f} GiB of memory but {available / 2**30:.1f} "
+            "GiB is available (see `compose plan`); pass --force to run anyway"
+        )
+
+
+def _live_mixture(recipe: Recipe, model: MixtureCore) -> LiveMixture:
+    """The trained mixture with its bases loaded: the one trained live, or the bases loaded
+    now around the carry-on trained from the cache (the bases alone are scored live)."""
+    if isinstance(model, LiveMixture):
+        return model
+    mixture = LiveMixture.from_recipe(recipe, fetch=True, seed=recipe.train.seed)
+    mixture.carry_on.load_state_dict(model.carry_on.state_dict())
+    return mixture
+
+
+def domain_report(
+    recipe: Recipe, mixture: LiveMixture, cache: FeatureCache | None = None
+) -> dict[str, Any]:
+    """Per data domain, on the held-out split: loss of the anchor, of the trained `mixture` and
+    of each base alone (per character, so tokenizers compare), and the router's mean weight per
+    source; with preservation, the held-out general text too (`general/...` domains:
+    off-domain). With the build's feature `cache`, the mixture and the anchor read its states."""
+    mixture.carry_on.eval()
+    splits = load_splits(recipe, mixture.tokenizer)
+    report: dict[str, Any] = {}
+    for name in ("eval", "general"):
+        if name in splits:
+            source = cache.source(name) if cache is not None else None
+            report |= domain_metrics(mixture, splits[name], recipe.train.batch_size, source)
+    return report
 
 
 def off_domain(
@@ -290,41 +282,6 @@ def off_domain(
     anchor = evaluate(model, general, batch_size, use_carry_on=False, ranks=ranks)
     mixture = evaluate(model, general, batch_size, ranks=ranks)
     return {"anchor": anchor, "mixture": mixture, "change": mixture / anchor - 1}
-
-
-HARM_TOLERANCE = 0.02  # off-domain loss may rise this much before a build warns
-
-
-def harm_warning(metrics: dict[str, Any]) -> str | None:
-    """One line when the mixture's off-domain loss exceeds the anchor's by more than 2%."""
-    off = metrics.get("off_domain")
-    if not off or off["change"] <= HARM_TOLERANCE:
-        return None
-    return (
-        f"warning: off-domain loss rose {off['change']:+.1%} over the anchor's "
-        f"({off['anchor']:.4f} → {off['mixture']:.4f}): the mixture harms what it was not "
-        "trained on; raise train.preserve.weight or add general text to the data"
-    )
-
-
-def summary(metrics: dict[str, Any]) -> str:
-    """The build's last line: held-out loss per trained domain and off-domain, anchor vs
-    mixture."""
-    parts = [
-        f"eval loss {metrics['eval_loss_mixture']:.4f} (anchor {metrics['eval_loss_anchor']:.4f})"
-    ]
-    for domain, d in (metrics.get("domains") or {}).items():
-        if not domain.startswith("general/"):
-            loss = d["nats_per_char"]
-            parts.append(f"{domain} {loss['mixture']:.4f} (anchor {loss['anchor']:.4f}) nats/char")
-    off = metrics.get("off_domain")
-    if off:
-        parts.append(
-            f"off-domain {off['mixture']:.4f} (anchor {off['anchor']:.4f}, {off['change']:+.1%})"
-        )
-    else:
-        parts.append("off-domain not measured (preservation off)")
-    return "; ".join(parts) + f"; {metrics['trainable_params']:,} trainable params"
 
 
 def _live(recipe: Recipe, console: Console) -> tuple[LiveMixture, dict[str, Source]]:
@@ -378,90 +335,3 @@ def _metrics(
         "train_seconds": round(result.seconds, 1),
         "versions": package_versions(),
     }
-
-
-def plot_losses(path: Path, result: TrainResult, anchor_eval: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if result.train_loss:
-        steps, losses = zip(*result.train_loss, strict=True)
-        ax.plot(steps, losses, lw=0.8, alpha=0.6, label="train loss")
-    if result.eval_loss:
-        steps, losses = zip(*result.eval_loss, strict=True)
-        ax.plot(steps, losses, "o-", label="eval loss (mixture)")
-    ax.axhline(anchor_eval, color="grey", ls="--", label="eval loss (anchor alone)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("next-token loss")
-    ax.legend()
-    fig.tight_layout()
-    write_png(path, fig)
-
-
-def _domain_table(domains: dict[str, Any] | None) -> str:
-    if not domains:
-        return ""
-    first = next(iter(domains.values()))
-    losses = list(first["nats_per_char"])
-    sources = list(first["gate_mean"])
-    head = ["domain", *(f"{k} (nats/char)" for k in losses), *(f"gate {s}" for s in sources)]
-    rows = [
-        [
-            domain,
-            *(f"{d['nats_per_char'][k]:.4f}" for k in losses),
-            *(f"{d['gate_mean'][s]:.3f}" for s in sources),
-        ]
-        for domain, d in domains.items()
-    ]
-    lines = [head, ["---"] * len(head), *rows]
-    table = "\n".join("| " + " | ".join(row) + " |" for row in lines)
-    return f"\nPer domain, held out (loss per character of the target text):\n\n{table}\n"
-
-
-def _off_domain_rows(metrics: dict[str, Any]) -> str:
-    off = metrics.get("off_domain")
-    if not off:
-        return "\nPreservation was off (`train.preserve: none`): off-domain harm is not measured.\n"
-    warning = harm_warning(metrics)
-    return (
-        f"| off-domain general text, anchor alone | {off['anchor']:.4f} |\n"
-        f"| off-domain general text, mixture | {off['mixture']:.4f} ({off['change']:+.1%}) |\n"
-        + (f"\n**{warning}**\n" if warning else "")
-    )
-
-
-def model_card(recipe: Recipe, metrics: dict[str, Any]) -> str:
-    bases = "\n".join(
-        f"- `{name}`: {spec.card or spec.path} ({spec.dtype}, quantization {spec.quantization})"
-        + (" — anchor" if name == recipe.anchor else "")
-        for name, spec in recipe.bases.items()
-    )
-    anchor, mixture = metrics["eval_loss_anchor"], metrics["eval_loss_mixture"]
-    return f"""# {recipe.name}
-
-A carry-on mixture built by `compose build`: frozen bases, a trained carry-on of
-{metrics["trainable_params"]:,} parameters writing a gated correction through the anchor's LM head.
-
-## Bases
-{bases}
-
-Taps: {", ".join(recipe.taps)}. Carry-on: {len(recipe.carry_on.blocks)} blocks of width
-{recipe.carry_on.width}, {recipe.carry_on.heads} heads.
-
-## Training
-{metrics["steps"]} steps, {metrics["tokens"]:,} tokens, data `{recipe.train.data.kind}`.
-
-| held-out next-token loss | value |
-|---|---|
-| anchor alone | {anchor:.4f} |
-| mixture | {mixture:.4f} |
-{_off_domain_rows(metrics)}
-{_domain_table(metrics.get("domains"))}
-## Use
-    compose generate <this folder> --prompt "..."
-
-The resolved recipe is in `{RECIPE_FILE}`, the carry-on weights in `{WEIGHTS}`.
-"""
