@@ -281,15 +281,25 @@ TrustRemoteCode = Annotated[
 def _sampling(
     temperature: float, top_p: float, top_k: int, repetition_penalty: float, seed: int | None
 ) -> Any:
+    """The sampling options, checked before anything loads; one line naming the option that
+    is out of range."""
+    from pydantic import ValidationError
+
     from composer.generation.sampling import Sampling
 
-    return Sampling(
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-    )
+    try:
+        return Sampling(
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        option = "--" + "-".join(str(part) for part in first["loc"]).replace("_", "-")
+        err.print(f"[bold red]error:[/] {option}: {first['msg']}", highlight=False)
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -317,14 +327,35 @@ def generate(
 
     sampling = _sampling(temperature, top_p, top_k, repetition_penalty, seed)
     mixture = _run(lambda: load_mixture(mixture_dir, trust_remote_code=trust_remote_code))
+    room = _run(lambda: _answer_room(mixture, prompt, max_new_tokens, chat=not raw))
     if show_gates:
         err.print(legend(mixture.carry_on.sources))
     pieces = _run(
         lambda: stream_answer(
-            mixture, prompt, max_new_tokens, sampling, stop or [], chat=not raw, gates=show_gates
+            mixture, prompt, room, sampling, stop or [], chat=not raw, gates=show_gates
         )
     )
     _run(lambda: print_stream(out, pieces, mixture.carry_on.sources))
+
+
+def _answer_room(mixture: Any, prompt: str, max_new_tokens: int, *, chat: bool) -> int:
+    """How many tokens the answer may take: `max_new_tokens`, or less where the anchor's
+    context ends first; refused (as the server does) when the prompt leaves no room."""
+    from composer.errors import DataError
+    from composer.generation.decode import context_length, prompt_ids
+
+    ids = prompt_ids(mixture, prompt, chat=chat)
+    if not ids:
+        raise DataError("--prompt: empty (no tokens to continue from)")
+    context = context_length(mixture)
+    if context is None:
+        return max_new_tokens
+    if len(ids) >= context:
+        raise DataError(
+            f"--prompt: {len(ids):,} tokens fill the anchor's context ({context:,} tokens); "
+            "shorten it"
+        )
+    return min(max_new_tokens, context - len(ids))
 
 
 @app.command()
@@ -348,14 +379,39 @@ def serve(
             help="Waiting requests decoded together (one batch; each answer as it is alone).",
         ),
     ] = 4,
+    max_connections: Annotated[
+        int, typer.Option(min=2, help="Open connections at which a request gets 503.")
+    ] = 64,
+    request_timeout: Annotated[
+        float,
+        typer.Option(min=0.1, help="Seconds a request may take to arrive whole; then cut off."),
+    ] = 30.0,
+    keep_alive_timeout: Annotated[
+        int, typer.Option(min=1, help="Seconds an idle connection waits for its next request.")
+    ] = 5,
+    max_header_bytes: Annotated[
+        int, typer.Option(min=1024, help="A request's line and headers; more gets 400.")
+    ] = 16 << 10,
 ) -> None:
     """Serve a mixture with an OpenAI-compatible API (/v1/chat/completions, /v1/completions)."""
     from composer.serving import serve as run_server
 
     err.print(f"serving {mixture_dir} on http://{host}:{port}/v1", highlight=False)
+    limits = dict(
+        max_connections=max_connections,
+        request_timeout=request_timeout,
+        keep_alive_timeout=keep_alive_timeout,
+        max_header_bytes=max_header_bytes,
+    )
     _run(
         lambda: run_server(
-            mixture_dir, host=host, port=port, api_key=key, max_queue=max_queue, batch=batch
+            mixture_dir,
+            host=host,
+            port=port,
+            api_key=key,
+            max_queue=max_queue,
+            batch=batch,
+            **limits,
         )
     )
 
@@ -513,6 +569,15 @@ def compare(
         list[str] | None,
         typer.Option(help=_data_help(), metavar="NAME=PATH", show_default=False),
     ] = None,
+    unsafe_no_jail: Annotated[
+        bool,
+        typer.Option(
+            "--unsafe-no-jail",
+            help="Where the sandbox's jail cannot be built (namespaces refused), run generated "
+            "code anyway, with your own rights: it can read your files and reach the network "
+            "(see README). Without it, such suites are refused.",
+        ),
+    ] = False,
 ) -> None:
     """A/B compare two mixtures (or a base alone) on the same items, with paired statistics."""
     from composer.compare.report import summary_rows
@@ -533,6 +598,7 @@ def compare(
             cache_dir=cache_dir,
             console=err,
             data=data or [],
+            unsafe_no_jail=unsafe_no_jail,
         )
     )
     table = Table(title=f"A = {a}   B = {b}   ({level:.0%} level)", box=box.SIMPLE_HEAD)

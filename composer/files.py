@@ -2,6 +2,12 @@
 
 Atomic writes (temp file beside the target, fsync, rename), staging folders (filled under a
 temporary name, renamed into place at the end) and the one sha256 of a file used everywhere.
+
+Temp files and staging folders are named `.{name}.staging-{pid}-{host}-{random}` (temp files
+end in `.tmp`), `host` a short hash of the machine's name: a SIGKILL leaves them behind, and the
+next staging folder made in the same parent removes those whose process is gone from this
+machine (`remove_stale`). Nothing else is ever removed: not another machine's (a shared disk),
+not a live process's, not a name compose did not make.
 """
 
 from __future__ import annotations
@@ -9,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import stat
 import tempfile
 from collections.abc import Callable
@@ -27,11 +35,59 @@ def _umask() -> int:
     return mask
 
 
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_STAGING = re.compile(r"^\..+\.staging-(\d+)-([0-9a-f]{8})-[A-Za-z0-9_]+(\.tmp)?$")
+
+
+def _staging_prefix(name: str) -> str:
+    """The start of a temp name beside `name`: whose process, on which machine."""
+    return f".{name}.staging-{os.getpid()}-{_HOST}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def is_staging(name: str) -> bool:
+    """`name` is that of a temp file or staging folder compose made."""
+    return _STAGING.match(name) is not None
+
+
+def remove_stale(parent: Path) -> list[Path]:
+    """Remove the temp files and staging folders in `parent` that a process of this machine
+    left when it was killed (its pid is not alive); the paths removed."""
+    removed = []
+    try:
+        entries = list(os.scandir(parent))
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        match = _STAGING.match(entry.name)
+        if match is None or match[2] != _HOST or _alive(int(match[1])):
+            continue
+        path = Path(entry.path)
+        if match[3] and entry.is_file(follow_symlinks=False):
+            path.unlink(missing_ok=True)
+        elif not match[3] and entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            continue
+        removed.append(path)
+    return removed
+
+
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call `write(tmp)` on a temp file beside `path`, fsync it, then rename it to `path`;
     the file gets the mode any new file of the user gets (mkstemp alone makes it 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    prefix = _staging_prefix(path.name)
+    fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -119,9 +175,11 @@ def check_new_output(out: Path) -> None:
 
 def staging_dir(final: Path) -> Path:
     """A fresh hidden folder beside `final`, to fill and then rename to `final`; with the mode
-    any new folder of the user gets once in place (mkdtemp alone makes it 0700)."""
+    any new folder of the user gets once in place (mkdtemp alone makes it 0700). Stale ones
+    that killed processes left in the same parent are removed first."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    remove_stale(final.parent)
+    path = Path(tempfile.mkdtemp(prefix=_staging_prefix(final.name), dir=final.parent))
     path.chmod(0o777 & ~_umask())
     return path
 

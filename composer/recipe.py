@@ -451,6 +451,21 @@ class RaySpec(BaseModel):
     )
 
 
+def path_template(path: str) -> str:
+    """A folder path in which `{name}` (the recipe's name) is the only placeholder."""
+    try:
+        fields = [(f, s, c) for _, f, s, c in string.Formatter().parse(path) if f is not None]
+    except ValueError as exc:
+        raise ValueError(f"{exc} (write {{{{ and }}}} for literal braces)") from exc
+    for field, spec, conversion in fields:
+        if field != "name" or spec or conversion:
+            shown = field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+            raise ValueError(f"unknown placeholder {{{shown}}}: only {{name}} is filled in")
+    if "\0" in path:
+        raise ValueError("a path cannot hold a NUL byte")
+    return path
+
+
 class CacheSpec(BaseModel):
     """Tapped states and the anchor's final state, computed once and stored on disk as shards."""
 
@@ -465,9 +480,9 @@ class CacheSpec(BaseModel):
     )
     dir: str | None = Field(
         default=None,
-        description="The cache folder (`{name}`: the recipe's name). Default: a folder named by "
-        "the hash of what determines the states, under $COMPOSE_FEATURES_DIR "
-        "(or $COMPOSE_HOME/features).",
+        description="The cache folder (`{name}`: the recipe's name): an empty or new folder, "
+        "or one holding a compose cache. Default: a folder named by the hash of what "
+        "determines the states, under $COMPOSE_FEATURES_DIR (or $COMPOSE_HOME/features).",
     )
     shard_examples: int = Field(
         default=64, gt=0, description="Examples per shard: a killed run resumes per shard."
@@ -486,6 +501,11 @@ class CacheSpec(BaseModel):
         "cache key: both engines write the same shards.",
     )
 
+    @field_validator("dir")
+    @classmethod
+    def _dir_template(cls, path: str | None) -> str | None:
+        return None if path is None else path_template(path)
+
 
 class Recipe(BaseModel):
     model_config = _FROZEN
@@ -500,16 +520,7 @@ class Recipe(BaseModel):
     @field_validator("output")
     @classmethod
     def _output_template(cls, output: str) -> str:
-        try:
-            fields = [f for _, f, _, _ in string.Formatter().parse(output) if f is not None]
-        except ValueError as exc:
-            raise ValueError(f"{exc} (write {{{{ and }}}} for literal braces)") from exc
-        for field in fields:
-            if field != "name":
-                raise ValueError(f"unknown placeholder {{{field}}}: only {{name}} is filled in")
-        if "\0" in output:
-            raise ValueError("a path cannot hold a NUL byte")
-        return output
+        return path_template(output)
 
     @field_validator("bases")
     @classmethod

@@ -109,6 +109,51 @@ def test_chat_in_a_terminal(tiny_mixture_dir, mixture):
     assert child.exitstatus == 0
 
 
+def test_a_bad_setting_is_a_message_and_the_conversation_goes_on(tiny_mixture_dir, mixture):
+    """A /set line the chat cannot read, or a value the decoder cannot honour, is answered
+    with a message; the settings and the conversation stay as they were."""
+    messages = ["How many days does he work?", "So?"]
+    answers, _ = _expected_answers(mixture, messages, Sampling(), 10)
+    env = {**os.environ, "TERM": "dumb", "NO_COLOR": "1", "PYTHONWARNINGS": "ignore"}
+    command = ["-m", "composer", "chat", str(tiny_mixture_dir), "--max-new-tokens", "10"]
+    child = pexpect.spawn(sys.executable, command, env=env, encoding="utf-8", timeout=60)
+    most = context_length(mixture) - 1
+    refusals = {
+        '/set top_p "0.5': "could not read the command (No closing quotation)",
+        "/set seed 99999999999999999999999": "seed: Input should be less than 18446744073709551616",
+        "/set temperature 1e-40": "temperature: Value error, 0 (greedy) or at least 1e-05",
+        "/set repetition_penalty 1e-40": "repetition_penalty: Input should be greater than or "
+        "equal to 0.01",
+        "/set top_p nan": "top_p: Input should be a finite number",
+        "/set max_new_tokens \u00b2": f"at least 1 and at most {most} (the context)",
+        "/set max_new_tokens 100000": f"at least 1 and at most {most} (the context)",
+    }
+    try:
+        child.expect("you> ")
+        child.sendline(messages[0])
+        child.expect("you> ")
+        first = child.before
+        for line, told in refusals.items():
+            child.sendline(line)
+            child.expect("you> ")
+            assert _visible(told) in _visible(child.before), (line, child.before)
+        child.sendline("/settings")
+        child.expect("you> ")
+        assert _visible("temperature = 0.0") in _visible(child.before)
+        assert _visible("seed = None") in _visible(child.before)
+        assert _visible("max_new_tokens = 10") in _visible(child.before)
+        child.sendline(messages[1])
+        child.expect("you> ")
+        second = child.before
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+    for answer, screen in zip(answers, [first, second], strict=True):
+        assert _visible(answer) in _visible(screen.split("mixture>", 1)[1]), screen
+
+
 def test_piped_stream_is_written_exactly():
     import io
 

@@ -14,6 +14,13 @@ Base weights are copied tensor by tensor from the folder the base loads from, so
 base is stored as its original weights plus the recipe's `quantization` setting and quantizes
 the same way on load. OUT is assembled under a temporary name and renamed into place only after
 the export has been loaded back and gave the same logits as the source.
+
+A base folder may come from someone else, so only the files a model loads are copied (config,
+generation config, tokenizer and chat template files, the safetensors; the Python modules of a
+base that sets `trust_remote_code`), and only regular files inside the folder: a link out of it
+is left behind (or, for weights, refused), and whatever is left out is named on the console.
+`export.json` and the model card say what each base is (card, sha256 of config and weights,
+its path inside OUT), never where it sat on the exporting machine.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from rich.console import Console
 from composer.artifacts.load import read_mixture_recipe
 from composer.artifacts.manifest import FORMAT, MANIFEST, file_entries
 from composer.bases.frozen import resolve_folder
-from composer.bases.identity import WEIGHT_SUFFIXES, base_identity
+from composer.bases.identity import WEIGHT_SUFFIXES, base_identity, weight_files
 from composer.bases.lora import CONFIG as LORA_CONFIG
 from composer.bases.lora import WEIGHTS as LORA_WEIGHTS
 from composer.errors import CheckpointError
@@ -51,6 +58,12 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+# The small files a base folder holds that a model needs; besides these only the safetensors
+# (re-sharded, with a new index) and, for remote code, the Python modules are exported.
+MODEL_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES, "vocab.txt")
+# A base's license travels with its weights (some licenses ask for it).
+LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE", "USE_POLICY.md")
+WEIGHTS_INDEX = "model.safetensors.index.json"
 PROBE = "Tom has 3 apples and buys 4 more. How many apples does he have now?"
 
 
@@ -83,21 +96,42 @@ def export(
     check_new_output(out)
     with console.status("resolving bases"):
         folders = {name: resolve_folder(spec, fetch=False) for name, spec in recipe.bases.items()}
+        contents = {
+            name: base_files(folder, remote_code=recipe.bases[name].trust_remote_code)
+            for name, folder in folders.items()
+        }
+        adapters = {
+            name: adapter_files(Path(spec.lora))
+            for name, spec in recipe.bases.items()
+            if spec.lora is not None
+        }
+    for name, found in contents.items():
+        # without the bases, only their tokenizer files are exported
+        skipped = [
+            f"{n} ({why})" for n, why in found.skipped if include_bases or n in TOKENIZER_FILES
+        ]
+        if skipped:
+            console.print(
+                f"base '{name}': left out of the export: {_listing(skipped)}",
+                highlight=False,
+                soft_wrap=True,
+            )
     files: dict[str, Any] = {}
 
     def fill(staging: Path) -> None:
         shutil.copyfile(mixture_dir / WEIGHTS, staging / WEIGHTS)
         sources = {}
-        for name, folder in folders.items():
-            _copy_files(folder, staging / "tokenizers" / name, TOKENIZER_FILES)
+        for name, found in contents.items():
+            tokenizer = {n: p for n, p in found.files.items() if n in TOKENIZER_FILES}
+            _copy_files(tokenizer, staging / "tokenizers" / name)
             with console.status(f"hashing base '{name}'"):
-                sources[name] = _source(recipe, name, folder)
+                sources[name] = _source(recipe, name, found.folder, include_bases)
             if include_bases:
                 with console.status(f"writing base '{name}'"):
-                    _copy_base(folder, staging / "bases" / name, shard_bytes)
-            lora = recipe.bases[name].lora
-            if lora is not None:  # the patch travels with the export
-                _copy_files(Path(lora), staging / "adapters" / name, (LORA_CONFIG, LORA_WEIGHTS))
+                    _copy_files(found.files, staging / "bases" / name)
+                    _copy_weights(found.weights, staging / "bases" / name, shard_bytes)
+            if name in adapters:  # the patch travels with the export
+                _copy_files(adapters[name], staging / "adapters" / name)
         exported = _exported_recipe(recipe, include_bases)
         write_text(staging / RECIPE_FILE, exported.to_yaml())
         metrics = _read_metrics(mixture_dir)
@@ -126,40 +160,101 @@ def export(
     return ExportResult(out, len(files), sum(f["bytes"] for f in files.values()))
 
 
-def _copy_files(src: Path, dst: Path, names: tuple[str, ...]) -> None:
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
+@dataclass
+class BaseFiles:
+    """What export copies from a base folder, each file checked to be the folder's own."""
+
+    folder: Path
+    files: dict[str, Path]  # name -> the regular file, links resolved
+    weights: list[Path]  # the safetensors the base loads from, links resolved
+    skipped: list[tuple[str, str]]  # (name, why) of each entry left out
 
 
-def safetensors_files(folder: Path) -> list[Path]:
-    """The safetensors files a base loads from; other weight formats are refused."""
-    found = sorted(folder.glob("*.safetensors"))
-    if not found:
-        other = [p.name for p in folder.iterdir() if p.name.endswith(WEIGHT_SUFFIXES)]
+def _root(folder: Path) -> Path:
+    """The tree a base folder's files must resolve into: the folder, or for a Hugging Face hub
+    snapshot (`snapshots/<rev>/` of links into `../../blobs/`), its repository folder."""
+    folder = folder.resolve()
+    repo = folder.parent.parent
+    if folder.parent.name == "snapshots" and (repo / "blobs").is_dir():
+        return repo
+    return folder
+
+
+def _own_file(root: Path, path: Path) -> Path | str:
+    """`path` resolved, if it is a regular file inside `root`; else why not."""
+    target = path.resolve()
+    if not target.is_relative_to(root):
+        return "a link out of the base folder"
+    if not target.is_file():
+        return "not a regular file"
+    return target
+
+
+def base_files(folder: Path, *, remote_code: bool = False) -> BaseFiles:
+    """The files of `folder` a model loads; refused if a weights file is not the folder's own
+    (a link out of it), since its bytes would be hashed, copied and loaded."""
+    root = _root(folder)
+    found = BaseFiles(folder, {}, [], [])
+    for path in sorted(folder.iterdir()):
+        name = path.name
+        if name.startswith(".") or name == WEIGHTS_INDEX:  # hidden; the index is rewritten
+            continue
+        weights = name.endswith(WEIGHT_SUFFIXES)
+        wanted = name in MODEL_FILES or name in LICENSE_FILES or name.endswith(".safetensors")
+        wanted = wanted or (remote_code and name.endswith(".py"))
+        own = _own_file(root, path)
+        if weights and isinstance(own, str):
+            raise CheckpointError(
+                f"base folder {folder}: {name} is {own}; export copies only the base's own weights"
+            )
+        if not wanted:
+            why = "weights the base does not load" if weights else "not a file a model loads"
+            found.skipped.append((f"{name}{'/' if path.is_dir() else ''}", why))
+        elif isinstance(own, str):
+            found.skipped.append((name, own))
+        elif name.endswith(".safetensors"):
+            found.weights.append(own)
+        else:
+            found.files[name] = own
+    if not found.weights:
+        other = [p.name for p in weight_files(folder)]
         what = f"only {', '.join(other)}" if other else "no weight files"
         raise CheckpointError(f"base folder {folder} has {what}; export needs safetensors")
     return found
 
 
-def _copy_base(folder: Path, dst: Path, shard_bytes: int) -> None:
-    """Config, tokenizer and other small files as they are; the weights re-sharded exactly."""
+def adapter_files(folder: Path) -> dict[str, Path]:
+    """A LoRA patch's config and weights, each a regular file inside its folder."""
+    root = _root(folder)
+    files = {}
+    for name in (LORA_CONFIG, LORA_WEIGHTS):
+        own = _own_file(root, folder / name)
+        if isinstance(own, str):
+            raise CheckpointError(f"LoRA adapter {folder}: {name} is {own}")
+        files[name] = own
+    return files
+
+
+def _listing(items: list[str], most: int = 6) -> str:
+    more = f", and {len(items) - most} more" if len(items) > most else ""
+    return ", ".join(items[:most]) + more
+
+
+def _copy_files(files: dict[str, Path], dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name, src in files.items():
+        shutil.copyfile(src, dst / name)
+
+
+def _copy_weights(files: list[Path], dst: Path, shard_bytes: int) -> None:
+    """The tensors of `files` re-sharded exactly into `dst`, with their index."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     dst.mkdir(parents=True, exist_ok=True)
-    for path in folder.iterdir():
-        if (
-            path.is_file()
-            and not path.name.startswith(".")
-            and not path.name.endswith(WEIGHT_SUFFIXES)
-            and path.name != "model.safetensors.index.json"
-        ):
-            shutil.copyfile(path, dst / path.name)
     plan: list[list[tuple[Path, str, int]]] = [[]]
     size = 0
-    for file in safetensors_files(folder):
+    for file in files:
         with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 tensor = handle.get_slice(key)
@@ -182,7 +277,7 @@ def _copy_base(folder: Path, dst: Path, shard_bytes: int) -> None:
         save_file(tensors, str(dst / name), metadata={"format": "pt"})
     total = sum(n for shard in plan for _, _, n in shard)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (dst / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
 _DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2}
@@ -195,14 +290,14 @@ def _nbytes(shape: list[int], dtype: str) -> int:
     return n
 
 
-def _source(recipe: Recipe, name: str, folder: Path) -> dict[str, Any]:
-    """Where a base came from and the sha256 of the weights it loads."""
+def _source(recipe: Recipe, name: str, folder: Path, included: bool) -> dict[str, Any]:
+    """What a base is: its card, the sha256 of its config and weights, and its path inside
+    the export when it is included (never its folder on this machine)."""
     spec = recipe.bases[name]
-    safetensors_files(folder)  # refuses a base export cannot copy
     identity = base_identity(folder)
     entry: dict[str, Any] = {
         "card": spec.card,
-        "path": str(folder),
+        "path": f"bases/{name}" if included else None,
         "dtype": spec.dtype,
         "quantization": spec.quantization,
         "config_sha256": identity["config_sha256"],
@@ -219,8 +314,11 @@ def _source(recipe: Recipe, name: str, folder: Path) -> dict[str, Any]:
 
 def _exported_recipe(recipe: Recipe, include_bases: bool) -> Recipe:
     """Included bases by path inside OUT, else by their cards; LoRA patches by their copy
-    inside OUT."""
+    inside OUT. Where the author's runs wrote (`output`, `train.cache.dir`) is not carried:
+    it names the author's disk, and a user of the export writes elsewhere."""
     data = recipe.model_dump(mode="json")
+    data["output"] = Recipe.model_fields["output"].default
+    data["train"]["cache"]["dir"] = None
     for name, spec in data["bases"].items():
         if spec["lora"] is not None:
             spec["lora"] = f"adapters/{name}"
@@ -268,7 +366,9 @@ def model_card(
 ) -> str:
     rows = []
     for name, src in sources.items():
-        origin = f"card `{src['card']}`" if src["card"] else f"folder `{src['path']}`"
+        origin = (
+            f"card `{src['card']}`" if src["card"] else f"folder `{src['path']}` of this export"
+        )
         if src.get("card_sha256"):
             origin += f" ({src.get('source_kind')} sha256 `{src['card_sha256']}`)"
         weights = "<br>".join(f"`{f}` sha256 `{h}`" for f, h in src["weights"].items())

@@ -1,9 +1,14 @@
-"""The first process of a sandbox: it builds the jail, then becomes the program's interpreter.
+"""The first processes of a sandbox: join its cgroup, build the jail, become the interpreter.
 
-Run as `unshare --fork --pid --kill-child --mount --net --ipc --uts [--user --map-root-user]
--- python -I -B jail.py CONFIG` (see sandbox.py): it is pid 1 of a fresh PID namespace, root
-of a fresh mount namespace, with no network interfaces. It imports the standard library only
-and is never imported by compose itself. In order:
+Run by sandbox.py as `python -I -B jail.py enter CONFIG`, with a bare environment, in a new
+session. `enter` moves itself into the run's cgroup (when sandbox.py could make one), then
+either execs `unshare --fork --pid --kill-child --mount --net --ipc --uts [--user
+--map-root-user] -- python -I -B jail.py inside CONFIG` or, where namespaces are refused and the
+user allowed it, runs the program unjailed (`run_unjailed`). It imports the standard library
+only and is never imported by compose for its side effects.
+
+`inside` is pid 1 of a fresh PID namespace, root of a fresh mount namespace, with no network
+interfaces. In order:
 
 1. a new root on an empty tmpfs: read-only binds of /usr, the interpreter's own prefix and
    the /bin, /lib… links; /dev null, zero, random, urandom; a size-capped tmpfs /tmp holding
@@ -18,17 +23,20 @@ and is never imported by compose itself. In order:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
 import resource
 import shutil
+import signal
 import sys
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT = 1, 2, 4, 32
 MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
 MNT_DETACH = 2
 PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP, PR_SET_SECUREBITS = 38, 24, 28
+PR_SET_CHILD_SUBREAPER = 36
 SECBIT_NOROOT_LOCKED = 0b11  # NOROOT and its lock: uid 0 gains no capabilities on exec
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
 LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
@@ -104,15 +112,91 @@ def set_limits(limits: dict[str, int]) -> None:
         resource.setrlimit(getattr(resource, name), (value, value))
 
 
-def main() -> None:
-    config = json.loads(sys.argv[1])
+def exec_harness(python: str, folder: str) -> None:
+    """Replace this process by the harness, in `folder`, with an environment of its own."""
+    os.chdir(folder)
+    env = {"PATH": "/usr/bin:/bin", "HOME": folder, "TMPDIR": folder, "LANG": "C.UTF-8"}
+    os.execve(python, [python, "-I", "-B", f"{folder}/harness.py", folder], env)
+
+
+def descendants(root: int) -> set[int]:
+    """Every live process below `root` in the process tree, read from /proc."""
+    parents: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            # pid (comm) state ppid …: comm may hold spaces and parentheses
+            with (
+                contextlib.suppress(OSError, ValueError, IndexError),
+                open(f"/proc/{name}/stat") as handle,
+            ):
+                parents[int(name)] = int(handle.read().rsplit(")", 1)[1].split()[1])
+    found: set[int] = set()
+    frontier = {root}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def kill_descendants(root: int) -> None:
+    """Stop every process below `root` until no new one appears (a stopped process cannot
+    fork), then kill them all."""
+    stopped: set[int] = set()
+    while new := descendants(root) - stopped:
+        for pid in new:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGSTOP)
+        stopped |= new
+    for pid in stopped:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def run_unjailed(config: dict) -> None:
+    """Where namespaces are refused: run the harness as a child of this process, which adopts
+    every orphan below it (a child subreaper) and kills whatever is left when it ends."""
+    _check(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "child subreaper")
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    child = os.fork()
+    if child == 0:
+        _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+        set_limits(config["limits"])
+        exec_harness(config["python"], config["box"])
+    _, status = os.waitpid(child, 0)
+    kill_descendants(os.getpid())
+    with contextlib.suppress(ChildProcessError):
+        while True:
+            os.waitpid(-1, 0)  # the killed, and every orphan this process adopted
+    if os.WIFSIGNALED(status):
+        signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+        os.kill(os.getpid(), os.WTERMSIG(status))
+    os._exit(os.waitstatus_to_exitcode(status))
+
+
+def enter(config: dict, argument: str) -> None:
+    for procs in config["cgroup"]:  # every process the program starts is counted there
+        with open(procs, "w") as handle:
+            handle.write("0")
+    if config["unshare"] is None:
+        run_unjailed(config)
+    command = [*config["unshare"], os.path.abspath(__file__), "inside", argument]
+    os.execvp(command[0], command)
+
+
+def inside(config: dict) -> None:
     build_root(config["root"], config["read_only"], config["tmp_bytes"], config["files"])
     drop_privileges(config["uid"])
     set_limits(config["limits"])
-    os.chdir("/tmp")
-    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
-    python = config["python"]
-    os.execve(python, [python, "-I", "-B", "/tmp/harness.py", "/tmp"], env)
+    exec_harness(config["python"], "/tmp")
+
+
+def main() -> None:
+    stage, argument = sys.argv[1], sys.argv[2]
+    config = json.loads(argument)
+    if stage == "enter":
+        enter(config, argument)
+    else:
+        inside(config)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,24 @@ def metric_name(result: SuiteResult) -> str:
     return result.suite.metric
 
 
+def unjailed(result: CompareResult) -> dict[str, int]:
+    """Per suite, how many item results ran generated code outside the jail (--unsafe-no-jail)."""
+    counts = {
+        s.suite.name: sum(
+            1
+            for row in s.items
+            for side in ("a", "b")
+            if row[side].get("isolation", "jail") != "jail"
+        )
+        for s in result.suites
+    }
+    return {name: n for name, n in counts.items() if n}
+
+
 def to_json(result: CompareResult) -> dict[str, Any]:
     return {
         "level": result.level,
+        "unjailed": unjailed(result),
         "sides": {side.label: _side(side) for side in (result.a, result.b)},
         "computed": result.computed,
         "suites": {
@@ -152,6 +167,16 @@ def markdown(result: CompareResult) -> str:
         f"- A: {a.kind}, key `{a.key[:16]}`",
         f"- B: {b.kind}, key `{b.key[:16]}`",
         "",
+    ]
+    if outside := unjailed(result):
+        counts = ", ".join(f"{n} {name} result(s)" for name, n in outside.items())
+        lines += [
+            f"> **Warning: {counts} ran generated code without the sandbox's jail "
+            "(`--unsafe-no-jail`), with the user's own rights.** See README for what that leaves "
+            "open.",
+            "",
+        ]
+    lines += [
         "## Recipes (A → B)",
         "",
         "```diff",

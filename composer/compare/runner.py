@@ -184,12 +184,15 @@ def compare(
     registry: SuiteRegistry = SUITES,
     console: Console | None = None,
     data: Sequence[str] = (),
+    unsafe_no_jail: bool = False,
 ) -> CompareResult:
     """Run both sides on the same items of each suite and compare them item by item.
 
     Generation suites decode `batch` items at a time (padded on the left; each answer is the
     one generated alone, up to float rounding). `data`: `NAME=PATH` local copies of the
-    benchmarks' data (`--data`); the rest come from the Hugging Face hub."""
+    benchmarks' data (`--data`); the rest come from the Hugging Face hub. Suites that run
+    generated code need the sandbox's jail; where it cannot be built they are refused before
+    anything is loaded, unless `unsafe_no_jail` (then they run unjailed, with a warning)."""
     console = console or Console(stderr=True)
     if not 0 < level < 1:
         raise CompareError(f"--level {level} must be between 0 and 1")
@@ -199,6 +202,7 @@ def compare(
     chosen = [
         registry.get(name) for name in dict.fromkeys(suites or default_suites(registry, places))
     ]
+    _check_jail(chosen, unsafe_no_jail, console)
     with console.status("resolving both sides"):
         sides = [resolve_side("A", a), resolve_side("B", b)]
     recipes = [s.recipe for s in sides if s.kind == "mixture"]
@@ -206,7 +210,8 @@ def compare(
         items = {suite.name: suite.items(limit, recipes, places) for suite in chosen}
     cache = ResultCache(cache_dir or cache_home() / "compare")
     computed = {
-        side.label: _run_side(side, chosen, items, cache, seed, batch, console) for side in sides
+        side.label: _run_side(side, chosen, items, cache, seed, batch, console, unsafe_no_jail)
+        for side in sides
     }
     unit = "token" if _same_tokenizer(*sides) else "byte"
     results = [
@@ -227,6 +232,29 @@ def default_suites(registry: SuiteRegistry, data: dict[str, str]) -> list[str]:
     return [s.name for s in registry if not isinstance(s.load, FromData) or s.load.name in data]
 
 
+def runs_code(suite: Suite) -> bool:
+    """Whether a suite runs generated code in the sandbox: its settings hold the sandbox's
+    limits (see scoring._run_programs)."""
+    return "memory_mb" in suite.settings
+
+
+def _check_jail(suites: list[Suite], unsafe_no_jail: bool, console: Console) -> None:
+    from composer.compare.sandbox import jail_problem, refusal
+
+    sandboxed = [s.name for s in suites if runs_code(s)]
+    problem = jail_problem() if sandboxed else None
+    if problem is None:
+        return
+    if not unsafe_no_jail:
+        raise CompareError(refusal(problem, ", ".join(sandboxed)))
+    console.print(
+        f"[bold red]warning:[/] --unsafe-no-jail: {', '.join(sandboxed)} runs generated code "
+        f"without the jail ({problem}), with your own rights: it can read your files, reach "
+        "the network and write wherever you can (see README)",
+        highlight=False,
+    )
+
+
 def _run_side(
     side: Side,
     suites: list[Suite],
@@ -235,6 +263,7 @@ def _run_side(
     seed: int,
     batch: int,
     console: Console,
+    unsafe_no_jail: bool = False,
 ) -> int:
     todo = {s.name: [i for i in items[s.name] if cache.get(side.key, s, i) is None] for s in suites}
     if not any(todo.values()):
@@ -250,12 +279,13 @@ def _run_side(
                 f"{side.label} {suite.name}", total=len(items[suite.name]), completed=done
             )
             pending = todo[suite.name]
+            settings = suite.settings  # what the cache keys; the flag below is not part of it
+            if runs_code(suite):
+                settings = {**settings, "unsafe_no_jail": unsafe_no_jail}
             for start in range(0, len(pending), batch):
                 chunk = pending[start : start + batch]
                 torch.manual_seed(seed)
-                for item, result in zip(
-                    chunk, suite.run(mixture, chunk, suite.settings), strict=True
-                ):
+                for item, result in zip(chunk, suite.run(mixture, chunk, settings), strict=True):
                     cache.put(side.key, suite, item, result)
                 progress.advance(task, len(chunk))
     del mixture

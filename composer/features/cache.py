@@ -43,7 +43,15 @@ from composer.bases.registry import cache_home
 from composer.errors import CacheError
 from composer.features.data import Example, collate, load_splits, pad_id
 from composer.features.shards import CachedSource, Encoded, encode, pack
-from composer.files import atomic_write, lock_now, read_json, sha256_file, write_json
+from composer.files import (
+    atomic_write,
+    is_staging,
+    lock_now,
+    read_json,
+    remove_stale,
+    sha256_file,
+    write_json,
+)
 from composer.model.factory import check_compatible
 from composer.model.mixture import LiveMixture
 from composer.progress import counted
@@ -223,19 +231,41 @@ def open_cache(recipe: Recipe) -> FeatureCache:
     return FeatureCache(folder, manifest)
 
 
+LOCK = ".lock"
+
+
+def _check_folder(folder: Path) -> None:
+    """A cache is written only into a new or empty folder, or one holding a compose cache
+    (its manifest): never among a user's own files, which it would mix with its own."""
+    if folder.exists() and not folder.is_dir():
+        raise CacheError(f"cache folder {folder} is a file; set train.cache.dir to a folder")
+    if not folder.is_dir() or (folder / MANIFEST).is_file():
+        return
+    # the lock and the temp files of a run killed before it wrote the manifest are compose's
+    other = sorted(p.name for p in folder.iterdir() if p.name != LOCK and not is_staging(p.name))
+    if other:
+        raise CacheError(
+            f"cache folder {folder} holds files compose did not write ({other[0]!r}"
+            f"{f' and {len(other) - 1} more' if len(other) > 1 else ''}) and no {MANIFEST}; "
+            "set train.cache.dir to a new or empty folder"
+        )
+
+
 @contextmanager
 def _locked(folder: Path) -> Iterator[None]:
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     lock = lock_now(
-        folder / ".lock", CacheError(f"cache {folder} is being written by another process")
+        folder / LOCK, CacheError(f"cache {folder} is being written by another process")
     )
     try:
         yield
     finally:
         lock.release()
-        if [p.name for p in folder.iterdir()] == [".lock"]:  # failed before writing anything
-            (folder / ".lock").unlink()
-            folder.rmdir()
+        if [p.name for p in folder.iterdir()] == [LOCK]:  # failed before writing anything
+            (folder / LOCK).unlink()
+            if created:
+                folder.rmdir()
 
 
 @dataclass(frozen=True)
@@ -387,6 +417,7 @@ def write_cache(
         if manifest["complete"]:
             _verify(folder, manifest)
             return FeatureCache(folder, manifest)
+    _check_folder(folder)
     console = console or Console(stderr=True)
     spec = recipe.train
     with _locked(folder):
@@ -394,8 +425,7 @@ def write_cache(
         if manifest is not None and manifest["complete"]:
             _verify(folder, manifest)
             return FeatureCache(folder, manifest)
-        for stale in folder.glob(".*.tmp"):  # half-written files of a killed run
-            stale.unlink()
+        remove_stale(folder)  # half-written files of a killed run
         with console.status("reading data"):
             anchor = recipe.anchor
             tokenizer = load_tokenizer(anchor, recipe.bases[anchor], folders[anchor])

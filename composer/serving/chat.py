@@ -13,7 +13,9 @@ from pathlib import Path
 
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 
+from composer.errors import DataError
 from composer.generation.decode import Generation, chat_ids, context_length, with_sources
 from composer.generation.sampling import Sampling
 from composer.model.protocol import Mixture
@@ -74,8 +76,12 @@ class ChatSession:
             self.history.append({"role": "assistant", "content": generation.text})
 
     def command(self, line: str) -> str:
-        """Run a /command; what to tell the user."""
-        name, *args = shlex.split(line[1:]) or [""]
+        """Run a /command; what to tell the user (a command it cannot read, or a setting it
+        refuses, is a message too: the conversation goes on)."""
+        try:
+            name, *args = shlex.split(line[1:]) or [""]
+        except ValueError as exc:  # an unclosed quote, a trailing backslash
+            return f"could not read the command ({exc}); /help lists them"
         if name == "reset":
             self.history.clear()
             return "history cleared"
@@ -88,9 +94,15 @@ class ChatSession:
         if name == "set" and len(args) == 2:
             key, value = args
             if key == "max_new_tokens":
-                if not value.isdigit() or int(value) < 1:
-                    return "max_new_tokens: must be a whole number of tokens, at least 1"
-                self.max_new_tokens = int(value)
+                context = context_length(self.mixture)
+                most = "" if context is None else f" and at most {context - 1} (the context)"
+                try:
+                    tokens = int(value)
+                except ValueError:
+                    tokens = 0
+                if tokens < 1 or (context is not None and tokens >= context):
+                    return f"max_new_tokens: must be a whole number of tokens, at least 1{most}"
+                self.max_new_tokens = tokens
             else:
                 try:
                     update = {key: None if value == "none" else value}
@@ -143,8 +155,12 @@ def run_chat(
         session.history.append({"role": "user", "content": line})
         try:
             ids, dropped = session.fit()
-        except ValueError as exc:
-            console.print(f"[yellow]{exc}[/]")
+        except ValueError as exc:  # the message alone does not fit (the history is gone)
+            console.print(f"[yellow]{escape(str(exc))}[/]")
+            continue
+        except DataError as exc:  # the chat template refused the message: forget it alone
+            session.history.pop()
+            console.print(f"[yellow]{escape(str(exc))}[/]")
             continue
         if dropped:
             console.print(

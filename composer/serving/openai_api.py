@@ -7,32 +7,51 @@ the usual extensions of open servers (vLLM's names).
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from composer.generation.sampling import Sampling
+from composer.generation.sampling import RepetitionPenalty, Sampling, Seed, Temperature
 
 # Every token checks each stop string's tail: keep that work small.
 MAX_STOPS = 16
 MAX_STOP_CHARS = 256
-StopText = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+# The chat template renders each message: a conversation has at most this many, each in at
+# most MAX_PARTS text parts (the characters they hold are capped by the server).
+MAX_MESSAGES = 1024
+MAX_PARTS = 256
+
+
+def _unicode(text: str) -> str:
+    """`text` if it is Unicode text: JSON's `\\ud800` escapes can make a lone surrogate, which
+    no tokenizer (or UTF-8 answer) can carry."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start].encode("unicode_escape").decode()
+        raise ValueError(f"a lone surrogate ({bad}) at character {exc.start}: not text") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+StopText = Annotated[Text, Field(max_length=MAX_STOP_CHARS)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class Message(_Strict):
     role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
+    content: Text | Annotated[list[TextPart], Field(max_length=MAX_PARTS)]
 
     def as_dict(self) -> dict[str, str]:
         """The message as a chat template reads it (text parts joined)."""
@@ -46,18 +65,21 @@ class StreamOptions(_Strict):
 
 
 class _Request(_Strict):
-    model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    """What both endpoints take. Each number's range is one the decoder honours (sampling's
+    own bounds), so no value that passes here can fail a generation."""
+
+    model: Text | None = None
+    max_tokens: int | None = Field(default=None, ge=1)  # the server caps it (job_for)
+    temperature: Temperature = Field(default=1.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
-    seed: int | None = Field(default=None, ge=0)
+    repetition_penalty: RepetitionPenalty = 1.0
+    seed: Seed | None = None
     stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOPS)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1
-    user: str | None = None
+    user: Text | None = None
     ignore_eos: bool = False
 
     def sampling(self) -> Sampling:
@@ -80,28 +102,60 @@ class _Request(_Strict):
 
 
 class ChatRequest(_Request):
-    messages: list[Message] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    prompt_field: ClassVar[str] = "messages"
 
     def limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    def conversation(self) -> list[dict[str, str]]:
+        return [m.as_dict() for m in self.messages]
+
+    def prompt_chars(self) -> int:
+        return sum(len(m["content"]) for m in self.conversation())
+
 
 class CompletionRequest(_Request):
-    prompt: str
+    prompt: Text
+    prompt_field: ClassVar[str] = "prompt"
 
     def limit(self) -> int | None:
         return self.max_tokens
 
+    def prompt_chars(self) -> int:
+        return len(self.prompt)
+
 
 class BadRequest(Exception):
-    """A request we refuse with a 400 (or `status`), naming the field at fault."""
+    """A request we refuse with a 400 (or `status`), naming the field at fault. The message
+    and field may quote the request, so they are kept to what UTF-8 can carry."""
 
     def __init__(
         self, message: str, param: str | None = None, status: int = 400, code: Any = None
     ) -> None:
+        message, param = _encodable(message), None if param is None else _encodable(param)
         super().__init__(message)
         self.message, self.param, self.status, self.code = message, param, status, code
+
+
+def _encodable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _not_json(constant: str) -> None:
+    raise ValueError(f"{constant} is not a JSON number")
+
+
+def read(model: type[_Request], body: bytes) -> Any:
+    """The request in `body`, validated; BadRequest saying what is wrong with it otherwise."""
+    try:
+        data = json.loads(body, parse_constant=_not_json)
+    except RecursionError:
+        raise BadRequest("the body is not valid JSON here: it nests too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, NaN or Infinity
+        raise BadRequest(f"the body is not valid JSON: {exc}") from None
+    return parse(model, data)
 
 
 def parse(model: type[_Request], data: Any) -> Any:
@@ -111,9 +165,14 @@ def parse(model: type[_Request], data: Any) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
+        errors = exc.errors()
+        # Our own validators say the most; of a union's branches each reports its own error.
+        first = next((e for e in errors if e["type"] == "value_error"), errors[0])
+        if first["type"] == "string_unicode":  # a key that is no text: no field to name
+            raise BadRequest("a key in the body holds a lone surrogate: not text") from None
         param = _param(first["loc"], keep_last=first["type"] == "extra_forbidden")
-        raise BadRequest(f"{param}: {first['msg']}", param) from None
+        where = f"{param}: " if param else ""
+        raise BadRequest(f"{where}{first['msg']}", param) from None
 
 
 def _param(loc: tuple[Any, ...], keep_last: bool) -> str | None:

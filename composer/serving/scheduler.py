@@ -4,7 +4,9 @@ Requests wait in a bounded queue; one worker thread runs them through the one de
 each text delta to the asyncio loop of the request that asked. With `batch` > 1 the worker takes
 up to that many waiting requests at once and decodes them as one batch (`decode_together`:
 each answer is the one it gets alone); a request that arrives meanwhile waits for the next
-batch. A request that is cancelled (its client went away) stops at its next token.
+batch. A request that is cancelled (its client went away) stops at its next token. A request
+whose own row fails (choosing or decoding its token) gets the error and ends alone; the rest
+of its batch goes on. Only a failure of the batch's forward pass ends every row.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from composer.generation.decode import Generation, decode_together
 from composer.generation.sampling import Sampling
@@ -37,6 +41,30 @@ class Job:
             self.loop.call_soon_threadsafe(self.out.put_nowait, item)
         except RuntimeError:  # the request's loop is closed: nobody is listening
             self.cancelled.set()
+
+
+class _Row(Generation):
+    """A job's generation in a batch: an exception while choosing or decoding its token goes to
+    its job at once and ends this row alone (finish reason "error")."""
+
+    def __init__(self, job: Job, mixture: Mixture) -> None:
+        super().__init__(
+            mixture,
+            job.prompt_ids,
+            job.max_new_tokens,
+            sampling=job.sampling,
+            stop=job.stop,
+            stop_at_eos=job.stop_at_eos,
+        )
+        self.job = job
+
+    def _take(self, logits: torch.Tensor, weights: torch.Tensor) -> str:
+        try:
+            return super()._take(logits, weights)
+        except Exception as exc:
+            self.finish_reason = "error"
+            self.job._emit(exc)
+            return ""
 
 
 class QueueFull(Exception):
@@ -110,17 +138,7 @@ class Scheduler:
                 self.cancelled += 1
             else:
                 live.append(job)
-        generations = [
-            Generation(
-                self.mixture,
-                job.prompt_ids,
-                job.max_new_tokens,
-                sampling=job.sampling,
-                stop=job.stop,
-                stop_at_eos=job.stop_at_eos,
-            )
-            for job in live
-        ]
+        generations = [_Row(job, self.mixture) for job in live]
         self.largest_batch = max(self.largest_batch, len(generations))
         steps: Iterator[list[str]]
         if len(generations) == 1:  # alone: the exact single-row decoder
@@ -129,7 +147,7 @@ class Scheduler:
             steps = decode_together(generations)
         for deltas in steps:
             for job, generation, delta in zip(live, generations, deltas, strict=True):
-                if generation.finish_reason == "cancelled":
+                if generation.finish_reason in ("cancelled", "error"):
                     continue
                 if job.cancelled.is_set() and generation.finish_reason is None:
                     generation.cancel()
@@ -137,6 +155,6 @@ class Scheduler:
                 elif delta:
                     job._emit(delta)
         for job, generation in zip(live, generations, strict=True):
-            if generation.finish_reason != "cancelled":
+            if generation.finish_reason not in ("cancelled", "error"):
                 self.served += 1
                 job._emit(generation)

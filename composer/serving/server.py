@@ -4,7 +4,12 @@
     GET  /v1/models             GET  /health
 
 Every error is a JSON body in OpenAI's shape: 400 naming the field for a bad request, 401 for
-a missing or wrong key, 404 for an unknown model or path, 503 when the queue is full.
+a missing or wrong key, 404 for an unknown model or path, 413 for a body over MAX_BODY_BYTES,
+503 when the queue is full. Reading a body (JSON, validation) and turning its prompt into ids
+(chat template, tokenizer) take time in its size, so they run on worker threads, never on the
+event loop that answers every other client; the prompt's characters are capped before that.
+Connection-level limits (how many, how long a request may take to arrive) are uvicorn's, set
+in `connections.py`.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -35,6 +40,9 @@ from composer.serving.scheduler import Job, QueueFull, Scheduler
 log = logging.getLogger(__name__)
 DEFAULT_MAX_TOKENS = 4096  # the most tokens one request may ask for
 MAX_BODY_BYTES = 8 << 20
+# Far more characters per token than any tokenizer averages on text: the cap bounds what
+# tokenizing a prompt may cost before its tokens can be counted against the context.
+CHARS_PER_TOKEN = 32
 DISCONNECT_POLL_S = 0.5  # how often a request that waits for its whole answer checks its client
 
 
@@ -50,6 +58,12 @@ class ServerState:
     max_tokens: int  # the most tokens one request may ask for
     context: int | None  # the anchor's context length (None if its config does not say)
     created: int  # when the server started, as the model card says
+    max_prompt_chars: int = MAX_BODY_BYTES  # the most characters a prompt may have
+
+
+def prompt_chars_cap(context: int | None) -> int:
+    """The most characters a prompt may have for an anchor with this context."""
+    return MAX_BODY_BYTES if context is None else min(MAX_BODY_BYTES, CHARS_PER_TOKEN * context)
 
 
 def create_app(
@@ -60,17 +74,22 @@ def create_app(
     max_queue: int = 8,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     batch: int = 4,
+    max_prompt_chars: int | None = None,
 ) -> Starlette:
     """The server's app; `app.state.server.engine` runs the generations (up to `batch` waiting
-    requests decoded together)."""
+    requests decoded together). `max_prompt_chars` defaults to `prompt_chars_cap`."""
+    context = context_length(mixture)
+    if max_prompt_chars is None:
+        max_prompt_chars = prompt_chars_cap(context)
     state = ServerState(
         mixture=mixture,
         engine=Scheduler(mixture, max_queue=max_queue, batch=batch),
         model_name=model_name,
         api_key=api_key,
         max_tokens=max_tokens,
-        context=context_length(mixture),
+        context=context,
         created=int(time.time()),
+        max_prompt_chars=max_prompt_chars,
     )
     app = Starlette(
         routes=[
@@ -104,11 +123,7 @@ async def parse_body(request: Request, model: type[Any]) -> Any:
     """The authorized request's body as `model`, or BadRequest naming the field at fault."""
     authorize(request)
     raw = await request.body()
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise api.BadRequest(f"the body is not valid JSON: {exc}") from None
-    parsed = api.parse(model, data)
+    parsed = await asyncio.to_thread(api.read, model, raw)
     model_name = server_state(request).model_name
     if parsed.model is not None and parsed.model != model_name:
         raise api.BadRequest(
@@ -156,23 +171,38 @@ def job_for(
     return job
 
 
-async def chat_completions(request: Request) -> Response:
-    req = await parse_body(request, api.ChatRequest)
-    state = server_state(request)
+def prompt_of(state: ServerState, request: api.ChatRequest | api.CompletionRequest) -> list[int]:
+    """The request's prompt as the anchor's ids (chat template, tokenizer), once its characters
+    are within the server's cap. Its time grows with the prompt: run it on a worker thread."""
+    field, chars = request.prompt_field, request.prompt_chars()
+    if chars > state.max_prompt_chars:
+        raise api.BadRequest(
+            f"{field}: {chars} characters, more than this server reads ({state.max_prompt_chars})",
+            field,
+        )
+    if isinstance(request, api.CompletionRequest):
+        return state.mixture.tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
     try:
-        ids = chat_ids(state.mixture, [m.as_dict() for m in req.messages])
+        return chat_ids(state.mixture, request.conversation())
     except DataError as exc:  # the chat template refused these messages, or ran too long
-        raise api.BadRequest(str(exc), param="messages") from None
-    job = job_for(state, req, ids, "messages")
-    return await respond(request, job, req, chat=True)
+        raise api.BadRequest(str(exc), param=field) from None
+
+
+async def chat_completions(request: Request) -> Response:
+    return await answer(request, await parse_body(request, api.ChatRequest), chat=True)
 
 
 async def completions(request: Request) -> Response:
-    req = await parse_body(request, api.CompletionRequest)
+    return await answer(request, await parse_body(request, api.CompletionRequest), chat=False)
+
+
+async def answer(
+    request: Request, req: api.ChatRequest | api.CompletionRequest, *, chat: bool
+) -> Response:
     state = server_state(request)
-    ids = state.mixture.tokenizer(req.prompt, add_special_tokens=False)["input_ids"]
-    job = job_for(state, req, ids, "prompt")
-    return await respond(request, job, req, chat=False)
+    ids = await asyncio.to_thread(prompt_of, state, req)
+    job = job_for(state, req, ids, req.prompt_field)
+    return await respond(request, job, req, chat=chat)
 
 
 async def respond(request: Request, job: Job, req: Any, *, chat: bool) -> Response:
@@ -281,6 +311,12 @@ async def http_error(request: Request, exc: Exception) -> Response:
     return JSONResponse(api.error_body(str(exc.detail)), exc.status_code)
 
 
+async def client_gone(request: Request, exc: Exception) -> Response:
+    """The client left before its request was all sent (or it was cut off for being too slow,
+    see connections.py): nobody to answer, nothing to log."""
+    return Response(status_code=499)
+
+
 async def internal_error(request: Request, exc: Exception) -> Response:
     log.error("request failed", exc_info=exc)
     body = api.error_body("internal error; see the server's log", kind="server_error")
@@ -290,6 +326,7 @@ async def internal_error(request: Request, exc: Exception) -> Response:
 EXCEPTION_HANDLERS = {
     api.BadRequest: bad_request,
     HTTPException: http_error,
+    ClientDisconnect: client_gone,
     Exception: internal_error,
 }
 
@@ -323,11 +360,12 @@ def serve(
     max_queue: int = 8,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     batch: int = 4,
+    **limits: Any,
 ) -> None:
-    """Load a mixture and serve it until interrupted."""
-    import uvicorn
-
+    """Load a mixture and serve it until interrupted; `limits` are `connections.Limits`'
+    fields."""
     from composer.artifacts.load import load_mixture
+    from composer.serving.connections import Limits, http_server
 
     mixture = load_mixture(mixture_dir)
     app = create_app(
@@ -338,4 +376,4 @@ def serve(
         max_tokens=max_tokens,
         batch=batch,
     )
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    http_server(app, host=host, port=port, limits=Limits(**limits)).run()
