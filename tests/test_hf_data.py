@@ -52,9 +52,9 @@ def tokenizer(tiny):
     return AutoTokenizer.from_pretrained(tiny["llama"])
 
 
-def _spec(tiny, **data):
-    data = {"kind": "hf", "fields": {"question": "question", "answer": "answer"}, **data}
-    recipe = recipe_from_dict(
+def _recipe(tiny, data):
+    """A recipe over the tiny Llama that trains on `data`."""
+    return recipe_from_dict(
         {
             "name": "hf",
             "anchor": "a",
@@ -65,6 +65,11 @@ def _spec(tiny, **data):
         },
         "r.yaml",
     )
+
+
+def _spec(tiny, **data):
+    data = {"kind": "hf", "fields": {"question": "question", "answer": "answer"}, **data}
+    recipe = _recipe(tiny, data)
     return recipe.train.data
 
 
@@ -264,7 +269,6 @@ def test_the_feature_cache_key_follows_a_local_datasets_content(tiny, copies, co
     """The same path with other rows is other data: a cache of the old rows is not reused,
     whether the source stands alone or inside a mix."""
     from composer.features.cache import cache_key
-    from composer.recipe import recipe_from_dict
 
     def keys() -> tuple[str, str]:
         data = {
@@ -275,18 +279,7 @@ def test_the_feature_cache_key_follows_a_local_datasets_content(tiny, copies, co
         mix = {"kind": "mix", "parts": [{"domain": "math", "data": data}]}
         found = []
         for spec in (data, mix):
-            recipe = recipe_from_dict(
-                {
-                    "name": "hf",
-                    "anchor": "a",
-                    "bases": {"a": {"path": str(tiny["llama"])}},
-                    "taps": ["a@1"],
-                    "carry_on": {"width": 32, "heads": 4, "blocks": [{}]},
-                    "train": {"data": spec},
-                },
-                "r.yaml",
-            )
-            found.append(cache_key(recipe, {"a": tiny["llama"]})[0])
+            found.append(cache_key(_recipe(tiny, spec), {"a": tiny["llama"]})[0])
         return found[0], found[1]
 
     before = keys()
