@@ -6,8 +6,11 @@ Llama and Qwen2 bases, `other` by a base that must be refused in same-tokenizer 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import textwrap
+import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -228,3 +231,27 @@ def tiny_mixture_dir(tiny, tmp_path_factory) -> Path:
         recipe_yaml({"a": tiny["llama"], "b": tiny["qwen2"]}, "a", ["a@1", "b@2"])
     )
     return write_mixture_dir(root / "recipe.yaml", root / "tiny")
+
+
+@contextlib.contextmanager
+def serving(app, limits=None):
+    """`app` served by the real uvicorn server (as `compose serve` runs it) under `limits`
+    (`composer.serving.connections.Limits`, its defaults when None) on a free port."""
+    from types import SimpleNamespace
+
+    from composer.serving.connections import Limits, http_server
+
+    limits = limits or Limits()
+    server = http_server(app, host="127.0.0.1", port=0, limits=limits, log_level="warning")
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", port=port, app=app, server=server)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)

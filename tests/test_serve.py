@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -11,6 +10,7 @@ from types import SimpleNamespace
 
 import openai
 import pytest
+from conftest import serving
 
 from composer.artifacts.load import load_mixture
 from composer.generation.decode import generate, prompt_ids
@@ -23,23 +23,11 @@ QUESTION = "How many days does he work?"
 
 @pytest.fixture(scope="module")
 def server(tiny_mixture_dir):
-    import uvicorn
-
     mixture = load_mixture(tiny_mixture_dir)
     # One request at a time, so the queue tests know what runs; batching is tested on the engine.
     app = create_app(mixture, model_name="tiny", api_key=KEY, max_queue=1, max_tokens=1000, batch=1)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
-    running = uvicorn.Server(config)
-    thread = threading.Thread(target=running.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not running.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    port = running.servers[0].sockets[0].getsockname()[1]
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", app=app, mixture=mixture)
-    running.should_exit = True
-    thread.join(timeout=15)
+    with serving(app) as running:
+        yield SimpleNamespace(url=running.url, app=app, mixture=mixture)
 
 
 @pytest.fixture()

@@ -9,7 +9,6 @@ accept errors in the log, bodies that nest too deeply or hold lone surrogates.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import socket
@@ -17,11 +16,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from conftest import serving
 
 from composer.artifacts.load import load_mixture
 from composer.generation.decode import generate, prompt_ids
@@ -29,30 +27,12 @@ from composer.generation.sampling import MAX_REPETITION_PENALTY as MAX_PENALTY
 from composer.generation.sampling import MIN_REPETITION_PENALTY as MIN_PENALTY
 from composer.generation.sampling import MIN_TEMPERATURE, Sampling
 from composer.serving import openai_api as api
-from composer.serving.connections import Limits, http_server
+from composer.serving.connections import Limits
 from composer.serving.scheduler import Job
 from composer.serving.server import create_app, prompt_chars_cap
 
 QUESTION = "How many days does he work?"
 LIMITS = Limits(max_connections=6, request_timeout=2.0, keep_alive_timeout=1)
-
-
-@contextlib.contextmanager
-def serving(app: Any, limits: Limits) -> Iterator[SimpleNamespace]:
-    """`app` served by the real uvicorn server under `limits` on a free port."""
-    server = http_server(app, host="127.0.0.1", port=0, limits=limits, log_level="warning")
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", port=port, app=app, server=server)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
 
 
 @pytest.fixture(scope="module")
