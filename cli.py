@@ -36,6 +36,10 @@ Overrides = Annotated[
     typer.Argument(help="Recipe overrides applied before validation, e.g. train.steps=50."),
 ]
 RecipeArg = Annotated[Path, typer.Argument(help="A recipe YAML file.", show_default=False)]
+AsJson = Annotated[
+    bool,
+    typer.Option("--json", help="Print the result as JSON on stdout (progress stays on stderr)."),
+]
 
 
 def _run(fn: Callable[[], T]) -> T:
@@ -57,6 +61,28 @@ def _run(fn: Callable[[], T]) -> T:
             raise
         err.print(f"[bold red]error:[/] {_one_line(exc)}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
+
+
+def _print_json(value: Any) -> None:
+    """A command's result for scripts: JSON alone on stdout (paths as strings)."""
+    print(json.dumps(value, indent=2, default=str))
+
+
+def _show(table: Table) -> None:
+    """A table where it fits the terminal; else one block per row, every value whole: a name
+    cut to `qwen2.5-coder-0.5b…` or a path to `/root/.cache/comp…` tells nobody which it is."""
+    natural = out.measure(table, options=out.options.update_width(2**16)).maximum
+    if natural <= out.width:
+        out.print(table)
+        return
+    if table.title:
+        out.print(table.title, style="bold", highlight=False)
+    heads = [str(column.header) for column in table.columns]
+    for first, *rest in zip(*(column.cells for column in table.columns), strict=True):
+        out.print(first, style="bold", highlight=False)
+        for head, cell in zip(heads[1:], rest, strict=True):
+            if cell != "":
+                out.print(f"  {head}: ", cell, sep="", highlight=False)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -88,7 +114,7 @@ def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
 def plan(
     recipe: RecipeArg,
     overrides: Overrides = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+    as_json: AsJson = False,
 ) -> None:
     """Shapes, parameter counts and a memory estimate, from config.json alone (no weights)."""
     from composer.recipe import load_recipe
@@ -96,7 +122,7 @@ def plan(
 
     result = _run(lambda: make_plan(load_recipe(recipe, overrides or [])))
     if as_json:
-        print(json.dumps(result.to_dict(), indent=2))
+        _print_json(result.to_dict())
         return
     _render_plan(result)
 
@@ -108,7 +134,7 @@ def _render_plan(result: Any) -> None:
     for b in result.bases:
         sizes = [str(b.hidden_size), str(b.layers), f"{b.vocab_size:,}", f"{b.params:,}"]
         bases.add_row(b.name, b.source, b.model_type, *sizes, _mib(b.weight_bytes))
-    out.print(bases)
+    _show(bases)
     taps = Table(title="taps")
     for col in ("tap", "shape (B×T×D)", "projection params", "shortcut into block"):
         taps.add_column(col)
@@ -116,7 +142,7 @@ def _render_plan(result: Any) -> None:
         taps.add_row(
             t.tap, t.shape, f"{t.projection_params:,}", ", ".join(map(str, t.shortcut_into))
         )
-    out.print(taps)
+    _show(taps)
     carry = Table(title="carry-on")
     carry.add_column("module")
     carry.add_column("params", justify="right")
@@ -124,13 +150,13 @@ def _render_plan(result: Any) -> None:
         carry.add_row(m["module"], f"{m['params']:,}")
     carry.add_row("[bold]trainable", f"[bold]{result.trainable_params:,}")
     carry.add_row("frozen", f"{result.frozen_params:,}")
-    out.print(carry)
+    _show(carry)
     mem = Table(title="training memory estimate")
     mem.add_column("part")
     mem.add_column("size", justify="right")
     for part, size in result.memory_bytes.items():
         mem.add_row(part, _mib(size))
-    out.print(mem)
+    _show(mem)
 
 
 # Options of both `build` and `train`.
@@ -155,6 +181,7 @@ def build(
     force: Annotated[
         bool, typer.Option(help="Run even if the plan's memory estimate exceeds what is free.")
     ] = False,
+    as_json: AsJson = False,
 ) -> None:
     """Load the bases, train the carry-on, write the mixture directory."""
     from composer.recipe import load_recipe
@@ -162,15 +189,20 @@ def build(
 
     spec = _run(lambda: load_recipe(recipe, overrides or []))
     where: dict[str, Any] = {"out": out_dir, "steps": steps, "resume": resume, "console": err}
-    _report("built", _run(lambda: run_build(spec, force=force, **where)))
+    _report("built", _run(lambda: run_build(spec, force=force, **where)), as_json)
 
 
-def _report(verb: str, result: Any) -> None:
-    """A build's last lines: held-out losses per domain and off-domain; a warning on harm."""
+def _report(verb: str, result: Any, as_json: bool) -> None:
+    """A build's last lines: held-out losses per domain and off-domain; a warning on harm.
+    As JSON: the mixture directory, the warning (or null) and metrics.json's content."""
     from composer.training.report import harm_warning, summary
 
-    if warning := harm_warning(result.metrics):
+    warning = harm_warning(result.metrics)
+    if warning:
         err.print(f"[yellow]{warning}[/]", highlight=False)
+    if as_json:
+        _print_json({"out_dir": result.out_dir, "warning": warning, "metrics": result.metrics})
+        return
     out.print(f"[green]{verb}[/] {result.out_dir}: {summary(result.metrics)}", highlight=False)
 
 
@@ -198,6 +230,7 @@ def cache(
             show_default=False,
         ),
     ] = None,
+    as_json: AsJson = False,
 ) -> None:
     """Run the bases once over the data; store their states as checksummed shards (resumable)."""
     from composer.recipe import load_recipe
@@ -216,6 +249,10 @@ def cache(
 
         result = _run(lambda: write_cache(load_recipe(recipe, overrides or []), console=err))
     n = result.examples
+    if as_json:
+        keys = {"examples": n, "tokens": result.tokens, "dtype": result.manifest["dtype"]}
+        _print_json({"folder": result.folder, **keys, "reused": result.reused})
+        return
     how = "reused" if result.reused else f"written in {result.seconds:.1f}s"
     out.print(
         f"[green]cached[/] {n['train']} train + {n['eval']} eval examples "
@@ -237,6 +274,7 @@ def train(
     out_dir: OutDir = None,
     steps: Steps = None,
     resume: Resume = False,
+    as_json: AsJson = False,
 ) -> None:
     """Train the carry-on (bases live, or --from-cache) and write the mixture directory.
 
@@ -253,7 +291,7 @@ def train(
 
     if not Ranks.current().is_main:  # launched on several processes: rank 0 reports
         return
-    _report("trained", result)
+    _report("trained", result, as_json)
 
 
 Temperature = Annotated[
@@ -360,7 +398,13 @@ def _answer_room(mixture: Any, prompt: str, max_new_tokens: int, *, chat: bool) 
 
 @app.command()
 def serve(
-    mixture_dir: MixtureDir,
+    mixture_dirs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Mixture directories (written by `compose build`), or folders of them; their "
+            "bases are loaded once and a request's `model` picks the mixture."
+        ),
+    ],
     host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 is every one.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
     key: Annotated[
@@ -376,9 +420,16 @@ def serve(
         int,
         typer.Option(
             min=1,
-            help="Waiting requests decoded together (one batch; each answer as it is alone).",
+            help="Requests decoded together (one batch; each answer as it is alone).",
         ),
     ] = 4,
+    continuous: Annotated[
+        bool,
+        typer.Option(
+            "--continuous/--batch-at-once",
+            help="A request joins the running batch at its next step, or waits for it to end.",
+        ),
+    ] = True,
     max_connections: Annotated[
         int, typer.Option(min=2, help="Open connections at which a request gets 503.")
     ] = 64,
@@ -393,10 +444,11 @@ def serve(
         int, typer.Option(min=1024, help="A request's line and headers; more gets 400.")
     ] = 16 << 10,
 ) -> None:
-    """Serve a mixture with an OpenAI-compatible API (/v1/chat/completions, /v1/completions)."""
+    """Serve mixtures with an OpenAI-compatible API (/v1/chat/completions, /v1/completions)."""
     from composer.serving import serve as run_server
 
-    err.print(f"serving {mixture_dir} on http://{host}:{port}/v1", highlight=False)
+    where = ", ".join(str(d) for d in mixture_dirs)
+    err.print(f"serving {where} on http://{host}:{port}/v1", highlight=False)
     limits = dict(
         max_connections=max_connections,
         request_timeout=request_timeout,
@@ -405,12 +457,13 @@ def serve(
     )
     _run(
         lambda: run_server(
-            mixture_dir,
+            mixture_dirs,
             host=host,
             port=port,
             api_key=key,
             max_queue=max_queue,
             batch=batch,
+            continuous=continuous,
             **limits,
         )
     )
@@ -439,20 +492,30 @@ def chat(
 
 
 @bases_app.command("list")
-def bases_list() -> None:
-    """The base cards in bases/ and whether each is pulled."""
+def bases_list(as_json: AsJson = False) -> None:
+    """The base cards in bases/ and whether each is pulled (and where)."""
     from composer.bases import pull, registry
 
     cards = _run(registry.list_cards)
+    rows = [
+        {
+            "name": card.name,
+            "role": card.role,
+            "family": card.family,
+            "source": card.source.kind,
+            "pulled": pull.local_dir(card),
+        }
+        for card in cards.values()
+    ]
+    if as_json:
+        _print_json(rows)
+        return
     table = Table(title="bases")
-    for col in ("name", "role", "family", "source", "pulled"):
-        table.add_column(col)
-    for card in cards.values():
-        where = pull.local_dir(card)
-        table.add_row(
-            card.name, card.role, card.family, card.source.kind, str(where) if where else "no"
-        )
-    out.print(table)
+    for col in rows[0] if rows else ():
+        table.add_column(col, no_wrap=True)
+    for row in rows:
+        table.add_row(*(str(value or "no") for value in row.values()))
+    _show(table)
 
 
 @bases_app.command("pull")
@@ -467,33 +530,68 @@ def bases_pull(
     out.print(f"[green]pulled[/] {name}: {folder}", highlight=False)
 
 
+class ExportFormat(enum.StrEnum):
+    compose = "compose"
+    hf = "hf"
+
+
 @app.command()
 def export(
     mixture_dir: Annotated[Path, typer.Argument(help="A directory written by `compose build`.")],
     out_dir: Annotated[Path, typer.Argument(help="The folder to create.", show_default=False)],
+    export_format: Annotated[
+        ExportFormat,
+        typer.Option(
+            "--format",
+            help="compose: compose's own checked format (`compose generate`/`serve` run it); "
+            "hf: a transformers folder with remote code for AutoModelForCausalLM "
+            "(same-tokenizer, unquantized mixtures; docs/export.md).",
+        ),
+    ] = ExportFormat.compose,
     include_bases: Annotated[
-        bool, typer.Option(help="Store the bases' weights too, so OUT needs no other file.")
+        bool,
+        typer.Option(
+            help="Store the bases' weights too, so OUT needs no other file "
+            "(--format hf always stores them)."
+        ),
     ] = False,
     shard_mb: Annotated[int, typer.Option(min=1, help="Largest base weight shard, in MiB.")] = 1024,
     verify: Annotated[
-        bool, typer.Option(help="Load the export back and require identical logits.")
+        bool,
+        typer.Option(
+            help="Load the export back and require identical logits (--format hf: within "
+            "1e-5 in float32, and the same greedy tokens)."
+        ),
     ] = True,
     trust_remote_code: TrustRemoteCode = False,
+    as_json: AsJson = False,
 ) -> None:
-    """Write a self-contained, checked mixture checkpoint with a model card."""
+    """Write a self-contained, checked mixture checkpoint with a model card (compose's format,
+    or with --format hf a transformers folder)."""
     from composer.artifacts.export import export as run_export
+    from composer.artifacts.export_hf import export_hf
 
-    result = _run(
-        lambda: run_export(
-            mixture_dir,
-            out_dir,
-            include_bases=include_bases,
-            shard_bytes=shard_mb * 2**20,
-            verify=verify,
-            trust_remote_code=trust_remote_code,
-            console=err,
+    if export_format is ExportFormat.hf:
+        result = _run(
+            lambda: export_hf(
+                mixture_dir, out_dir, shard_bytes=shard_mb * 2**20, verify=verify, console=err
+            )
         )
-    )
+    else:
+        result = _run(
+            lambda: run_export(
+                mixture_dir,
+                out_dir,
+                include_bases=include_bases,
+                shard_bytes=shard_mb * 2**20,
+                verify=verify,
+                trust_remote_code=trust_remote_code,
+                console=err,
+            )
+        )
+    if as_json:
+        _print_json({"out_dir": result.out_dir, "files": result.files, "bytes": result.bytes})
+        return
     out.print(
         f"[green]exported[/] {result.out_dir}: {result.files} files, {_mib(result.bytes)}",
         highlight=False,
@@ -578,9 +676,10 @@ def compare(
             "(see README). Without it, such suites are refused.",
         ),
     ] = False,
+    as_json: AsJson = False,
 ) -> None:
     """A/B compare two mixtures (or a base alone) on the same items, with paired statistics."""
-    from composer.compare.report import summary_rows
+    from composer.compare.report import summary_rows, to_json
     from composer.compare.runner import compare as run_compare
 
     target = out_dir or Path("runs") / f"compare-{_slug(a)}-vs-{_slug(b)}"
@@ -601,6 +700,9 @@ def compare(
             unsafe_no_jail=unsafe_no_jail,
         )
     )
+    if as_json:  # report.json without its items: sides, verdicts, where the reports are
+        _print_json({"out_dir": target, **to_json(result, items=False)})
+        return
     table = Table(title=f"A = {a}   B = {b}   ({level:.0%} level)", box=box.SIMPLE_HEAD)
     table.add_column("suite", no_wrap=True)
     for col in ("n", "A", "B", "B − A"):
@@ -615,7 +717,7 @@ def compare(
         style = {"A better": "red", "B better": "green"}.get(verdict)
         row = (f"{name}\n[dim]{metric}", n, a_mean, b_mean, diff, ci, p, mde, verdict)
         table.add_row(*row, style=style)
-    out.print(table)
+    _show(table)
     reused = ", ".join(f"{side} ran {n} item(s)" for side, n in result.computed.items())
     out.print(f"reports in {target} ({reused}; the rest came from the cache)", highlight=False)
 
@@ -653,6 +755,7 @@ def port(
         typer.Option("--out", help="Folder to create (mixture default: MIXTURE_DIR-ported)."),
     ] = None,
     verify: Annotated[bool, typer.Option(help="Load the ported mixture back first.")] = True,
+    as_json: AsJson = False,
 ) -> None:
     """Re-attach a trained carry-on (or a LoRA) to an evolved version of its base, untrained.
 
@@ -669,6 +772,9 @@ def port(
             raise typer.Exit(1)
         target = out_dir
         done = _run(lambda: porting.port_lora(lora, sources[0], target, console=err))
+        if as_json:
+            _print_json({"out_dir": done.out_dir, "bases": done.bases})
+            return
         out.print(f"[green]ported[/] {lora} onto {sources[0]}: {done.out_dir}", highlight=False)
         return
     if mixture_dir is None:
@@ -680,6 +786,9 @@ def port(
             folder, porting.parse_assignments(sources), out_dir, verify=verify, console=err
         )
     )
+    if as_json:
+        _print_json({"out_dir": result.out_dir, "bases": result.bases})
+        return
     names = ", ".join(result.bases)
     out.print(f"[green]ported[/] {folder} → {result.out_dir} (new {names})", highlight=False)
 

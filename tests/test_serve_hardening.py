@@ -145,7 +145,7 @@ def test_a_row_that_fails_in_decoding_ends_alone_and_its_batch_mate_finishes(ser
         good = asyncio.create_task(
             asyncio.to_thread(_post, server.url, "/v1/chat/completions", body)
         )
-        while engine.pending < 3:  # both wait behind the blocker: they run as one batch
+        while engine.pending < 3:  # both join the blocker's running batch
             assert not good.done(), good.result()
             await asyncio.sleep(0.01)
         blocker.close()
@@ -161,7 +161,7 @@ def test_a_row_that_fails_in_decoding_ends_alone_and_its_batch_mate_finishes(ser
     assert reply["choices"][0]["message"]["content"] == generate(mixture, QUESTION, 8)
     _wait(lambda: engine.pending == 0, "the batch did not end")
     after = engine.stats()
-    assert after["largest_batch"] == 2, after  # the two rows shared one batch
+    assert after["largest_batch"] >= 2, after  # the failing row shared a batch
     assert after["served"] == before["served"] + 1
 
 

@@ -43,6 +43,7 @@ from composer.errors import CheckpointError
 from composer.files import check_new_output, staged_output, write_json, write_text
 from composer.model.card import table, use_section
 from composer.model.weights import RECIPE_FILE, WEIGHTS
+from composer.progress import status
 from composer.recipe import Recipe, recipe_from_dict
 from composer.versions import package_versions
 
@@ -94,7 +95,7 @@ def export(
             "names its bases by card or carries them; pass --include-bases"
         )
     check_new_output(out)
-    with console.status("resolving bases"):
+    with status("resolving bases", console=console):
         folders = {name: resolve_folder(spec, fetch=False) for name, spec in recipe.bases.items()}
         contents = {
             name: base_files(folder, remote_code=recipe.bases[name].trust_remote_code)
@@ -124,10 +125,10 @@ def export(
         for name, found in contents.items():
             tokenizer = {n: p for n, p in found.files.items() if n in TOKENIZER_FILES}
             _copy_files(tokenizer, staging / "tokenizers" / name)
-            with console.status(f"hashing base '{name}'"):
+            with status(f"hashing base '{name}'", console=console):
                 sources[name] = _source(recipe, name, found.folder, include_bases)
             if include_bases:
-                with console.status(f"writing base '{name}'"):
+                with status(f"writing base '{name}'", console=console):
                     _copy_files(found.files, staging / "bases" / name)
                     _copy_weights(found.weights, staging / "bases" / name, shard_bytes)
             if name in adapters:  # the patch travels with the export
@@ -153,7 +154,7 @@ def export(
         }
         write_json(staging / MANIFEST, manifest)
         if verify:
-            with console.status("loading the export back and comparing logits"):
+            with status("loading the export back and comparing logits", console=console):
                 check_same_logits(mixture_dir, staging, trust_remote_code=trust_remote_code)
 
     staged_output(out, fill)

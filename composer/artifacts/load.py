@@ -7,6 +7,7 @@ from pathlib import Path
 import yaml
 
 from composer.artifacts.manifest import resolve_export
+from composer.bases.pool import BasePool
 from composer.errors import CheckpointError
 from composer.model.mixture import LiveMixture
 from composer.model.weights import RECIPE_FILE, WEIGHTS, load_weights
@@ -14,9 +15,14 @@ from composer.recipe import Recipe, recipe_from_dict
 
 
 def load_mixture(
-    folder: str | Path, *, fetch: bool = True, trust_remote_code: bool = False
+    folder: str | Path,
+    *,
+    fetch: bool = True,
+    trust_remote_code: bool = False,
+    pool: BasePool | None = None,
 ) -> LiveMixture:
-    """A mixture directory (resolved recipe + carry-on weights) back as a LiveMixture.
+    """A mixture directory (resolved recipe + carry-on weights) back as a LiveMixture; with
+    `pool`, over the bases it already holds (several mixtures served together).
 
     A base whose recipe sets `trust_remote_code` loads only when the caller passes
     `trust_remote_code=True` too (the user's own flag): a mixture folder cannot decide to run
@@ -25,7 +31,7 @@ def load_mixture(
     folder = Path(folder)
     # An export checks its files and names its bases by paths relative to itself.
     recipe = read_mixture_recipe(folder, trust_remote_code=trust_remote_code)
-    mixture = LiveMixture.from_recipe(recipe, fetch=fetch)
+    mixture = LiveMixture.from_recipe(recipe, fetch=fetch, pool=pool)
     load_weights(folder / WEIGHTS, mixture.carry_on)
     mixture.carry_on.eval()
     return mixture

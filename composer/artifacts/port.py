@@ -36,6 +36,7 @@ from composer.files import check_new_output, sha256_file, staged_output, write_j
 from composer.model.factory import aligned_bases
 from composer.model.head import find_head
 from composer.model.weights import RECIPE_FILE, WEIGHTS
+from composer.progress import status
 from composer.recipe import BaseSpec, Recipe, recipe_from_dict
 from composer.versions import package_versions
 
@@ -146,7 +147,7 @@ def port_mixture(
             raise PortError(f"--base {name}: not a base of {mixture_dir} (its bases: {known})")
     out = out or mixture_dir.with_name(f"{mixture_dir.name}-ported")
     check_new_output(out)
-    with console.status("resolving bases"):
+    with status("resolving bases", console=console):
         old_folders = {n: resolve_folder(s, fetch=False) for n, s in recipe.bases.items()}
         new_specs = {n: spec_for(src, recipe.bases[n]) for n, src in new_sources.items()}
         new_folders = {
@@ -193,7 +194,7 @@ def port_mixture(
         write_json(staging / PORT_FILE, record)
         write_text(staging / "README.md", mixture_card(ported, record))
         if verify:
-            with console.status("loading the ported mixture back"):
+            with status("loading the ported mixture back", console=console):
                 _check_loads(staging)
 
     staged_output(out, fill)
@@ -245,7 +246,7 @@ def port_lora(
     folder = resolve_folder(spec, fetch=True)
     stored = read_config(folder).get("dtype") or read_config(folder).get("torch_dtype")
     target = dtype or (stored if stored in ("float32", "bfloat16", "float16") else "float32")
-    with console.status("loading the new base and merging the adapter"):
+    with status("loading the new base and merging the adapter", console=console):
         base = load_base("new", spec)
     versions = {"base": {"new": identity(spec.model_copy(update={"lora": None}), folder)}}
 
@@ -254,7 +255,7 @@ def port_lora(
             weights = path.name.endswith((*WEIGHT_SUFFIXES, ".index.json"))
             if path.is_file() and not weights and not path.name.startswith("."):
                 shutil.copyfile(path, staging / path.name)
-        with console.status("writing the patched base"):
+        with status("writing the patched base", console=console):
             base.model.to(getattr(torch, target)).save_pretrained(staging)
         record = {
             "format": FORMAT,

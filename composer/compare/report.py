@@ -34,7 +34,9 @@ def unjailed(result: CompareResult) -> dict[str, int]:
     return {name: n for name, n in counts.items() if n}
 
 
-def to_json(result: CompareResult) -> dict[str, Any]:
+def to_json(result: CompareResult, *, items: bool = True) -> dict[str, Any]:
+    """report.json: both sides, each suite's settings, verdict and router weights, and (with
+    `items`) every item of both sides."""
     return {
         "level": result.level,
         "unjailed": unjailed(result),
@@ -50,7 +52,7 @@ def to_json(result: CompareResult) -> dict[str, Any]:
                 "skipped": s.skipped,
                 "comparison": s.comparison.to_dict() if s.comparison else None,
                 "gates": s.gates,
-                "items": s.items,
+                **({"items": s.items} if items else {}),
             }
             for s in result.suites
         },

@@ -32,7 +32,7 @@ from composer.compare.suites import SUITES, FromData, Item, Suite, SuiteRegistry
 from composer.errors import CompareError, ComposeError
 from composer.files import sha256_file, write_json
 from composer.model.weights import RECIPE_FILE, WEIGHTS
-from composer.progress import counted
+from composer.progress import counted, status
 from composer.recipe import Recipe, comparable, load_recipe, read_comparable, recipe_from_dict
 
 SCORING_VERSION = 2  # bump when a suite's scoring changes, so old cached results are not reused
@@ -203,10 +203,10 @@ def compare(
         registry.get(name) for name in dict.fromkeys(suites or default_suites(registry, places))
     ]
     _check_jail(chosen, unsafe_no_jail, console)
-    with console.status("resolving both sides"):
+    with status("resolving both sides", console=console):
         sides = [resolve_side("A", a), resolve_side("B", b)]
     recipes = [s.recipe for s in sides if s.kind == "mixture"]
-    with console.status("reading the suites' items"):
+    with status("reading the suites' items", console=console):
         items = {suite.name: suite.items(limit, recipes, places) for suite in chosen}
     cache = ResultCache(cache_dir or cache_home() / "compare")
     computed = {
@@ -270,9 +270,9 @@ def _run_side(
         return 0
     import torch
 
-    with console.status(f"loading {side.label}: {side.given}"):
+    with status(f"loading {side.label}: {side.given}", console=console):
         mixture = side.load()
-    with counted("{task.description}", console=console) as progress:
+    with counted("{task.description}", unit="items", console=console) as progress:
         for suite in suites:
             done = len(items[suite.name]) - len(todo[suite.name])
             task = progress.add_task(

@@ -54,7 +54,7 @@ from composer.files import (
 )
 from composer.model.factory import check_compatible
 from composer.model.mixture import LiveMixture
-from composer.progress import counted
+from composer.progress import counted, status
 from composer.recipe import CacheSpec, DataSpec, HfData, MixData, Recipe
 
 FORMAT = 1
@@ -386,7 +386,8 @@ ShardWriter = Callable[[CacheRun, Console], float]  # writes the missing shards,
 @contextmanager
 def cache_progress(console: Console, total: int) -> Iterator[Callable[[int, int], None]]:
     """A progress bar of examples done out of `total`; yields advance(examples, tokens)."""
-    with counted("cache", "examples  {task.fields[speed]} tok/s", console=console) as progress:
+    speed = "{task.fields[speed]} tok/s"
+    with counted("cache", speed, unit="examples", console=console) as progress:
         task = progress.add_task("cache", total=total, speed="-")
         done, began = 0, time.perf_counter()
 
@@ -426,7 +427,7 @@ def write_cache(
             _verify(folder, manifest)
             return FeatureCache(folder, manifest)
         remove_stale(folder)  # half-written files of a killed run
-        with console.status("reading data"):
+        with status("reading data", console=console):
             anchor = recipe.anchor
             tokenizer = load_tokenizer(anchor, recipe.bases[anchor], folders[anchor])
             parts = load_splits(recipe, tokenizer)
@@ -456,7 +457,7 @@ def write_cache(
 def _run_bases(run: CacheRun, console: Console) -> float:
     """The local engine: load the bases in this process, write the pending shards in order."""
     cache = run.recipe.train.cache
-    with console.status("loading bases"):
+    with status("loading bases", console=console):
         mixture = LiveMixture.from_recipe(run.recipe, fetch=True, seed=run.recipe.train.seed)
     jobs = run.pending()
     began = time.perf_counter()

@@ -45,6 +45,7 @@ from composer.features.cache import (
 from composer.features.cache import write_cache as write_with
 from composer.features.data import Example
 from composer.model.mixture import LiveMixture
+from composer.progress import status
 from composer.recipe import RaySpec, Recipe, recipe_from_dict
 
 RECORD = ("split", "file", "examples", "tokens", "bytes", "sha256")
@@ -127,7 +128,7 @@ def _run(run: CacheRun, console: Console, *, address: str | None) -> float:
     ray = require_ray()
     settings = run.recipe.train.cache.ray
     jobs = run.pending()
-    with _quiet(), console.status("starting Ray"):
+    with _quiet(), status("starting Ray", console=console):
         started = _connect(ray, address, settings)
     try:
         with _quiet():

@@ -5,21 +5,29 @@
         print(delta, end="")
     generation.finish_reason      # "eos", "stop" (a stop string or `until`) or "length"
 
-The CLI, the chat, the server, lm-eval and every compare suite generate through it.
+The CLI, the chat, the server, lm-eval and every compare suite generate through it. With KV
+caches every generation runs in a `Decoder`, the one scheduler: a generation alone is a batch
+of one; `decode_together` and the server add several, of one mixture or of several mixtures
+over shared bases (`composer.model.batch`), and rows join and leave between steps.
 """
 
 from __future__ import annotations
 
 import re
+from collections import deque
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from composer.generation.detokenize import TextStream
 from composer.generation.sampling import Sampling, TokenChooser
 from composer.generation.templates import format_prompt
+from composer.model.batch import Row, SharedBatch
+from composer.model.mixture import LiveMixture
 from composer.model.protocol import Mixture
+
+PREFILL_CHUNK = 256  # prompt tokens a decoder step feeds at most, beside its running rows
 
 
 class Generation:
@@ -83,24 +91,26 @@ class Generation:
         return self
 
     def _run(self) -> Iterator[str]:
+        if self.use_cache:  # a batch of one
+            decoder = Decoder()
+            decoder.add(self)
+            while self.finish_reason is None:
+                for _, delta in decoder.step():
+                    if delta:
+                        yield delta
+            return
         mixture = self.mixture
-        state = mixture.new_state() if self.use_cache else None
-        pending = list(self.prompt_ids)
         while self.finish_reason is None:
             if self._steps == self.max_new_tokens:
                 if rest := self._end("length"):
                     yield rest
                 return
-            if state is not None:
-                logits, weights = mixture.step(torch.tensor([pending]), state)
-            else:
-                ids = torch.tensor([self.prompt_ids + self.ids])
-                features = mixture.features(ids, anchor_final=False)
-                hidden, weights, _ = mixture.hidden(features)
-                logits = mixture.logits(hidden[:, -1])
+            ids = torch.tensor([self.prompt_ids + self.ids])
+            features = mixture.features(ids, anchor_final=False)
+            hidden, weights, _ = mixture.hidden(features)
+            logits = mixture.logits(hidden[:, -1])
             if delta := self._take(logits, weights[0, -1]):
                 yield delta
-            pending = self.ids[-1:]
 
     def _take(self, logits: torch.Tensor, weights: torch.Tensor) -> str:
         """Choose the next token from `logits` ((1, vocab)); the text it completes. Sets
@@ -123,10 +133,15 @@ class Generation:
         return delta
 
     def cancel(self) -> None:
-        """End a generation that `decode_together` is running, before its next step
-        (`finish_reason` "cancelled"; its text stays as it is)."""
+        """End a generation that a `Decoder` is running (or `decode_together`), before its next
+        step (`finish_reason` "cancelled"; its text stays as it is)."""
         if self.finish_reason is None:
             self.finish_reason = "cancelled"
+
+    def _fail(self, exc: Exception) -> None:
+        """Feeding this generation's own prompt failed (a `Decoder` drops it): raise."""
+        self.finish_reason = "error"
+        raise exc
 
     def _end(self, reason: str) -> str:
         """Finish with `reason` ("stop" where the text's end completes a stop string); the
@@ -136,49 +151,125 @@ class Generation:
         return rest
 
 
+class Decoder:
+    """Generations decoded as one batch that they join and leave between steps.
+
+        decoder = Decoder()
+        decoder.add(generation)            # joins at a later step
+        for generation, delta in decoder.step(): ...
+
+    Each `step` feeds one token to every running generation (one forward of each base for
+    all of them, whichever mixtures over shared bases they are of), then up to `chunk` tokens
+    of waiting prompts, each fed alone in arrival order: a long prompt takes several steps,
+    and holds the running rows back by one chunk at most. A prompt fed whole chooses its first
+    token and its generation runs with the others from the next step. A generation that ends
+    (or is cancelled between steps) leaves at once, and its caches with it.
+
+    Each generation's tokens, text, gates and finish reason are those it gets alone, up to
+    float rounding (left padding; positions count each row's own tokens).
+    """
+
+    def __init__(self, chunk: int = PREFILL_CHUNK) -> None:
+        if chunk < 1:
+            raise ValueError(f"chunk must be at least 1, got {chunk}")
+        self.chunk = chunk
+        self._batch = SharedBatch()
+        self._running: list[Generation] = []  # in the batch's row order
+        self._waiting: deque[tuple[Generation, Row]] = deque()
+        self._fed: dict[int, int] = {}  # id(waiting generation) -> prompt tokens fed
+
+    def __len__(self) -> int:
+        """Generations waiting for their prompt to be fed, or running."""
+        return len(self._waiting) + len(self._running)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def add(self, generation: Generation) -> None:
+        """Queue a new cached generation; its prompt is fed at the next steps."""
+        if not generation.use_cache:
+            raise ValueError("a Decoder runs cached generations")
+        if generation.max_new_tokens <= 0:
+            generation._end("length")
+            return
+        row = SharedBatch.start(cast(LiveMixture, generation.mixture))
+        self._waiting.append((generation, row))
+        self._fed[id(generation)] = 0
+
+    def step(self) -> list[tuple[Generation, str]]:
+        """One step: each generation that got a token, with its text delta (may be "")."""
+        out: list[tuple[Generation, str]] = []
+        self._leave()
+        if self._running:
+            tokens = [g.ids[-1] for g in self._running]
+            results = self._batch.step(tokens)
+            for generation, (logits, weights) in zip(self._running, results, strict=True):
+                out.append((generation, generation._take(logits, weights)))
+            self._leave()
+        budget = self.chunk
+        while self._waiting and budget > 0:
+            generation, row = self._waiting[0]
+            fed = self._fed[id(generation)]
+            if generation.finish_reason is not None:  # cancelled while it waited
+                self._drop_waiting()
+                continue
+            piece = generation.prompt_ids[fed : fed + budget]
+            try:
+                logits, weights = self._batch.prefill(row, piece)
+            except Exception as exc:
+                self._drop_waiting()
+                generation._fail(exc)
+                continue
+            budget -= len(piece)
+            self._fed[id(generation)] = fed = fed + len(piece)
+            if fed < len(generation.prompt_ids):
+                break
+            self._drop_waiting()
+            out.append((generation, generation._take(logits, weights)))
+            if generation.finish_reason is None:
+                self._batch.join(row)
+                self._running.append(generation)
+        return out
+
+    def _drop_waiting(self) -> None:
+        generation, _ = self._waiting.popleft()
+        del self._fed[id(generation)]
+
+    def _leave(self) -> None:
+        ended = [i for i, g in enumerate(self._running) if g.finish_reason is not None]
+        if ended:
+            self._batch.leave([self._batch.rows[i] for i in ended])
+            self._running = [g for g in self._running if g.finish_reason is None]
+
+
 def run_together(generations: Sequence[Generation]) -> None:
-    """Run generations of one mixture to their ends as one batch (`decode_together`)."""
+    """Run generations to their ends as one batch (`decode_together`)."""
     for _ in decode_together(generations):
         pass
 
 
 def decode_together(generations: Sequence[Generation]) -> Iterator[list[str]]:
-    """Decode generations of one mixture as one batch, padded on the left; after each step,
-    each row's text delta ("" where it has none or has ended).
+    """Decode generations as one batch (a `Decoder`), of one mixture or of several over
+    shared bases; after each step, each generation's text delta ("" where it has none, has
+    not started or has ended).
 
     Each row chooses its tokens and ends (end-of-sequence, stop string, length) as it would
     alone, and its ids, text, gates and finish reason are the same up to float rounding (a test
-    holds the tokens equal). A finished row — or one ended by `Generation.cancel` between
-    steps — is fed padding until the batch is done.
+    holds the tokens equal). A row that ends, or is ended by `Generation.cancel` between
+    steps, leaves the batch.
     """
-    if not generations:
-        return
-    mixture = generations[0].mixture
     for generation in generations:
-        if generation._started or generation.mixture is not mixture or not generation.use_cache:
-            raise ValueError("decode_together takes new, cached generations of one mixture")
+        if generation._started or not generation.use_cache:
+            raise ValueError("decode_together takes new, cached generations")
         generation._started = True
-    tokenizer = mixture.tokenizer
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    width = max(len(g.prompt_ids) for g in generations)
-    ids = [[pad] * (width - len(g.prompt_ids)) + g.prompt_ids for g in generations]
-    mask = [[0] * (width - len(g.prompt_ids)) + [1] * len(g.prompt_ids) for g in generations]
-    pending, pending_mask = torch.tensor(ids), torch.tensor(mask)
-    state = mixture.new_state()
+    decoder = Decoder()
     for generation in generations:
-        if generation.max_new_tokens <= 0:
-            generation._end("length")
-    while any(g.finish_reason is None for g in generations):
+        decoder.add(generation)
+    while len(decoder):
         with torch.no_grad():  # not held across the yield: the caller's grad mode stays its own
-            logits, weights = mixture.step(pending, state, pending_mask)
-        yield [
-            "" if g.finish_reason is not None else g._take(logits[row : row + 1], weights[row, -1])
-            for row, g in enumerate(generations)
-        ]
-        live = [g.finish_reason is None for g in generations]  # after any cancel
-        tokens = [g.ids[-1] if alive else pad for g, alive in zip(generations, live, strict=True)]
-        pending = torch.tensor(tokens)[:, None]
-        pending_mask = torch.tensor(live, dtype=torch.long)[:, None]
+            deltas = {id(g): delta for g, delta in decoder.step()}
+        yield [deltas.get(id(g), "") for g in generations]
 
 
 def chat_ids(mixture: Mixture, messages: list[dict[str, str]]) -> list[int]:

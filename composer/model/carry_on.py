@@ -45,10 +45,13 @@ class RMSNorm(nn.Module):
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding (rotate-half form) on x of shape (B, n_head, T, head_dim)."""
+    """Rotary embedding (rotate-half form) on x of shape (B, n_head, T, head_dim); `positions`
+    (T,), or (B, T) where each row counts its own tokens (a left-padded batch)."""
     half = x.shape[-1] // 2
     freqs = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    angles = positions.float()[:, None] * freqs[None, :]  # (T, half)
+    angles = positions.float()[..., None] * freqs  # (T, half) or (B, T, half)
+    if angles.dim() == 3:
+        angles = angles[:, None]  # (B, 1, T, half): the same for every head
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
@@ -196,11 +199,14 @@ class CarryOn(nn.Module):
         attention_mask: torch.Tensor | None = None,
         past: KVCache | None = None,
         present: dict[str, torch.Tensor] | None = None,
+        positions: torch.Tensor | None = None,
     ) -> CarryOnOutput:
         """taps: source → (B, T, D_b); anchor_hidden: (B, T, D_anchor), the LM head's input.
 
         `attention_mask` (B, T_past + T) marks real tokens; `past` continues a generation;
-        `present` (source → (B, T) bool) marks where an optional source has a state.
+        `present` (source → (B, T) bool) marks where an optional source has a state;
+        `positions` (B, T) are the rotary positions where left padding shifts them (each row
+        counts only its real tokens), by default T_past onward.
         """
         dtype = self.up.weight.dtype
         a = {}
@@ -215,7 +221,9 @@ class CarryOn(nn.Module):
 
         T = z.shape[1]
         past_len = past[0][0].shape[2] if past else 0
-        positions = torch.arange(past_len, past_len + T, device=z.device)
+        if positions is None:
+            positions = torch.arange(past_len, past_len + T, device=z.device)
+        positions = positions.to(z.device)
         mask = causal_mask(T, past_len + T, attention_mask, z.device)
         cache: KVCache = []
         for k, block in enumerate(self.blocks):

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from composer.bases.frozen import DTYPES, FrozenBase, load_base, resolve_folder
+from composer.bases.frozen import DTYPES, BaseStates, FrozenBase, load_base, resolve_folder
+from composer.bases.pool import BasePool
 from composer.errors import BaseSourceError
 from composer.model.align import BaseStream, aligned_states, anchor_text, anchor_texts, stream_step
 from composer.model.carry_on import CarryOn, KVCache
@@ -25,7 +26,7 @@ from composer.model.experts import FusedHead
 from composer.model.factory import check_compatible, new_carry_on
 from composer.model.head import LMHead, OutputHead
 from composer.model.upper import UpperLayers
-from composer.recipe import Recipe
+from composer.recipe import BaseSpec, Recipe
 
 
 @dataclass
@@ -35,8 +36,9 @@ class Features:
     taps: dict[str, torch.Tensor]  # "base@layer" -> (B, T, D_b)
     anchor_hidden: torch.Tensor  # (B, T, D_anchor)
     present: dict[str, torch.Tensor] | None = None  # aligned "base@layer" -> (B, T) bool
-    # A generation step with `carry_on.write_at`: the anchor's KV cache, which the anchor's
-    # upper layers continue, and the new tokens' positions (B, T) where padding shifts them.
+    # A generation step: the new tokens' positions (B, T) where left padding shifts them (the
+    # carry-on's and the upper layers' rotary positions), and with `carry_on.write_at` the
+    # anchor's KV cache, which the anchor's upper layers continue.
     anchor_cache: Any = None
     positions: torch.Tensor | None = None
 
@@ -81,7 +83,9 @@ class MixtureCore:
         state = features.anchor_hidden
         if write is not None:
             state = features.taps[f"{self.recipe.anchor}@{write}"]
-        out = self.carry_on(features.taps, state, attention_mask, past, features.present)
+        out = self.carry_on(
+            features.taps, state, attention_mask, past, features.present, features.positions
+        )
         x = out.hidden
         if write is not None:
             assert self.upper is not None
@@ -128,11 +132,18 @@ class LiveMixture(MixtureCore):
             self.upper = UpperLayers(self.anchor.decoder, recipe.carry_on.write_at)
 
     @classmethod
-    def from_recipe(cls, recipe: Recipe, *, fetch: bool = True, seed: int = 0) -> LiveMixture:
-        """Load every base frozen, check they fit the recipe, and make a fresh carry-on."""
+    def from_recipe(
+        cls, recipe: Recipe, *, fetch: bool = True, seed: int = 0, pool: BasePool | None = None
+    ) -> LiveMixture:
+        """Load every base frozen, check they fit the recipe, and make a fresh carry-on. With
+        `pool`, a base the pool already holds (same weights, dtype, quantization) is shared,
+        not loaded again."""
         bases = {}
         for name, spec in recipe.bases.items():
-            bases[name] = load_base(name, spec, fetch=fetch)
+            if pool is not None:
+                bases[name] = pool.load(name, spec, fetch=fetch, user=recipe.name)
+            else:
+                bases[name] = load_base(name, spec, fetch=fetch)
             _need_offsets(bases[name])
         folders = {name: b.folder for name, b in bases.items()}
         configs = check_compatible(recipe, folders)
@@ -157,9 +168,12 @@ class LiveMixture(MixtureCore):
         attention_mask: torch.Tensor | None = None,
         state: GenerationState | None = None,
         anchor_final: bool = True,
+        computed: dict[str, BaseStates] | None = None,
     ) -> Features:
         """Run every base (no grad) on the anchor's ids (B, T); with `state`, continue caches.
-        The states come back in float32 on the carry-on's device.
+        The states come back in float32 on the carry-on's device. Bases named in `computed`
+        are not run: their states are those (a forward shared with other mixtures' rows,
+        `composer.model.batch`).
 
         `anchor_final`: the anchor's own final state is wanted (anchor rows, the feature cache).
         Without it, or with `state`, a `write_at` mixture's anchor stops at the layer written
@@ -196,7 +210,10 @@ class LiveMixture(MixtureCore):
             stop = state is not None or not anchor_final
             write = self.recipe.carry_on.write_at if is_anchor and stop else None
             final = is_anchor and write is None
-            out = base.forward(input_ids, attention_mask, layers, final, past, positions)
+            if computed is not None and name in computed:
+                out = computed[name]
+            else:
+                out = base.forward(input_ids, attention_mask, layers, final, past, positions)
             for layer, hidden in out.taps.items():
                 taps[f"{name}@{layer}"] = hidden.to(device, torch.float32)
             if final:
@@ -205,9 +222,9 @@ class LiveMixture(MixtureCore):
                 anchor_hidden = out.taps[write]
         assert anchor_hidden is not None
         features = Features(taps, anchor_hidden.to(device, torch.float32), present or None)
+        features.positions = positions
         if state is not None and self.upper is not None:
             features.anchor_cache = state.base_past[self.recipe.anchor]
-            features.positions = positions
         return features
 
     def _aligned(
@@ -302,9 +319,10 @@ class LiveMixture(MixtureCore):
         input_ids: torch.Tensor,
         state: GenerationState,
         attention_mask: torch.Tensor | None = None,
+        computed: dict[str, BaseStates] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Feed new tokens (B, T_new) through every cache; last-position logits (B, vocab) and
-        the router's source weights (B, T_new, n_sources).
+        the router's source weights (B, T_new, n_sources). `computed`: as `features` takes it.
 
         A batch of generations is padded on the left: `attention_mask` (B, T_new) is 0 at
         padding (the prompt's left, or a finished row's later tokens). Padded positions feed
@@ -321,7 +339,7 @@ class LiveMixture(MixtureCore):
             before = state.mask if state.mask is not None else new.new_ones(B, state.length)
             state.mask = torch.cat([before, new], dim=1)
         state.length += T
-        features = self.features(input_ids, state.mask, state)
+        features = self.features(input_ids, state.mask, state, computed=computed)
         mask = None
         if state.mask is not None:  # padded positions: zeros, never what a base made of them
             device = features.anchor_hidden.device
@@ -413,3 +431,36 @@ class CachedMixture(MixtureCore):
         if self.upper is not None:
             self.upper.to(device)
         return self
+
+
+class AnchorAlone(LiveMixture):
+    """A base by itself, as a mixture without a carry-on: its own LM head on its own final
+    state (what a server answers for the base's name). Its rows share the base's forward
+    with the mixtures anchored on it (`composer.model.batch`)."""
+
+    @classmethod
+    def of(cls, name: str, base: FrozenBase, spec: BaseSpec) -> AnchorAlone:
+        """The base `base` (loaded from `spec`), served as `name`."""
+        recipe = Recipe.model_validate(
+            {
+                "name": name,
+                "anchor": "base",
+                "bases": {"base": spec.model_dump(exclude_defaults=True)},
+                "taps": [f"base@{base.num_layers}"],
+                # Never run: the protocol's carry-on names the one source, the final state.
+                "carry_on": {"width": 8, "heads": 1, "blocks": [{}]},
+                "train": {"data": {"kind": "gsm_symbolic"}},
+            }
+        )
+        source = str(recipe.tap_refs[0])
+        carry_on = CarryOn(recipe.carry_on, {source: base.hidden_size}, base.hidden_size)
+        return cls(recipe, {"base": base}, carry_on.requires_grad_(False).eval())
+
+    def hidden(
+        self,
+        features: Features,
+        attention_mask: torch.Tensor | None = None,
+        past: KVCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, KVCache]:
+        x = features.anchor_hidden
+        return x, x.new_ones((*x.shape[:-1], 1)), []

@@ -8,6 +8,7 @@ here check for them first, so a missing extra is one line, not a traceback.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,13 @@ def need_extra(extra: str, *modules: str) -> None:
         )
 
 
-def serve(mixture_dir: Path, **options: Any) -> None:
-    """Load a mixture and serve it over HTTP until interrupted (see serving.server.serve)."""
+def serve(mixture_dirs: Path | Sequence[Path], **options: Any) -> None:
+    """Load a mixture, or several over shared bases, and serve them over HTTP until
+    interrupted (see serving.server.serve)."""
     need_extra("serve", "starlette", "uvicorn")
     from composer.serving.server import serve as run
 
-    run(mixture_dir, **options)
+    run(mixture_dirs, **options)
 
 
 def lm_eval_main() -> None:

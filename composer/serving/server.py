@@ -1,7 +1,11 @@
-"""An OpenAI-compatible HTTP server for one mixture (Starlette on uvicorn).
+"""An OpenAI-compatible HTTP server for one mixture or several (Starlette on uvicorn).
 
     POST /v1/chat/completions   POST /v1/completions   (both with "stream": true as SSE)
     GET  /v1/models             GET  /health
+
+A request's `model` picks the mixture (`/v1/models` lists them, each with its bases); with one
+mixture it may be left out. Mixtures served together are loaded over one `BasePool`, so each
+base is in memory once, and their requests are decoded in one batch (scheduler.py).
 
 Every error is a JSON body in OpenAI's shape: 400 naming the field for a bad request, 401 for
 a missing or wrong key, 404 for an unknown model or path, 413 for a body over MAX_BODY_BYTES,
@@ -20,8 +24,8 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +35,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from composer.errors import DataError
+from composer.errors import DataError, ServingError
 from composer.generation.decode import Generation, chat_ids, context_length
 from composer.model.protocol import Mixture
 from composer.serving import openai_api as api
@@ -48,17 +52,28 @@ DISCONNECT_POLL_S = 0.5  # how often a request that waits for its whole answer c
 
 @dataclass(frozen=True)
 class ServerState:
-    """What the handlers read, kept in `app.state.server`: the one mixture, the scheduler that
-    decodes for it, and this server's limits."""
+    """What the handlers read, kept in `app.state.server`: the mixtures (`mixture`, named
+    `model_name`, is the first or only one), the scheduler that decodes for them, and this
+    server's limits."""
 
     mixture: Mixture
     engine: Scheduler
     model_name: str
     api_key: str | None
     max_tokens: int  # the most tokens one request may ask for
-    context: int | None  # the anchor's context length (None if its config does not say)
+    context: int | None  # the first anchor's context length (None if its config does not say)
     created: int  # when the server started, as the model card says
     max_prompt_chars: int = MAX_BODY_BYTES  # the most characters a prompt may have
+    served: Mapping[str, Mixture] = field(default_factory=dict)  # name -> mixture, when several
+
+    def mixtures(self) -> Mapping[str, Mixture]:
+        """Every mixture served, by the name a request's `model` gives."""
+        return self.served or {self.model_name: self.mixture}
+
+    def context_of(self, name: str) -> int | None:
+        if name == self.model_name:
+            return self.context
+        return context_length(self.mixtures()[name])
 
 
 def prompt_chars_cap(context: int | None) -> int:
@@ -67,23 +82,38 @@ def prompt_chars_cap(context: int | None) -> int:
 
 
 def create_app(
-    mixture: Mixture,
+    mixture: Mixture | Mapping[str, Mixture],
     *,
-    model_name: str,
+    model_name: str | None = None,
     api_key: str | None = None,
     max_queue: int = 8,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     batch: int = 4,
     max_prompt_chars: int | None = None,
+    continuous: bool = True,
 ) -> Starlette:
-    """The server's app; `app.state.server.engine` runs the generations (up to `batch` waiting
-    requests decoded together). `max_prompt_chars` defaults to `prompt_chars_cap`."""
-    context = context_length(mixture)
+    """The server's app for one mixture (named `model_name`) or several (name -> mixture);
+    `app.state.server.engine` runs the generations (up to `batch` rows decoded together, a
+    request joining the running batch where `continuous`, else batch-at-once).
+    `max_prompt_chars` defaults to `prompt_chars_cap` of the longest context."""
+    if isinstance(mixture, Mapping):
+        served = dict(mixture)
+        if not served:
+            raise ValueError("no mixture to serve")
+        model_name, first = next(iter(served.items()))
+    else:
+        if model_name is None:
+            raise ValueError("name the mixture: model_name")
+        served, first = {model_name: mixture}, mixture
+    context = context_length(first)
     if max_prompt_chars is None:
-        max_prompt_chars = prompt_chars_cap(context)
+        contexts = [context_length(m) for m in served.values()]
+        max_prompt_chars = prompt_chars_cap(None if None in contexts else max(contexts))  # type: ignore[type-var]
+    engine = Scheduler(first, max_queue=max_queue, batch=batch, continuous=continuous)
     state = ServerState(
-        mixture=mixture,
-        engine=Scheduler(mixture, max_queue=max_queue, batch=batch),
+        mixture=first,
+        served=served if len(served) > 1 else {},
+        engine=engine,
         model_name=model_name,
         api_key=api_key,
         max_tokens=max_tokens,
@@ -124,15 +154,26 @@ async def parse_body(request: Request, model: type[Any]) -> Any:
     authorize(request)
     raw = await request.body()
     parsed = await asyncio.to_thread(api.read, model, raw)
-    model_name = server_state(request).model_name
-    if parsed.model is not None and parsed.model != model_name:
+    served = server_state(request).mixtures()
+    if parsed.model is not None and parsed.model not in served:
         raise api.BadRequest(
-            f"model: '{parsed.model}' is not served here (this server serves '{model_name}')",
+            f"model: '{parsed.model}' is not served here (this server serves {_names(served)})",
             "model",
             status=404,
             code="model_not_found",
         )
+    if parsed.model is None and len(served) > 1:
+        raise api.BadRequest(f"model: required, one of {_names(served)}", "model")
     return parsed
+
+
+def _names(served: Mapping[str, Mixture]) -> str:
+    return ", ".join(f"'{name}'" for name in served)
+
+
+def model_of(state: ServerState, request: api.ChatRequest | api.CompletionRequest) -> str:
+    """The name of the mixture a (parsed) request asks for."""
+    return request.model if request.model is not None else state.model_name
 
 
 def job_for(
@@ -142,7 +183,8 @@ def job_for(
     field: str,
 ) -> Job:
     """The request's job, queued on the scheduler once its prompt and token budget fit."""
-    max_tokens, context = state.max_tokens, state.context
+    name = model_of(state, request)
+    max_tokens, context = state.max_tokens, state.context_of(name)
     asked = request.limit()
     if asked is not None and asked > max_tokens:
         raise api.BadRequest(
@@ -164,6 +206,7 @@ def job_for(
             "max_tokens",
         )
     job = Job(ids, asked or room, request.sampling(), request.stops(), not request.ignore_eos)
+    job.mixture = state.mixtures()[name] if state.served else None
     try:
         state.engine.submit(job)
     except QueueFull as exc:
@@ -174,6 +217,7 @@ def job_for(
 def prompt_of(state: ServerState, request: api.ChatRequest | api.CompletionRequest) -> list[int]:
     """The request's prompt as the anchor's ids (chat template, tokenizer), once its characters
     are within the server's cap. Its time grows with the prompt: run it on a worker thread."""
+    mixture = state.mixtures()[model_of(state, request)]
     field, chars = request.prompt_field, request.prompt_chars()
     if chars > state.max_prompt_chars:
         raise api.BadRequest(
@@ -181,9 +225,9 @@ def prompt_of(state: ServerState, request: api.ChatRequest | api.CompletionReque
             field,
         )
     if isinstance(request, api.CompletionRequest):
-        return state.mixture.tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
+        return mixture.tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
     try:
-        return chat_ids(state.mixture, request.conversation())
+        return chat_ids(mixture, request.conversation())
     except DataError as exc:  # the chat template refused these messages, or ran too long
         raise api.BadRequest(str(exc), param=field) from None
 
@@ -207,7 +251,7 @@ async def answer(
 
 async def respond(request: Request, job: Job, req: Any, *, chat: bool) -> Response:
     """The job's answer: streamed as SSE if asked, else whole once it is done."""
-    model_name = server_state(request).model_name
+    model_name = model_of(server_state(request), req)
     id_ = api.new_id("chatcmpl" if chat else "cmpl")
     if req.stream:
         events = stream(job, id_, model_name, chat=chat, include_usage=req.include_usage)
@@ -288,13 +332,33 @@ async def stream(
 async def models(request: Request) -> Response:
     authorize(request)
     state = server_state(request)
-    card = {
-        "id": state.model_name,
-        "object": "model",
-        "created": state.created,
-        "owned_by": "compose",
-    }
-    return JSONResponse({"object": "list", "data": [card]})
+    cards = []
+    for name, mixture in state.mixtures().items():
+        card: dict[str, Any] = {
+            "id": name,
+            "object": "model",
+            "created": state.created,
+            "owned_by": "compose",
+        }
+        if mixture is not None:
+            card["bases"] = bases_of(mixture)
+        cards.append(card)
+    return JSONResponse({"object": "list", "data": cards})
+
+
+def bases_of(mixture: Mixture) -> list[dict[str, Any]]:
+    """What a model card says of a mixture's bases: name, source, dtype, quantization, role."""
+    recipe = mixture.recipe
+    return [
+        {
+            "name": name,
+            "source": spec.card if spec.card is not None else Path(spec.path or "").name,
+            "dtype": spec.dtype,
+            "quantization": spec.quantization,
+            "role": "anchor" if name == recipe.anchor else "tapped",
+        }
+        for name, spec in recipe.bases.items()
+    ]
 
 
 async def health(request: Request) -> Response:
@@ -351,8 +415,53 @@ def sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+def mixture_dirs(paths: Sequence[Path]) -> list[Path]:
+    """The mixture folders named: each path is one, or a folder of them (its subfolders that
+    are mixture folders, by name)."""
+    from composer.model.weights import RECIPE_FILE
+
+    found: list[Path] = []
+    for path in paths:
+        if (path / RECIPE_FILE).is_file():
+            found.append(path)
+            continue
+        inner = (
+            sorted(p for p in path.iterdir() if (p / RECIPE_FILE).is_file())
+            if path.is_dir()
+            else []
+        )
+        if not inner:
+            raise ServingError(
+                f"{path}: not a mixture folder ({RECIPE_FILE} is missing), nor a folder of them"
+            )
+        found.extend(inner)
+    return found
+
+
+def load_mixtures(paths: Sequence[Path], *, fetch: bool = True) -> dict[str, Mixture]:
+    """The mixtures of `paths` (see `mixture_dirs`) by their recipes' names, over one
+    `BasePool`: each base (weights, dtype, quantization) is loaded once, whichever mixtures use
+    it. Two mixtures of one name, or bases shared with settings that disagree, are refused
+    before any weights are read past the first disagreement."""
+    from composer.artifacts.load import load_mixture, read_mixture_recipe
+    from composer.bases.pool import BasePool
+
+    folders = mixture_dirs(paths)
+    seen: dict[str, Path] = {}
+    for folder in folders:
+        name = read_mixture_recipe(folder).name
+        if name in seen:
+            raise ServingError(
+                f"two mixtures are named '{name}' ({seen[name]} and {folder}): a request's "
+                "`model` picks a mixture by its name; rename one (its recipe's `name`)"
+            )
+        seen[name] = folder
+    pool = BasePool()
+    return {name: load_mixture(folder, fetch=fetch, pool=pool) for name, folder in seen.items()}
+
+
 def serve(
-    mixture_dir: Path,
+    mixture_dir: Path | Sequence[Path],
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
@@ -360,20 +469,21 @@ def serve(
     max_queue: int = 8,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     batch: int = 4,
+    continuous: bool = True,
     **limits: Any,
 ) -> None:
-    """Load a mixture and serve it until interrupted; `limits` are `connections.Limits`'
-    fields."""
-    from composer.artifacts.load import load_mixture
+    """Load a mixture, or several over shared bases, and serve them until interrupted;
+    `limits` are `connections.Limits`' fields."""
     from composer.serving.connections import Limits, http_server
 
-    mixture = load_mixture(mixture_dir)
+    paths = [mixture_dir] if isinstance(mixture_dir, Path) else list(mixture_dir)
+    served = load_mixtures(paths)
     app = create_app(
-        mixture,
-        model_name=mixture.recipe.name,
+        served,
         api_key=api_key,
         max_queue=max_queue,
         max_tokens=max_tokens,
         batch=batch,
+        continuous=continuous,
     )
     http_server(app, host=host, port=port, limits=Limits(**limits)).run()

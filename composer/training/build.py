@@ -29,7 +29,7 @@ from composer.features.data import load_splits
 from composer.files import lock_now, write_json, write_text
 from composer.model.mixture import CachedMixture, LiveMixture, MixtureCore
 from composer.model.weights import RECIPE_FILE, WEIGHTS, save_weights
-from composer.progress import counted
+from composer.progress import counted, status
 from composer.recipe import Recipe, comparable, read_comparable
 from composer.training.distributed import Ranks
 from composer.training.metrics import domain_metrics, gate_separation
@@ -226,7 +226,7 @@ def _make_mixture(
     if ranks.is_main:
         save_weights(out_dir / WEIGHTS, model.carry_on)
     if run.whole:  # one process: `_run` refuses a build on several
-        with console.status("held-out metrics per domain, the bases alone included"):
+        with status("held-out metrics per domain, the bases alone included", console=console):
             metrics["domains"] = domain_report(recipe, _live_mixture(recipe, model), cache)
             metrics["gate_separation"] = gate_separation(metrics["domains"])
     if ranks.is_main:
@@ -287,11 +287,11 @@ def off_domain(
 def _live(recipe: Recipe, console: Console) -> tuple[LiveMixture, dict[str, Source]]:
     """The bases loaded; training batches computed per step, eval features once, in memory."""
     spec = recipe.train
-    with console.status("loading bases"):
+    with status("loading bases", console=console):
         mixture = LiveMixture.from_recipe(recipe, fetch=True, seed=spec.seed)
-    with console.status("reading data"):
+    with status("reading data", console=console):
         splits = load_splits(recipe, mixture.tokenizer)
-    with counted("bases", "eval examples", console=console) as progress:
+    with counted("bases", unit="eval examples", console=console) as progress:
         held = [name for name in ("eval", "general") if name in splits]
         task = progress.add_task("bases", total=sum(len(splits[name]) for name in held))
 

@@ -231,7 +231,8 @@ def train(
     began = time.perf_counter()
     n = len(train_source.examples)
     detail = "loss {task.fields[loss]}  {task.fields[speed]} tok/s"
-    with counted("train", detail, console=console, disable=not ranks.is_main) as progress:
+    quiet = not ranks.is_main
+    with counted("train", detail, unit="steps", console=console, disable=quiet) as progress:
         task = progress.add_task("train", total=total_steps, completed=start, loss="-", speed="-")
         for step in range(start, total_steps):
             t0 = time.perf_counter()
@@ -258,7 +259,7 @@ def train(
             result.tokens += tokens
             result.train_loss.append((step + 1, value))
             speed = tokens / max(time.perf_counter() - t0, 1e-9)
-            progress.update(task, advance=1, loss=f"{value:.3f}", speed=f"{speed:,.0f}")
+            progress.update(task, advance=1, loss=f"{value:.4f}", speed=f"{speed:,.0f}")
             done = step + 1
             if done % spec.eval_every == 0 or done == total_steps:
                 carry_on.eval()
