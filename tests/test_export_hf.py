@@ -331,3 +331,16 @@ def test_lora_patch_is_exported_merged(tiny, tmp_path):
         exported = handle.get_tensor(f"base_a.{key}")
     assert not torch.equal(original, exported)
     assert "LoRA patch merged" in (out / "README.md").read_text()
+
+
+def test_a_bfloat16_base_exports_bit_for_bit(tiny, tmp_path):
+    """A half-precision base runs in the export as compose runs it (its weights bfloat16, its
+    rotary frequencies float32, as transformers loads it alone): logits equal to the bit."""
+    llama = tiny["llama"]
+    text = recipe_yaml({"a": llama}, "a", ["a@1", "a@3"])
+    text = text.replace(f"{{path: {llama}}}", f"{{path: {llama}, dtype: bfloat16}}")
+    assert "dtype: bfloat16" in text
+    folder = _mixture(tmp_path, text)
+    export_hf(folder, tmp_path / "hf")
+    reference = compose_reference(load_mixture(folder, fetch=False))
+    check_hf_folder(tmp_path / "hf", reference, 0.0)

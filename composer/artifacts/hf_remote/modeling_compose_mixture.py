@@ -420,9 +420,13 @@ class ComposeMixtureForCausalLM(PreTrainedModel, GenerationMixin):
         """Every weight comes from the checkpoint; the bases initialize their own buffers."""
 
     def restore_dtypes(self) -> ComposeMixtureForCausalLM:
-        """Each base in the dtype it ran in when the mixture was trained; the carry-on float32."""
+        """Each base's weights in the dtype it ran in when the mixture was trained; the carry-on
+        float32. Buffers keep the dtype they were built in (rotary frequencies are float32, as
+        a base loaded alone in half precision keeps them: cast, every position rounds)."""
         for name in self.base_names:
-            self.base(name).to(DTYPES[self.config.base_dtypes.get(name, "float32")])
+            dtype = DTYPES[self.config.base_dtypes.get(name, "float32")]
+            for parameter in self.base(name).parameters():
+                parameter.data = parameter.data.to(dtype)
         self.carry_on.float()
         return self
 
