@@ -255,3 +255,36 @@ def serving(app, limits=None):
     finally:
         server.should_exit = True
         thread.join(timeout=20)
+
+
+@contextlib.contextmanager
+def compose_server(*arguments: str):
+    """`compose ARGUMENTS --port P` (`"serve", DIR, ...`) in its own process on a free port,
+    until it answers /health (no API key); its URL and process."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+    from types import SimpleNamespace
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "composer", *arguments, "--port", str(port)]
+    process = subprocess.Popen(command, env={**os.environ, "COMPOSE_API_KEY": ""})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            assert process.poll() is None, "compose serve exited"
+            assert time.monotonic() < deadline, "compose serve did not come up"
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.2)
+        yield SimpleNamespace(url=url, process=process)
+    finally:
+        process.terminate()
+        process.wait(timeout=20)

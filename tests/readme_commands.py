@@ -21,7 +21,7 @@ from dataclasses import dataclass
 CI, FAST, DEMO = "ci", "fast", "demo"
 
 # The short demo: the demo recipe for 12 steps of 4 on 48 examples (width 128) instead of 300
-# steps of 8 on 1,000, as tests/test_real_base.py::test_short_demo_build_beats_the_anchor builds it.
+# steps of 8 on 1,000; tests/test_real_base.py::test_short_demo_build_beats_the_anchor builds it too.
 SHORT_DEMO = (
     "train.data.size=48",
     "train.steps=12",

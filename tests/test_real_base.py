@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from readme_commands import SHORT_DEMO
 from transformers import AutoModelForCausalLM
 
 from composer.bases import pull, registry
@@ -44,15 +45,7 @@ def test_untrained_demo_mixture_equals_smollm2(smollm2):
 
 
 def test_short_demo_build_beats_the_anchor(smollm2, tmp_path):
-    overrides = [
-        "train.data.size=48",
-        "train.steps=12",
-        "train.batch_size=4",
-        "train.eval_every=12",
-        "train.warmup_steps=2",
-        "carry_on.width=128",
-    ]
-    result = build(load_recipe(DEMO, overrides), out=tmp_path / "demo")
+    result = build(load_recipe(DEMO, list(SHORT_DEMO)), out=tmp_path / "demo")
     metrics = result.metrics
     assert metrics["eval_loss_mixture"] < metrics["eval_loss_anchor"]
     assert metrics["trainable_params"] > 0

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import openai
 import pytest
-from conftest import serving
+from conftest import compose_server, serving
 
 from composer.artifacts.load import load_mixture
 from composer.generation.decode import generate, prompt_ids
@@ -231,44 +231,13 @@ def test_a_full_queue_answers_503_quickly(server, client):
 
 
 def test_compose_serve_listens_on_localhost_only(tiny_mixture_dir):
-    import os
-    import socket
-    import subprocess
-    import sys
-
     import psutil
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [
-        sys.executable,
-        "-m",
-        "composer",
-        "serve",
-        str(tiny_mixture_dir),
-        "--port",
-        str(port),
-    ]
-    process = subprocess.Popen(command, env={**os.environ, "COMPOSE_API_KEY": ""})
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            assert process.poll() is None, "compose serve exited"
-            assert time.monotonic() < deadline, "compose serve did not come up"
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.2)
-        sockets = psutil.Process(process.pid).net_connections("tcp")
+    with compose_server("serve", str(tiny_mixture_dir)) as served:
+        sockets = psutil.Process(served.process.pid).net_connections("tcp")
         assert [c.laddr.ip for c in sockets if c.status == psutil.CONN_LISTEN] == ["127.0.0.1"]
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        client = openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0)
         assert client.completions.create(model="tiny", prompt="hi", max_tokens=2).usage
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
 
 
 def test_a_client_that_gives_up_on_a_whole_answer_frees_the_model(server):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from conftest import EXPERT_CARRY_ON, recipe_yaml, serving, write_mixture_dir
+from conftest import EXPERT_CARRY_ON, compose_server, recipe_yaml, serving, write_mixture_dir
 
 from composer.errors import BaseSourceError, ServingError
 from composer.generation.decode import Decoder, Generation, prompt_ids, run_together
@@ -282,39 +282,14 @@ def test_the_server_serves_every_mixture_by_name(served):
 
 
 def test_compose_serve_takes_several_mixture_folders(folders):
-    """`compose serve DIR DIR` as README shows it: both served by name, one copy of the Llama."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "composer", "serve", str(folders["taps"])]
-    command += [str(folders["write"]), "--port", str(port)]
-    process = subprocess.Popen(command, env={**os.environ, "COMPOSE_API_KEY": ""})
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            assert process.poll() is None, "compose serve exited"
-            assert time.monotonic() < deadline, "compose serve did not come up"
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.2)
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    """`compose serve DIR DIR` as README shows it: both served by name."""
+    with compose_server("serve", str(folders["taps"]), str(folders["write"])) as served:
+        client = openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0)
         assert sorted(m.id for m in client.models.list()) == ["taps", "write"]
         for name in ("taps", "write"):
             reply = client.completions.create(model=name, prompt="hi", max_tokens=2)
             assert reply.model == name and reply.usage.completion_tokens == 2
         with pytest.raises(openai.NotFoundError) as caught:
             client.completions.create(model="nope", prompt="hi", max_tokens=2)
-        assert (
-            "'taps'" in caught.value.body["message"] and "'write'" in caught.value.body["message"]
-        )
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
+        message = caught.value.body["message"]
+        assert "'taps'" in message and "'write'" in message
