@@ -633,7 +633,7 @@ def compare(
         str,
         typer.Argument(
             help="Side A: a built mixture directory, a built recipe, a model folder or a base "
-            "card (the model alone).",
+            "card (the model alone; CARD:bfloat16 runs it in that dtype, float32 without one).",
             show_default=False,
         ),
     ],

@@ -274,6 +274,13 @@ def test_a_model_folder_is_a_side_like_its_card(tiny, tiny_card, tmp_path):
     assert result.a.recipe.bases["model"].path == str(tiny["llama"].resolve())
     rows = result.suites[0].items
     assert [r["a"]["nll"] for r in rows] == [r["b"]["nll"] for r in rows]
+    # CARD:DTYPE: the base alone in that dtype, as a mixture's anchor runs in its recipe's.
+    plain, half = resolve_side("B", tiny_card), resolve_side("B", f"{tiny_card}:bfloat16")
+    assert plain.recipe.bases["chat"].dtype == "float32"
+    assert half.recipe.bases["chat"].dtype == "bfloat16" and half.key != plain.key
+    assert resolve_side("B", f"{tiny_card}:float32").key == plain.key
+    with pytest.raises(CompareError, match="'int3' is not a dtype"):
+        resolve_side("B", f"{tiny_card}:int3")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(CompareError, match="nor a model folder"):

@@ -67,18 +67,29 @@ def resolve_side(label: str, given: str) -> Side:
     return _keyed(_base_alone(label, given))
 
 
-def _base_alone(label: str, card_name: str) -> Side:
+def _base_alone(label: str, given: str) -> Side:
+    """A base card alone, `CARD` or `CARD:DTYPE` (the dtype it runs in; float32 without one),
+    as a mixture runs its anchor in its recipe's dtype."""
     from composer.bases import registry
+    from composer.bases.frozen import DTYPES
 
+    card_name, _, dtype = given.partition(":")
     try:
         card = registry.get_card(card_name)
     except ComposeError as exc:
         raise CompareError(
-            f"'{card_name}' is not a mixture directory, a model folder, a built recipe or a "
+            f"'{given}' is not a mixture directory, a model folder, a built recipe or a "
             f"base card ({exc})"
         ) from exc
+    spec = {"card": card.name}
+    if dtype:
+        if dtype not in DTYPES:
+            raise CompareError(
+                f"'{given}': '{dtype}' is not a dtype a base runs in ({', '.join(DTYPES)})"
+            )
+        spec["dtype"] = dtype
     role = card.role if re.fullmatch(r"[A-Za-z0-9_-]+", card.role) else "base"
-    return _alone(label, card_name, {"card": card.name}, role, card.name)
+    return _alone(label, given, spec, role, card.name)
 
 
 def _alone(label: str, given: str, spec: dict[str, str], role: str, name: str = "") -> Side:
