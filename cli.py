@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import os
@@ -720,6 +721,72 @@ def compare(
     _show(table)
     reused = ", ".join(f"{side} ran {n} item(s)" for side, n in result.computed.items())
     out.print(f"reports in {target} ({reused}; the rest came from the cache)", highlight=False)
+
+
+class KeepAnswers(enum.StrEnum):
+    correct = "correct"
+    all = "all"
+
+
+@app.command()
+def answer(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    out_file: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            help="The .jsonl file to write ({question, answer, reference} rows); train on it "
+            "with `{kind: hf, dataset: FILE, fields: {question: question, answer: answer}}`.",
+            show_default=False,
+        ),
+    ] = ...,  # type: ignore[assignment]
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Who answers: a mixture directory, a model folder or CARD[:DTYPE] "
+            "(default: the recipe's anchor alone, loaded as the recipe loads it).",
+            show_default=False,
+        ),
+    ] = None,
+    keep: Annotated[
+        KeepAnswers,
+        typer.Option(
+            help="correct: finished answers whose final number equals the reference's "
+            "(rejection sampling); all: every finished answer (self-distillation)."
+        ),
+    ] = KeepAnswers.correct,
+    max_new_tokens: Annotated[
+        int, typer.Option(min=1, help="Longest answer; one cut here is not kept.")
+    ] = 512,
+    batch: Annotated[int, typer.Option(min=1, help="Questions decoded together.")] = 16,
+    as_json: AsJson = False,
+) -> None:
+    """Answer the questions of a recipe's training data; keep the right answers as targets."""
+    from composer.compare.answers import write_answers
+    from composer.recipe import load_recipe
+
+    spec = _run(lambda: load_recipe(recipe, overrides or []))
+    result = _run(
+        lambda: write_answers(
+            spec,
+            out_file,
+            model=model,
+            keep=keep.value,
+            max_new_tokens=max_new_tokens,
+            batch=batch,
+            console=err,
+        )
+    )
+    if as_json:
+        _print_json(dataclasses.asdict(result))
+        return
+    out.print(
+        f"[green]answered[/] {result.asked} questions with {result.model}: {result.correct} "
+        f"right, {result.unfinished} cut at {max_new_tokens} tokens; {result.kept} kept in "
+        f"{result.out}" + (f" ({result.reused} reused)" if result.reused else ""),
+        highlight=False,
+    )
 
 
 def _slug(text: str) -> str:

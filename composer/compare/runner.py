@@ -92,7 +92,15 @@ def _base_alone(label: str, given: str) -> Side:
     return _alone(label, given, spec, role, card.name)
 
 
-def _alone(label: str, given: str, spec: dict[str, str], role: str, name: str = "") -> Side:
+def anchor_alone(label: str, recipe: Recipe) -> Side:
+    """`recipe`'s anchor alone, loaded as the recipe loads it (dtype, quantization, LoRA)."""
+    anchor = recipe.bases[recipe.anchor]
+    spec = anchor.model_dump(mode="json", exclude_defaults=True)
+    name = anchor.card or Path(anchor.path or "").name
+    return _keyed(_alone(label, f"{name} (the anchor alone)", spec, recipe.anchor, name))
+
+
+def _alone(label: str, given: str, spec: dict[str, Any], role: str, name: str = "") -> Side:
     """A base alone (a card, or a model folder such as a merged LoRA): an anchor-only mixture
     whose carry-on is never trained."""
     name = name or re.sub(r"[^A-Za-z0-9._-]", "-", Path(given).resolve().name).lstrip("._-")

@@ -20,7 +20,7 @@ from composer.model.protocol import Mixture
 
 HUMANEVAL_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "```", "\nassert ")
 _NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
-_GSM_DONE = re.compile(rf"####\s*{_NUMBER}\s*\n")  # a worked answer has given its number
+GSM_DONE = re.compile(rf"####\s*{_NUMBER}\s*\n")  # a worked answer has given its number
 BatchRunner = Callable[[Mixture, list[Any], dict[str, Any]], list[dict[str, Any]]]
 
 
@@ -155,7 +155,7 @@ def run_gsm(mixture: Mixture, items: list[Any], settings: dict[str, Any]) -> lis
     questions = [item.data["question"] for item in items]
     results = []
     for item, (output, gate) in zip(
-        items, _generate(mixture, questions, settings, until=_GSM_DONE), strict=True
+        items, _generate(mixture, questions, settings, until=GSM_DONE), strict=True
     ):
         predicted = final_number(output)
         passed = same_number(predicted, item.data["answer"])

@@ -239,8 +239,18 @@ def strip_calculator(text: str) -> str:
     return CALCULATOR.sub("", text)
 
 
-def load_hf(spec: HfData, tokenizer: Any, seq_len: int) -> list[Example]:
-    """Rows of a Hugging Face dataset (hub id or local copy), by the roles in `fields`."""
+@dataclass(frozen=True)
+class HfRows:
+    """The rows an `hf` spec draws, in its order: `where` names them in errors, `columns` maps
+    each role of `fields` to its column, `rows` pairs each row's index in the split with it."""
+
+    where: str
+    columns: dict[str, str]
+    rows: list[tuple[int, dict[str, Any]]]
+
+
+def hf_rows(spec: HfData) -> HfRows:
+    """Rows of a Hugging Face dataset (hub id or local copy), `size` of them drawn by `seed`."""
     from composer.features.hf_datasets import check_columns, open_split
 
     where = f"{spec.dataset} {spec.split}"
@@ -255,10 +265,17 @@ def load_hf(spec: HfData, tokenizer: Any, seq_len: int) -> list[Example]:
             raise DataError(f"{where}: size {spec.size} is more than its {len(order)} rows")
         random.Random(spec.seed).shuffle(order)
         order = order[: spec.size]
-    target = strip_calculator if spec.calculator == "strip" else str
     picked = rows.select_columns(list(dict.fromkeys(columns.values()))).select(order)
+    return HfRows(where, columns, list(zip(order, picked, strict=True)))
+
+
+def load_hf(spec: HfData, tokenizer: Any, seq_len: int) -> list[Example]:
+    """Rows of a Hugging Face dataset (hub id or local copy), by the roles in `fields`."""
+    drawn = hf_rows(spec)
+    where, columns = drawn.where, drawn.columns
+    target = strip_calculator if spec.calculator == "strip" else str
     out: list[Example] = []
-    for index, row in zip(order, picked, strict=True):
+    for index, row in drawn.rows:
         example: Example | None
         if "text" in columns:
             out += text_windows(tokenizer, [target(str(row[columns["text"]]))], seq_len, None)

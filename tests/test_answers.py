@@ -1,0 +1,189 @@
+"""`compose answer`: a model answers a recipe's training questions; the right answers become
+training targets. The answering model is the tiny Llama taught (a few seconds of Adam) to write
+known answers, so which rows are right, wrong or cut is known before the command runs."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from tests.conftest import recipe_yaml
+
+# question -> what the taught model writes; the dataset's reference final number below.
+TAUGHT = {
+    "What is 2 plus 3?": "2 + 3 = 5\n#### 5",  # right
+    "What is 4 plus 4?": "4 + 4 = 9\n#### 9",  # wrong: the reference says 8
+    "What is 1 plus 6?": "1 + 6 = 7.",  # right by its last number, no #### line
+    "Count to twenty.": "one two three four five six seven eight nine ten eleven twelve",  # cut
+}
+REFERENCE = {
+    "What is 2 plus 3?": "2+3 = <<2+3=5>>5\n#### 5",
+    "What is 4 plus 4?": "4+4 = <<4+4=8>>8\n#### 8",
+    "What is 1 plus 6?": "#### 7",
+    "Count to twenty.": "#### 20",
+}
+MAX_NEW_TOKENS = 24  # the counting answer (57 tokens) is cut: never kept
+
+
+@pytest.fixture(scope="module")
+def taught(tiny, tmp_path_factory) -> Path:
+    """The tiny Llama trained until its greedy answer to each question is TAUGHT's."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from composer.features.data import collate, encode_qa, pad_id
+
+    folder = tmp_path_factory.mktemp("taught") / "llama"
+    tokenizer = AutoTokenizer.from_pretrained(tiny["llama"])
+    model = AutoModelForCausalLM.from_pretrained(tiny["llama"], dtype=torch.float32)
+    examples = [
+        encode_qa(tokenizer, [{"role": "user", "content": q}], a, 128) for q, a in TAUGHT.items()
+    ]
+    batch = collate([e for e in examples if e is not None], pad_id(tokenizer))
+    labels = batch["labels"][:, 1:]
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    for _ in range(400):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        right = (logits[:, :-1].argmax(-1) == labels)[labels != -100]
+        if bool(right.all()):
+            break
+    assert bool(right.all()), "the tiny model did not learn its answers"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def recipe(taught, tmp_path, write_recipe) -> Path:
+    data = tmp_path / "questions.jsonl"
+    data.write_text("".join(json.dumps({"q": q, "a": a}) + "\n" for q, a in REFERENCE.items()))
+    train = f"""
+        train:
+          data:
+            kind: hf
+            dataset: {data}
+            fields: {{question: q, answer: a}}
+          steps: 2
+          batch_size: 2
+          seq_len: 128
+        """
+    return write_recipe(recipe_yaml({"a": taught}, "a", ["a@1"], train=textwrap.dedent(train)))
+
+
+def _answer(recipe: Path, out: Path, *args: str):
+    return CliRunner().invoke(
+        app,
+        ["answer", str(recipe), "--out", str(out), "--max-new-tokens", str(MAX_NEW_TOKENS), *args],
+    )
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_keeps_the_finished_answers_whose_final_number_is_right(recipe, tmp_path):
+    out = tmp_path / "answers.jsonl"
+    result = _answer(recipe, out, "--json")
+    assert result.exit_code == 0, result.output
+    rows = _rows(out)
+    assert [(r["question"], r["answer"]) for r in rows] == [
+        ("What is 2 plus 3?", TAUGHT["What is 2 plus 3?"]),
+        ("What is 1 plus 6?", TAUGHT["What is 1 plus 6?"]),
+    ]
+    assert [r["reference"] for r in rows] == ["5", "7"]
+    summary = json.loads(result.stdout)
+    assert (summary["asked"], summary["correct"], summary["unfinished"]) == (4, 2, 1)
+    assert summary["kept"] == 2
+    assert not (tmp_path / "answers.jsonl.partial").exists()
+
+
+def test_keep_all_keeps_every_finished_answer(recipe, tmp_path):
+    out = tmp_path / "all.jsonl"
+    assert _answer(recipe, out, "--keep", "all").exit_code == 0
+    kept = {r["question"]: r["answer"] for r in _rows(out)}
+    assert kept == {q: a for q, a in TAUGHT.items() if q != "Count to twenty."}
+
+
+def test_the_answers_train_as_the_targets_they_are(recipe, tmp_path):
+    """A recipe reading the written file trains on the model's own answers, loss on them."""
+    from transformers import AutoTokenizer
+
+    from composer.features.data import load_examples
+    from composer.recipe import load_recipe
+
+    out = tmp_path / "answers.jsonl"
+    assert _answer(recipe, out).exit_code == 0
+    spec = load_recipe(
+        recipe,
+        [
+            f"train.data.dataset={out}",
+            "train.data.fields.question=question",
+            "train.data.fields.answer=answer",
+        ],
+    )
+    tokenizer = AutoTokenizer.from_pretrained(spec.bases["a"].path)
+    examples = load_examples(spec.train.data, tokenizer, 128)
+    targets = [tokenizer.decode([t for t in e.labels if t != -100]) for e in examples]
+    # Each target: the answer and the end of the turn, as the tiny chat template writes it.
+    assert targets == [TAUGHT["What is 2 plus 3?"] + "<|im_end|>\n", "1 + 6 = 7.<|im_end|>\n"]
+
+
+def test_a_rerun_reuses_the_answers_an_interrupted_run_wrote(recipe, tmp_path):
+    from composer.compare.runner import anchor_alone
+    from composer.recipe import load_recipe
+
+    out = tmp_path / "answers.jsonl"
+    key = anchor_alone("model", load_recipe(recipe)).key
+    earlier = {
+        "index": 0,
+        "question": "What is 2 plus 3?",
+        "answer": "five, written earlier\n#### 5",
+        "reference": "5",
+        "finished": True,
+        "correct": True,
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "key": key,
+    }
+    other_model = {**earlier, "index": 1, "answer": "from another model #### 8", "key": "x"}
+    (tmp_path / "answers.jsonl.partial").write_text(
+        json.dumps(earlier) + "\n" + json.dumps(other_model) + "\n" + '{"index": 2, "que'
+    )
+    result = _answer(recipe, out, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["reused"] == 1
+    assert [r["answer"] for r in _rows(out)] == [earlier["answer"], TAUGHT["What is 1 plus 6?"]]
+
+
+def test_refusals_write_nothing(recipe, tmp_path, write_recipe, tiny):
+    out = tmp_path / "answers.jsonl"
+    out.write_text("mine\n")
+    result = _answer(recipe, out)
+    assert result.exit_code == 1 and "already exists" in result.output
+    assert out.read_text() == "mine\n"
+
+    no_number = tmp_path / "prose.jsonl"
+    no_number.write_text(json.dumps({"q": "Say hi.", "a": "Hello there!"}) + "\n")
+    fresh = tmp_path / "fresh.jsonl"
+    result = _answer(recipe, fresh, f"train.data.dataset={no_number}")
+    assert result.exit_code == 1 and "no final number" in result.output
+    assert "--keep all" in result.output
+    assert not fresh.exists() and not (tmp_path / "fresh.jsonl.partial").exists()
+
+    other = write_recipe(recipe_yaml({"a": tiny["llama"]}, "a", ["a@1"]), "gsm.yaml")
+    result = _answer(other, fresh)
+    assert result.exit_code == 1 and "reads the questions of an `hf` source" in result.output
+    result = _answer(recipe, tmp_path / "answers.txt")
+    assert result.exit_code == 1 and ".jsonl" in result.output
+    assert not fresh.exists()
