@@ -84,6 +84,11 @@ COMMANDS: dict[str, Run] = {
         "tests/test_export_hf.py::test_single_base_export_through_the_cli",
         "a tiny one-base mixture instead of runs/demo, into a tmp folder",
     ),
+    "compose answer recipes/gsm8k-carry-on.yaml --out runs/gsm8k-self-answers.jsonl": Run(
+        "tests/test_answers.py::test_keeps_the_finished_answers_whose_final_number_is_right",
+        "a recipe over a tiny Llama taught four answers, on four local questions, instead of "
+        "the 1.5B coder on GSM8K; --max-new-tokens 24 --json",
+    ),
     "compose compare runs/demo smollm2-135m-instruct --suite loss-math --limit 20": Run(
         DEMO, BUILT
     ),
