@@ -38,7 +38,7 @@ class AnswersResult:
     out: Path
     model: str  # what answered: the anchor alone, or the side given
     asked: int  # questions answered (reused from OUT.partial included)
-    correct: int  # answers whose final number equals the reference's
+    correct: int  # finished answers whose final number equals the reference's
     unfinished: int  # answers cut at max_new_tokens
     kept: int  # rows written to OUT
     reused: int  # answers read back from OUT.partial
@@ -94,14 +94,16 @@ def write_answers(
                 for (index, row), (text, reason) in zip(
                     chunk, _answers(mixture, texts, max_new_tokens), strict=True
                 ):
-                    reference = references[index]
+                    reference, finished = references[index], reason != "length"
                     answered = {
                         "index": index,
                         "question": str(row[question]),
                         "answer": text,
                         "reference": reference,
-                        "finished": reason != "length",
-                        "correct": reference is not None
+                        "finished": finished,
+                        # A cut answer's last number is not its answer: never right.
+                        "correct": finished
+                        and reference is not None
                         and same_number(final_number(text), reference),
                         **settings,
                     }
@@ -122,7 +124,7 @@ def write_answers(
         out=out,
         model=side.given,
         asked=len(answered_rows),
-        correct=sum(a["correct"] for a in answered_rows),
+        correct=sum(a["finished"] and a["correct"] for a in answered_rows),
         unfinished=sum(not a["finished"] for a in answered_rows),
         kept=len(kept),
         reused=reused,
