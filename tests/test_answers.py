@@ -188,3 +188,13 @@ def test_refusals_write_nothing(recipe, tmp_path, write_recipe, tiny):
     result = _answer(recipe, tmp_path / "answers.txt")
     assert result.exit_code == 1 and ".jsonl" in result.output
     assert not fresh.exists()
+
+
+def test_a_second_run_to_the_same_file_is_refused(recipe, tmp_path):
+    from composer.training.build import output_lock
+
+    out = tmp_path / "answers.jsonl"
+    with output_lock(out):  # another run holds it
+        result = _answer(recipe, out)
+    assert result.exit_code == 1 and "being written by another run" in result.output
+    assert not out.exists() and not (tmp_path / "answers.jsonl.partial").exists()

@@ -29,6 +29,7 @@ from composer.features.data import HfRows, hf_rows, strip_calculator
 from composer.files import write_text
 from composer.progress import counted, status
 from composer.recipe import HfData, Recipe
+from composer.training.build import output_lock
 
 Keep = Literal["correct", "all"]
 
@@ -68,11 +69,30 @@ def write_answers(
         )
     if out.suffix != ".jsonl":
         raise CompareError(f"--out {out}: write the answers to a .jsonl file")
-    if out.exists():
-        raise CompareError(f"--out {out} already exists; choose another or remove it")
+    _check_new(out)
     drawn = hf_rows(spec)
     references = _references(drawn, keep)
     side = _answering_side(recipe, model)
+    with output_lock(out):  # a second run to the same file is refused, not interleaved
+        _check_new(out)
+        return _answer_rows(drawn, references, side, out, keep, max_new_tokens, batch, console)
+
+
+def _check_new(out: Path) -> None:
+    if out.exists():
+        raise CompareError(f"--out {out} already exists; choose another or remove it")
+
+
+def _answer_rows(
+    drawn: HfRows,
+    references: dict[int, str | None],
+    side: Side,
+    out: Path,
+    keep: Keep,
+    max_new_tokens: int,
+    batch: int,
+    console: Console,
+) -> AnswersResult:
     settings = {"max_new_tokens": max_new_tokens, "key": side.key}
     partial = out.with_name(out.name + ".partial")
     done = _read_partial(partial, settings)
