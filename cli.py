@@ -759,31 +759,30 @@ def answer(
     max_new_tokens: Annotated[
         int, typer.Option(min=1, help="Longest answer; one cut here is not kept.")
     ] = 512,
-    batch: Annotated[int, typer.Option(min=1, help="Questions decoded together.")] = 16,
+    batch: Annotated[int, typer.Option(min=1, help="Answers decoded together.")] = 16,
+    samples: Annotated[
+        int, typer.Option(min=1, help="Answers per question (with --temperature above 0).")
+    ] = 1,
+    temperature: Annotated[
+        float, typer.Option(min=0.0, help="0: the greedy answer; above 0: sampled answers.")
+    ] = 0.0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the sampled answers.")] = 0,
     as_json: AsJson = False,
 ) -> None:
     """Answer the questions of a recipe's training data; keep the right answers as targets."""
-    from composer.compare.answers import write_answers
+    from composer.compare.answers import Answering, write_answers
     from composer.recipe import load_recipe
 
     spec = _run(lambda: load_recipe(recipe, overrides or []))
-    result = _run(
-        lambda: write_answers(
-            spec,
-            out_file,
-            model=model,
-            keep=keep.value,
-            max_new_tokens=max_new_tokens,
-            batch=batch,
-            console=err,
-        )
-    )
+    how = Answering(keep.value, max_new_tokens, batch, samples, temperature, seed)
+    result = _run(lambda: write_answers(spec, out_file, how, model=model, console=err))
     if as_json:
         _print_json(dataclasses.asdict(result))
         return
     out.print(
-        f"[green]answered[/] {result.asked} questions with {result.model}: {result.correct} "
-        f"right, {result.unfinished} cut at {max_new_tokens} tokens; {result.kept} kept in "
+        f"[green]answered[/] {result.questions} questions ({result.answers} answers) with "
+        f"{result.model}: {result.correct} answers right ({result.questions_right} questions), "
+        f"{result.unfinished} cut at {max_new_tokens} tokens; {result.kept} kept in "
         f"{result.out}" + (f" ({result.reused} reused)" if result.reused else ""),
         highlight=False,
     )

@@ -105,8 +105,8 @@ def test_keeps_the_finished_answers_whose_final_number_is_right(recipe, tmp_path
     ]
     assert [r["reference"] for r in rows] == ["5", "7"]
     summary = json.loads(result.stdout)
-    assert (summary["asked"], summary["correct"], summary["unfinished"]) == (4, 2, 1)
-    assert summary["kept"] == 2
+    assert (summary["questions"], summary["answers"], summary["unfinished"]) == (4, 4, 1)
+    assert (summary["correct"], summary["questions_right"], summary["kept"]) == (2, 2, 2)
     assert not (tmp_path / "answers.jsonl.partial").exists()
 
 
@@ -149,12 +149,15 @@ def test_a_rerun_reuses_the_answers_an_interrupted_run_wrote(recipe, tmp_path):
     key = anchor_alone("model", load_recipe(recipe)).key
     earlier = {
         "index": 0,
+        "sample": 0,
         "question": "What is 2 plus 3?",
         "answer": "five, written earlier\n#### 5",
         "reference": "5",
         "finished": True,
         "correct": True,
         "max_new_tokens": MAX_NEW_TOKENS,
+        "temperature": 0.0,
+        "seed": 0,
         "key": key,
     }
     other_model = {**earlier, "index": 1, "answer": "from another model #### 8", "key": "x"}
@@ -198,3 +201,35 @@ def test_a_second_run_to_the_same_file_is_refused(recipe, tmp_path):
         result = _answer(recipe, out)
     assert result.exit_code == 1 and "being written by another run" in result.output
     assert not out.exists() and not (tmp_path / "answers.jsonl.partial").exists()
+
+
+def test_sampled_answers_are_seeded_and_every_kept_one_is_right(recipe, tmp_path):
+    """Three answers per question at temperature 1.5: reproducible from the seed; every kept
+    row is a distinct finished answer with the reference's final number."""
+    from composer.compare.scoring import final_number, same_number
+
+    runs = []
+    for name in ("one.jsonl", "two.jsonl"):
+        result = _answer(
+            recipe, tmp_path / name, "--samples", "3", "--temperature", "1.5", "--json"
+        )
+        assert result.exit_code == 0, result.output
+        runs.append((tmp_path / name).read_text())
+    assert runs[0] == runs[1]
+    summary = json.loads(result.stdout)
+    assert (summary["questions"], summary["answers"]) == (4, 12)
+    rows = _rows(tmp_path / "two.jsonl")
+    assert len(rows) == summary["kept"] == len({(r["question"], r["answer"]) for r in rows})
+    for row in rows:
+        assert same_number(final_number(row["answer"]), row["reference"])
+    # Sampled, not greedy: some answer differs from the one the model was taught (the seed
+    # fixes which, so this holds on every run).
+    every = tmp_path / "every.jsonl"
+    assert (
+        _answer(recipe, every, "--samples", "3", "--temperature", "1.5", "--keep", "all").exit_code
+        == 0
+    )
+    assert {r["answer"] for r in _rows(every)} - set(TAUGHT.values())
+    greedy = _answer(recipe, tmp_path / "greedy.jsonl", "--samples", "2")
+    assert greedy.exit_code == 1 and "needs a --temperature above 0" in greedy.output
+    assert not (tmp_path / "greedy.jsonl").exists()

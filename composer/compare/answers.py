@@ -7,14 +7,20 @@ writes itself and gets right keep its own way of reasoning and reinforce the cha
 the answer. The output is a JSON Lines file of `{question, answer, reference}` rows that a
 recipe trains on as `{kind: hf, dataset: FILE, fields: {question: question, answer: answer}}`.
 
-Answers are appended to `OUT.partial` as each batch finishes, with the model's key: a rerun
-after an interrupt answers only the rest. OUT itself is written once, whole, at the end.
+Greedy answers the model already gets right teach it little (it gives them most of their
+probability already); sampled answers (`samples` per question at a `temperature`) also find right
+answers to questions its greedy answer gets wrong, where the learning signal is.
+
+Answers are appended to `OUT.partial` as each batch finishes, with the model's key and the
+decoding settings: a rerun after an interrupt answers only the rest. OUT is written once,
+whole, at the end.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -35,31 +41,54 @@ Keep = Literal["correct", "all"]
 
 
 @dataclass(frozen=True)
+class Answering:
+    """How answers are written and which are kept: `samples` answers per question at
+    `temperature` (0: one greedy answer), each sample seeded from `seed`, its question and its
+    number; `keep` is `correct` (finished, with the reference's final number) or `all`
+    (finished)."""
+
+    keep: Keep = "correct"
+    max_new_tokens: int = 512
+    batch: int = 16
+    samples: int = 1
+    temperature: float = 0.0
+    seed: int = 0
+
+    def sampling(self, index: int, sample: int) -> Any:
+        from composer.generation.sampling import Sampling
+
+        if self.temperature == 0.0:
+            return Sampling()
+        seed = zlib.crc32(f"{self.seed}/{index}/{sample}".encode())
+        return Sampling(temperature=self.temperature, seed=seed)
+
+
+@dataclass(frozen=True)
 class AnswersResult:
     out: Path
     model: str  # what answered: the anchor alone, or the side given
-    asked: int  # questions answered (reused from OUT.partial included)
+    questions: int  # questions asked
+    answers: int  # answers written (samples per question), reused from OUT.partial included
     correct: int  # finished answers whose final number equals the reference's
+    questions_right: int  # questions with at least one such answer
     unfinished: int  # answers cut at max_new_tokens
-    kept: int  # rows written to OUT
+    kept: int  # rows written to OUT (one per distinct kept answer)
     reused: int  # answers read back from OUT.partial
 
 
 def write_answers(
     recipe: Recipe,
     out: Path,
+    how: Answering | None = None,
     *,
     model: str | None = None,
-    keep: Keep = "correct",
-    max_new_tokens: int = 512,
-    batch: int = 16,
     console: Console | None = None,
 ) -> AnswersResult:
-    """Answer every question `recipe.train.data` draws (greedy, through the chat template the
-    training prompt uses); write the answers `keep` selects to `out`: `correct` keeps finished
-    answers whose final number equals the reference's (GSM8K's `#### N`), `all` every finished
-    answer. `model` is a compare side (mixture directory, model folder, `CARD[:DTYPE]`);
-    without it the recipe's anchor answers alone, in the dtype the recipe loads it."""
+    """Answer every question `recipe.train.data` draws (through the chat template the training
+    prompt uses) and write the answers `how` keeps to `out`. `model` is a compare side
+    (mixture directory, model folder, `CARD[:DTYPE]`); without it the recipe's anchor answers
+    alone, in the dtype the recipe loads it."""
+    how = how or Answering()
     console = console or Console(stderr=True)
     spec = recipe.train.data
     if not isinstance(spec, HfData) or spec.fields.question is None:
@@ -67,15 +96,20 @@ def write_answers(
             "train.data: `compose answer` reads the questions of an `hf` source with "
             f"`fields: {{question: ..., answer: ...}}`; this recipe's is `{spec.kind}`"
         )
+    if how.samples > 1 and how.temperature == 0.0:
+        raise CompareError(
+            f"--samples {how.samples} needs a --temperature above 0: greedy answers to one "
+            "question are all the same"
+        )
     if out.suffix != ".jsonl":
         raise CompareError(f"--out {out}: write the answers to a .jsonl file")
     _check_new(out)
     drawn = hf_rows(spec)
-    references = _references(drawn, keep)
+    references = _references(drawn, how.keep)
     side = _answering_side(recipe, model)
     with output_lock(out):  # a second run to the same file is refused, not interleaved
         _check_new(out)
-        return _answer_rows(drawn, references, side, out, keep, max_new_tokens, batch, console)
+        return _answer_rows(drawn, references, side, out, how, console)
 
 
 def _check_new(out: Path) -> None:
@@ -88,35 +122,40 @@ def _answer_rows(
     references: dict[int, str | None],
     side: Side,
     out: Path,
-    keep: Keep,
-    max_new_tokens: int,
-    batch: int,
+    how: Answering,
     console: Console,
 ) -> AnswersResult:
-    settings = {"max_new_tokens": max_new_tokens, "key": side.key}
+    settings = {
+        "max_new_tokens": how.max_new_tokens,
+        "temperature": how.temperature,
+        "seed": how.seed,
+        "key": side.key,
+    }
     partial = out.with_name(out.name + ".partial")
     done = _read_partial(partial, settings)
-    reused = len(done)
-    todo = [(i, row) for i, row in drawn.rows if i not in done]
+    reused = sum(1 for i, _ in drawn.rows for j in range(how.samples) if (i, j) in done)
+    todo = [(i, j, row) for i, row in drawn.rows for j in range(how.samples) if (i, j) not in done]
     question = drawn.columns["question"]
     if todo:
         out.parent.mkdir(parents=True, exist_ok=True)
         with status(f"loading {side.given}", console=console):
             mixture = side.load()
         with (
-            counted("answer", unit="questions", console=console) as progress,
+            counted("answer", unit="answers", console=console) as progress,
             open(partial, "a", encoding="utf-8") as log,
         ):
-            task = progress.add_task("answer", total=len(drawn.rows), completed=reused)
-            for start in range(0, len(todo), batch):
-                chunk = todo[start : start + batch]
-                texts = [str(row[question]) for _, row in chunk]
-                for (index, row), (text, reason) in zip(
-                    chunk, _answers(mixture, texts, max_new_tokens), strict=True
+            total = len(drawn.rows) * how.samples
+            task = progress.add_task("answer", total=total, completed=reused)
+            for start in range(0, len(todo), how.batch):
+                chunk = todo[start : start + how.batch]
+                asked = [(str(row[question]), how.sampling(i, j)) for i, j, row in chunk]
+                for (index, sample, row), (text, reason) in zip(
+                    chunk, _answers(mixture, asked, how.max_new_tokens), strict=True
                 ):
                     reference, finished = references[index], reason != "length"
                     answered = {
                         "index": index,
+                        "sample": sample,
                         "question": str(row[question]),
                         "answer": text,
                         "reference": reference,
@@ -127,24 +166,27 @@ def _answer_rows(
                         and same_number(final_number(text), reference),
                         **settings,
                     }
-                    done[index] = answered
+                    done[index, sample] = answered
                     log.write(json.dumps(answered) + "\n")
                 log.flush()
                 os.fsync(log.fileno())
                 progress.advance(task, len(chunk))
-    answered_rows = [done[i] for i, _ in drawn.rows]
-    kept = [
-        {"question": a["question"], "answer": a["answer"], "reference": a["reference"]}
-        for a in answered_rows
-        if a["finished"] and (keep == "all" or a["correct"])
-    ]
-    write_text(out, "".join(json.dumps(row) + "\n" for row in kept))
+    answered_rows = [done[i, j] for i, _ in drawn.rows for j in range(how.samples)]
+    right = [a for a in answered_rows if a["finished"] and a["correct"]]
+    chosen = right if how.keep == "correct" else [a for a in answered_rows if a["finished"]]
+    kept = {  # one row per distinct answer to a question, in the data's order
+        (a["question"], a["answer"]): {k: a[k] for k in ("question", "answer", "reference")}
+        for a in chosen
+    }
+    write_text(out, "".join(json.dumps(row) + "\n" for row in kept.values()))
     partial.unlink(missing_ok=True)
     return AnswersResult(
         out=out,
         model=side.given,
-        asked=len(answered_rows),
-        correct=sum(a["finished"] and a["correct"] for a in answered_rows),
+        questions=len(drawn.rows),
+        answers=len(answered_rows),
+        correct=len(right),
+        questions_right=len({a["index"] for a in right}),
         unfinished=sum(not a["finished"] for a in answered_rows),
         kept=len(kept),
         reused=reused,
@@ -169,10 +211,10 @@ def _answering_side(recipe: Recipe, model: str | None) -> Side:
     return resolve_side("model", model) if model is not None else anchor_alone("model", recipe)
 
 
-def _read_partial(partial: Path, settings: dict[str, Any]) -> dict[int, dict[str, Any]]:
+def _read_partial(partial: Path, settings: dict[str, Any]) -> dict[tuple[int, int], dict]:
     """Answers an earlier run of the same model and settings finished (a cut last line and
-    answers of another model are left out)."""
-    done: dict[int, dict[str, Any]] = {}
+    answers of another model or settings are left out)."""
+    done: dict[tuple[int, int], dict] = {}
     if not partial.is_file():
         return done
     for line in partial.read_text(encoding="utf-8").splitlines():
@@ -181,18 +223,26 @@ def _read_partial(partial: Path, settings: dict[str, Any]) -> dict[int, dict[str
         except json.JSONDecodeError:
             continue
         if all(row.get(k) == v for k, v in settings.items()):
-            done[row["index"]] = row
+            done[row["index"], row.get("sample", 0)] = row
     return done
 
 
-def _answers(mixture: Any, questions: list[str], max_new_tokens: int) -> list[tuple[str, str]]:
-    """The greedy answer to each question and why it ended, decoded as one batch; an answer
-    stops once it has written `#### N` (GSM8K's final line)."""
+def _answers(
+    mixture: Any, asked: list[tuple[str, Any]], max_new_tokens: int
+) -> list[tuple[str, str]]:
+    """Each question's answer (with its `Sampling`) and why it ended, decoded as one batch; an
+    answer stops once it has written `#### N` (GSM8K's final line)."""
     from composer.generation.decode import Generation, prompt_ids, run_together
 
     generations = [
-        Generation(mixture, prompt_ids(mixture, q, chat=True), max_new_tokens, until=GSM_DONE)
-        for q in questions
+        Generation(
+            mixture,
+            prompt_ids(mixture, q, chat=True),
+            max_new_tokens,
+            sampling=sampling,
+            until=GSM_DONE,
+        )
+        for q, sampling in asked
     ]
     run_together(generations)
     return [(g.text, g.finish_reason or "") for g in generations]
