@@ -29,7 +29,7 @@ from rich.console import Console
 
 from composer.compare.results import Side
 from composer.compare.runner import anchor_alone, resolve_side
-from composer.compare.scoring import GSM_DONE, final_number, same_number
+from composer.compare.scoring import GSM_DONE, final_number, generate_all, same_number
 from composer.errors import CompareError
 from composer.features.data import HfRows, hf_rows, strip_calculator
 from composer.files import write_text
@@ -133,8 +133,9 @@ def _answer_rows(
     }
     partial = out.with_name(out.name + ".partial")
     done = _read_partial(partial, settings)
-    reused = sum(1 for i, _ in drawn.rows for j in range(how.samples) if (i, j) in done)
     todo = [(i, j, row) for i, row in drawn.rows for j in range(how.samples) if (i, j) not in done]
+    total = len(drawn.rows) * how.samples
+    reused = total - len(todo)
     question = drawn.columns["question"]
     if todo:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -144,7 +145,6 @@ def _answer_rows(
             counted("answer", unit="answers", console=console) as progress,
             open(partial, "a", encoding="utf-8") as log,
         ):
-            total = len(drawn.rows) * how.samples
             task = progress.add_task("answer", total=total, completed=reused)
             for start in range(0, len(todo), how.batch):
                 chunk = todo[start : start + how.batch]
@@ -232,17 +232,9 @@ def _answers(
 ) -> list[tuple[str, str]]:
     """Each question's answer (with its `Sampling`) and why it ended, decoded as one batch; an
     answer stops once it has written `#### N` (GSM8K's final line)."""
-    from composer.generation.decode import Generation, prompt_ids, run_together
-
-    generations = [
-        Generation(
-            mixture,
-            prompt_ids(mixture, q, chat=True),
-            max_new_tokens,
-            sampling=sampling,
-            until=GSM_DONE,
-        )
-        for q, sampling in asked
-    ]
-    run_together(generations)
+    questions = [q for q, _ in asked]
+    samplings = [sampling for _, sampling in asked]
+    generations = generate_all(
+        mixture, questions, max_new_tokens, samplings=samplings, until=GSM_DONE
+    )
     return [(g.text, g.finish_reason or "") for g in generations]

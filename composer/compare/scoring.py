@@ -106,6 +106,34 @@ def each(run: Callable[[Any, Any, dict[str, Any]], dict[str, Any]]) -> BatchRunn
     return run_each
 
 
+def generate_all(
+    mixture: Mixture,
+    prompts: list[str],
+    max_new_tokens: int,
+    *,
+    chat: bool = True,
+    samplings: list[Any] | None = None,
+    **options: Any,
+) -> list[Any]:
+    """Each prompt's `Generation` (a user message, or plain text when not `chat`; greedy, or
+    with its own `Sampling` from `samplings`), all decoded to their ends as one batch.
+    `options` go to each `Generation` (stop strings, `until`, `gates`)."""
+    from composer.generation.decode import Generation, prompt_ids, run_together
+
+    generations = [
+        Generation(
+            mixture,
+            prompt_ids(mixture, prompt, chat=chat),
+            max_new_tokens,
+            sampling=samplings[i] if samplings is not None else None,
+            **options,
+        )
+        for i, prompt in enumerate(prompts)
+    ]
+    run_together(generations)
+    return generations
+
+
 def _generate(
     mixture: Mixture,
     prompts: list[str],
@@ -114,24 +142,13 @@ def _generate(
     chat: bool = True,
     **stops: Any,
 ) -> list[tuple[str, list[float] | None]]:
-    """The greedy answer to each prompt (a user message, or plain text when not `chat`), all
-    generated as one batch, and the mean router weights of the steps that chose it (the one
-    that chose end-of-sequence too)."""
+    """The greedy answer to each prompt, all generated as one batch (`generate_all`), and the
+    mean router weights of the steps that chose it (the one that chose end-of-sequence too)."""
     import torch
 
-    from composer.generation.decode import Generation, prompt_ids, run_together
-
-    generations = [
-        Generation(
-            mixture,
-            prompt_ids(mixture, prompt, chat=chat),
-            settings["max_new_tokens"],
-            gates=True,
-            **stops,
-        )
-        for prompt in prompts
-    ]
-    run_together(generations)
+    generations = generate_all(
+        mixture, prompts, settings["max_new_tokens"], chat=chat, gates=True, **stops
+    )
     return [(g.text, _gate(torch.stack(g.gates)[None]) if g.gates else None) for g in generations]
 
 
