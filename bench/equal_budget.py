@@ -347,47 +347,25 @@ def lora_run(
     args: argparse.Namespace, target_params: int, lr: float, train_ex: list[Any], scored: list[Any]
 ) -> tuple[dict[str, Any], Any]:
     """Train LoRA on `train_ex` for the common steps at `lr`; nats/char on `scored`."""
+    from lora_arm import matched_rank, train_lora
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from composer.bases.frozen import resolve_folder
-    from composer.features.data import collate, pad_id
+    from composer.features.data import pad_id
     from composer.training.metrics import target_text
-    from composer.training.train import batch_indices, lr_at
 
     recipe = load(args, "mixture")
     spec = recipe.train
     folder = resolve_folder(recipe.bases["code"], fetch=False)
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    per_rank = sum(
-        m.in_features + m.out_features
-        for name, m in base.named_modules()
-        if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in LORA_TARGETS
-    )
-    rank = max(1, round(target_params / per_rank))
+    rank = matched_rank(base, target_params, LORA_TARGETS)
     model = get_peft_model(
         base,
         LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LORA_TARGETS),
     )
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=spec.weight_decay)
-    pad = pad_id(tokenizer)
-    lora_spec = spec.model_copy(update={"lr": lr})
-    model.train()
-    for step in range(spec.steps):
-        idx = batch_indices(step, len(train_ex), spec.batch_size, spec.seed)
-        batch = collate([train_ex[i] for i in idx], pad)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, lora_spec, spec.steps)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        targets = batch["labels"][:, 1:]
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
-        optimizer.step()
-    model.eval()
+    train_lora(model, train_ex, spec.model_copy(update={"lr": lr}), pad_id(tokenizer))
     rows = []
     with torch.no_grad():
         for example in scored:
@@ -397,7 +375,7 @@ def lora_run(
             logits = model(input_ids=ids).logits[0, :-1][keep]
             nll = float(F.cross_entropy(logits.float(), labels[keep], reduction="sum"))
             rows.append((example.domain, nll, len(target_text(tokenizer, example))))
-    trainable = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"losses": per_char(rows), "trainable": trainable, "rank": rank, "lr": lr}, model
 
 

@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lora_arm import mean_loss, train_lora
 
-from composer.features.data import IGNORE, Example, collate, load_examples, split
+from composer.features.data import Example, collate, load_examples, split
 from composer.recipe import Recipe, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,8 +134,6 @@ def step_lora(args: argparse.Namespace, version: str) -> dict[str, Any]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from composer.training.train import batch_indices, lr_at
-
     base = v1_folder(args) if version == "v1" else Path(args.work) / "v2"
     recipe = recipe_for(base, args, f"lora-{version}")
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -142,22 +141,10 @@ def step_lora(args: argparse.Namespace, version: str) -> dict[str, Any]:
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=LORA_TARGETS)
     model = get_peft_model(model, config)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
     spec = recipe.train.model_copy(update={"lr": args.lora_lr})
-    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    pad = tokenizer.pad_token_id or 0
-    for step in range(spec.steps):
-        idx = batch_indices(step, len(train_examples), spec.batch_size, spec.seed)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, spec, spec.steps)
-        loss = model(**collate([train_examples[i] for i in idx], pad)).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
-        optimizer.step()
+    train_lora(model, train_examples, spec, tokenizer.pad_token_id or 0)
     model.save_pretrained(Path(args.work) / f"lora-{version}")
-    return {"trainable": sum(p.numel() for p in params)}
+    return {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
 def step_port_carry(args: argparse.Namespace) -> dict[str, Any]:
@@ -174,24 +161,6 @@ def step_port_lora(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.work)
     port_lora(work / "lora-v1", str(work / "v2"), work / "lora-ported")
     return {}
-
-
-@torch.no_grad()
-def hf_loss(model: Any, examples: list[Example], batch_size: int, pad: int) -> float:
-    """Mean next-token loss per target token, as composer.training.train.evaluate counts it."""
-    total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start : start + batch_size], pad)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        targets = batch["labels"][:, 1:]
-        picked = targets != IGNORE
-        total += float(
-            torch.nn.functional.cross_entropy(
-                logits[:, :-1][picked].float(), targets[picked], reduction="sum"
-            )
-        )
-        count += int(picked.sum())
-    return total / count
 
 
 def step_eval(args: argparse.Namespace) -> dict[str, Any]:
@@ -224,13 +193,13 @@ def step_eval(args: argparse.Namespace) -> dict[str, Any]:
         frozen = load_base("chat", spec, fetch=False)
         _, held = math_split(recipe_for(v1, args, "eval"), frozen.tokenizer)
         pad = frozen.tokenizer.pad_token_id or 0
-        losses[label] = hf_loss(frozen.model, held, args.batch, pad)
+        losses[label] = mean_loss(frozen.model, held, pad, args.batch)
         del frozen
     code = {}
     for label, base in (("v1", v1), ("v2", work / "v2")):
         frozen = load_base("chat", BaseSpec(path=str(base)), fetch=False)
         pad = frozen.tokenizer.pad_token_id or 0
-        code[label] = hf_loss(frozen.model, code_windows(args, frozen.tokenizer), args.batch, pad)
+        code[label] = mean_loss(frozen.model, code_windows(args, frozen.tokenizer), pad, args.batch)
     return {"losses": losses, "code_losses": code, "eval_examples": len(held)}
 
 
