@@ -628,6 +628,18 @@ def _data_help() -> str:
 SuiteChoice = _suite_choices()
 
 
+# Generated code outside the jail: compare's code suites and answer's code tasks.
+UnsafeNoJail = Annotated[
+    bool,
+    typer.Option(
+        "--unsafe-no-jail",
+        help="Where the sandbox's jail cannot be built (namespaces refused), run generated code "
+        "anyway, with your own rights: it can read your files and reach the network (see "
+        "README). Without it, code is refused.",
+    ),
+]
+
+
 @app.command()
 def compare(
     a: Annotated[
@@ -668,15 +680,7 @@ def compare(
         list[str] | None,
         typer.Option(help=_data_help(), metavar="NAME=PATH", show_default=False),
     ] = None,
-    unsafe_no_jail: Annotated[
-        bool,
-        typer.Option(
-            "--unsafe-no-jail",
-            help="Where the sandbox's jail cannot be built (namespaces refused), run generated "
-            "code anyway, with your own rights: it can read your files and reach the network "
-            "(see README). Without it, such suites are refused.",
-        ),
-    ] = False,
+    unsafe_no_jail: UnsafeNoJail = False,
     as_json: AsJson = False,
 ) -> None:
     """A/B compare two mixtures (or a base alone) on the same items, with paired statistics."""
@@ -736,8 +740,9 @@ def answer(
         Path,
         typer.Option(
             "--out",
-            help="The .jsonl file to write ({question, answer, reference} rows); train on it "
-            "with `{kind: hf, dataset: FILE, fields: {question: question, answer: answer}}`.",
+            help="The .jsonl file to write ({question, answer, reference} rows; for code tasks "
+            "{question, answer, tests}); train on it with `{kind: hf, dataset: FILE, fields: "
+            "{question: question, answer: answer}}` (code tasks: `tests: tests` too).",
             show_default=False,
         ),
     ] = ...,  # type: ignore[assignment]
@@ -752,8 +757,9 @@ def answer(
     keep: Annotated[
         KeepAnswers,
         typer.Option(
-            help="correct: finished answers whose final number equals the reference's "
-            "(rejection sampling); all: every finished answer (self-distillation)."
+            help="correct: finished answers whose final number equals the reference's, or "
+            "whose code passes the task's tests in the sandbox (rejection sampling); all: every "
+            "finished answer (self-distillation)."
         ),
     ] = KeepAnswers.correct,
     max_new_tokens: Annotated[
@@ -767,6 +773,7 @@ def answer(
         float, typer.Option(min=0.0, help="0: the greedy answer; above 0: sampled answers.")
     ] = 0.0,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the sampled answers.")] = 0,
+    unsafe_no_jail: UnsafeNoJail = False,
     as_json: AsJson = False,
 ) -> None:
     """Answer the questions of a recipe's training data; keep the right answers as targets."""
@@ -774,7 +781,7 @@ def answer(
     from composer.recipe import load_recipe
 
     spec = _run(lambda: load_recipe(recipe, overrides or []))
-    how = Answering(keep.value, max_new_tokens, batch, samples, temperature, seed)
+    how = Answering(keep.value, max_new_tokens, batch, samples, temperature, seed, unsafe_no_jail)
     result = _run(lambda: write_answers(spec, out_file, how, model=model, console=err))
     if as_json:
         _print_json(dataclasses.asdict(result))

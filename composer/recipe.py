@@ -225,12 +225,12 @@ class PythonDocsData(_Drawn):
     size: int = _size(100, "text windows")
 
 
-HF_SHAPES = ({"question", "answer"}, {"text"}, {"messages"})
+HF_SHAPES = ({"question", "answer"}, {"question", "answer", "tests"}, {"text"}, {"messages"})
 
 
 class HfFields(BaseModel):
-    """What the dataset's columns mean, as one of three shapes: `question` and `answer`,
-    `text`, or `messages`."""
+    """What the dataset's columns mean, as one of three shapes: `question` and `answer` (with
+    `tests`, a code task), `text`, or `messages`."""
 
     model_config = _FROZEN
     question: str | None = Field(
@@ -242,6 +242,14 @@ class HfFields(BaseModel):
         default=None,
         description="Column of the answer to `question`: the loss is on its tokens and the end "
         "of the turn.",
+    )
+    tests: str | None = Field(
+        default=None,
+        description="With `question` and `answer`, a code task (MBPP's `test_list`): column of "
+        "its tests, a list of asserts or one string. The question is asked with them as MBPP "
+        "asks (the task, then 'Your code should pass these tests:' and the asserts, as `compose "
+        "compare --suite mbpp-*` asks), and the answer is the code, trained as a ```python "
+        "block (Windows line endings made plain newlines).",
     )
     text: str | None = Field(
         default=None,
@@ -259,7 +267,8 @@ class HfFields(BaseModel):
         if given not in HF_SHAPES:
             named = ", ".join(sorted(given)) or "none"
             raise ValueError(
-                f"map `question` and `answer`, or `text`, or `messages` to columns (got {named})"
+                "map `question` and `answer` (and `tests`, for a code task), or `text`, or "
+                f"`messages` to columns (got {named})"
             )
         return self
 
@@ -268,6 +277,7 @@ class HfFields(BaseModel):
         return {
             "question": self.question,
             "answer": self.answer,
+            "tests": self.tests,
             "text": self.text,
             "messages": self.messages,
         }
@@ -294,6 +304,7 @@ class HfData(_Seeded):
     )
     fields: HfFields = Field(
         description="Columns by role: `{question: q, answer: a}` (loss on the answer), "
+        "`{question: text, answer: code, tests: test_list}` (a code task, MBPP's columns), "
         "`{text: t}` (plain text windows) or `{messages: m}` (chat, loss on the last message)."
     )
     size: int | None = Field(

@@ -233,3 +233,117 @@ def test_sampled_answers_are_seeded_and_every_kept_one_is_right(recipe, tmp_path
     greedy = _answer(recipe, tmp_path / "greedy.jsonl", "--samples", "2")
     assert greedy.exit_code == 1 and "needs a --temperature above 0" in greedy.output
     assert not (tmp_path / "greedy.jsonl").exists()
+
+
+# Code tasks (fields.tests): text -> (tests, the code the model is taught to write).
+TASKS = {
+    "Write a function to add two numbers.": (
+        ["assert add(1, 2) == 3"],
+        "def add(a, b):\n    return a + b",
+    ),
+    "Write a function to double a number.": (
+        ["assert double(2) == 4"],
+        "def double(x):\n    return x * 3",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def coder(tiny, tmp_path_factory) -> Path:
+    """The tiny Llama trained until it writes TASKS' code, asked as a recipe's code task is."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from composer.features.data import code_answer, code_task_prompt, collate, encode_qa, pad_id
+
+    folder = tmp_path_factory.mktemp("coder") / "llama"
+    tokenizer = AutoTokenizer.from_pretrained(tiny["llama"])
+    model = AutoModelForCausalLM.from_pretrained(tiny["llama"], dtype=torch.float32)
+    examples = [
+        encode_qa(
+            tokenizer,
+            [{"role": "user", "content": code_task_prompt(text, tests)}],
+            code_answer(code),
+            256,
+        )
+        for text, (tests, code) in TASKS.items()
+    ]
+    batch = collate([e for e in examples if e is not None], pad_id(tokenizer))
+    labels = batch["labels"][:, 1:]
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    for _ in range(400):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        right = (logits[:, :-1].argmax(-1) == labels)[labels != -100]
+        if bool(right.all()):
+            break
+    assert bool(right.all()), "the tiny model did not learn its code"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def code_recipe(coder, tmp_path, write_recipe) -> Path:
+    data = tmp_path / "tasks.jsonl"
+    rows = [{"text": t, "code": "pass", "test_list": tests} for t, (tests, _) in TASKS.items()]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    train = f"""
+        train:
+          data:
+            kind: hf
+            dataset: {data}
+            fields: {{question: text, answer: code, tests: test_list}}
+          steps: 2
+          batch_size: 2
+          seq_len: 256
+        """
+    return write_recipe(
+        recipe_yaml({"a": coder}, "a", ["a@1"], train=textwrap.dedent(train)), "code.yaml"
+    )
+
+
+def test_code_answers_are_kept_when_they_pass_their_tests(code_recipe, tmp_path):
+    """The code that passes its task's tests (run in the sandbox) is kept, the code that fails
+    is not; the rows train as code tasks on the model's own code."""
+    from transformers import AutoTokenizer
+
+    from composer.features.data import code_answer, load_examples
+    from composer.recipe import load_recipe
+
+    out = tmp_path / "code.jsonl"
+    args = ["--max-new-tokens", "48", "--unsafe-no-jail", "--json"]
+    result = CliRunner().invoke(app, ["answer", str(code_recipe), "--out", str(out), *args])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert (summary["answers"], summary["unfinished"], summary["correct"]) == (2, 0, 1)
+    added = "Write a function to add two numbers."
+    assert _rows(out) == [{"question": added, "answer": TASKS[added][1], "tests": TASKS[added][0]}]
+    fields = ["question=question", "answer=answer", "tests=tests"]
+    spec = load_recipe(
+        code_recipe, [f"train.data.dataset={out}", *(f"train.data.fields.{f}" for f in fields)]
+    )
+    tokenizer = AutoTokenizer.from_pretrained(spec.bases["a"].path)
+    (example,) = load_examples(spec.train.data, tokenizer, 256)
+    target = tokenizer.decode([t for t in example.labels if t != -100])
+    assert target == code_answer(TASKS[added][1]) + "<|im_end|>\n"
+    every = tmp_path / "every.jsonl"
+    assert _answer(code_recipe, every, "--keep", "all").exit_code == 0
+    assert [r["answer"] for r in _rows(every)] == [code for _, code in TASKS.values()]
+
+
+def test_code_is_not_run_unjailed_unless_asked(code_recipe, tmp_path, monkeypatch):
+    from composer.compare.sandbox import FORCE_FALLBACK
+
+    monkeypatch.setenv(FORCE_FALLBACK, "1")
+    out = tmp_path / "code.jsonl"
+    result = _answer(code_recipe, out)
+    assert result.exit_code == 1 and "--unsafe-no-jail" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not out.exists() and not (tmp_path / "code.jsonl.partial").exists()

@@ -165,6 +165,48 @@ def test_text_and_code_fields(tiny, tokenizer, copies):
     assert _answer(tokenizer, example) == ROWS[1]["code"] + "<|im_end|>\n"
 
 
+TASKS = [
+    {
+        "text": "Write a function to add two numbers.",
+        "code": "def add(a, b): \r\n\treturn a + b",
+        "test_list": ["assert add(1, 2) == 3", "assert add(0, 0) == 0"],
+    },
+    {
+        "text": "Write a function to negate a number.",
+        "code": "def neg(x):\n    return -x\n",
+        "test_list": "assert neg(3) == -3",  # one string of tests, not a list
+    },
+]
+
+
+def test_code_tasks_ask_as_the_mbpp_suite_and_train_on_fenced_code(tiny, tokenizer, tmp_path):
+    from composer.compare.scoring import mbpp_prompt
+    from composer.generation.templates import format_prompt
+
+    path = tmp_path / "tasks.jsonl"
+    path.write_text("".join(json.dumps(task) + "\n" for task in TASKS))
+    fields = {"question": "text", "answer": "code", "tests": "test_list"}
+    spec = _spec(tiny, dataset=str(path), fields=fields)
+    examples = load_examples(spec, tokenizer, seq_len=512)
+    assert [_answer(tokenizer, e) for e in examples] == [
+        "```python\ndef add(a, b): \n\treturn a + b\n```<|im_end|>\n",
+        "```python\ndef neg(x):\n    return -x\n```<|im_end|>\n",
+    ]
+    # The question is the prompt `compose compare --suite mbpp-*` asks: what the carry-on is
+    # trained on is what it is evaluated on.
+    listed = [TASKS[0], {**TASKS[1], "test_list": [TASKS[1]["test_list"]]}]
+    for example, task in zip(examples, listed, strict=True):
+        first = next(i for i, label in enumerate(example.labels) if label != IGNORE)
+        asked = format_prompt(tokenizer, [{"role": "user", "content": mbpp_prompt(task)}])
+        assert tokenizer.decode(example.input_ids[:first]) == asked
+    # Code keeps what a calculator annotation would lose.
+    shifted = tmp_path / "shift.jsonl"
+    shifted.write_text(json.dumps({**TASKS[1], "code": "y = x<<2=1>>3"}) + "\n")
+    spec = _spec(tiny, dataset=str(shifted), fields=fields)
+    (example,) = load_examples(spec, tokenizer, seq_len=512)
+    assert "x<<2=1>>3" in _answer(tokenizer, example)
+
+
 def test_chat_rows_train_on_the_last_message(tiny, tokenizer, tmp_path):
     chats = [
         {
@@ -204,6 +246,7 @@ def test_size_draws_a_seeded_subset(tiny, tokenizer, copies):
     [
         ({"fields": {"question": "question"}}, "train.data.hf.fields: map `question` and `answer`"),
         ({"fields": {"text": "t", "answer": "a"}}, "(got answer, text)"),
+        ({"fields": {"question": "q", "tests": "t"}}, "(and `tests`, for a code task)"),
         ({"fields": {"qustion": "q", "answer": "a"}}, "train.data.hf.fields.qustion: Extra inputs"),
         ({"fields": None}, "train.data.hf.fields: Input should be a valid dictionary"),
         ({"split": "train[a:]"}, "train.data.hf.split: 'train[a:]' is not a split"),

@@ -7,6 +7,11 @@ writes itself and gets right keep its own way of reasoning and reinforce the cha
 the answer. The output is a JSON Lines file of `{question, answer, reference}` rows that a
 recipe trains on as `{kind: hf, dataset: FILE, fields: {question: question, answer: answer}}`.
 
+Code tasks (`fields.tests` mapped, as MBPP's `test_list`) are asked as the MBPP suite asks them,
+the answer's code is run with the task's tests in the sandbox's jail (as `compose compare` runs
+MBPP), and the rows are `{question, answer, tests}`: the code that passed, trained on with
+`fields: {question: question, answer: answer, tests: tests}`.
+
 Greedy answers the model already gets right teach it little (it gives them most of their
 probability already); sampled answers (`samples` per question at a `temperature`) also find right
 answers to questions its greedy answer gets wrong, where the learning signal is.
@@ -29,10 +34,19 @@ from rich.console import Console
 
 from composer.compare.results import Side
 from composer.compare.runner import anchor_alone, resolve_side
+from composer.compare.sandbox import Limits, jail_problem, refusal, run_untrusted
 from composer.compare.scoring import GSM_DONE, final_number, generate_all, same_number
 from composer.errors import CompareError
-from composer.features.data import HfRows, hf_rows, strip_calculator
+from composer.features.data import (
+    CODE_ANSWER_PREFIX,
+    CODE_FENCE,
+    HfRows,
+    code_task_prompt,
+    hf_rows,
+    strip_calculator,
+)
 from composer.files import write_text
+from composer.generation.templates import format_prompt
 from composer.progress import counted, status
 from composer.recipe import HfData, Recipe
 from composer.training.build import output_lock
@@ -44,8 +58,8 @@ Keep = Literal["correct", "all"]
 class Answering:
     """How answers are written and which are kept: `samples` answers per question at
     `temperature` (0: one greedy answer), each sample seeded from `seed`, its question and its
-    number; `keep` is `correct` (finished, with the reference's final number) or `all`
-    (finished)."""
+    number; `keep` is `correct` (finished, with the reference's final number; for a code task,
+    passing its tests in the jail, or unjailed with `unsafe_no_jail`) or `all` (finished)."""
 
     keep: Keep = "correct"
     max_new_tokens: int = 512
@@ -53,6 +67,7 @@ class Answering:
     samples: int = 1
     temperature: float = 0.0
     seed: int = 0
+    unsafe_no_jail: bool = False
 
     def sampling(self, index: int, sample: int) -> Any:
         from composer.generation.sampling import Sampling
@@ -69,7 +84,7 @@ class AnswersResult:
     model: str  # what answered: the anchor alone, or the side given
     questions: int  # questions asked
     answers: int  # answers written (samples per question), reused from OUT.partial included
-    correct: int  # finished answers whose final number equals the reference's
+    correct: int  # finished answers with the reference's final number (code: passing its tests)
     questions_right: int  # questions with at least one such answer
     unfinished: int  # answers cut at max_new_tokens
     kept: int  # rows written to OUT (one per distinct kept answer)
@@ -104,6 +119,11 @@ def write_answers(
     if out.suffix != ".jsonl":
         raise CompareError(f"--out {out}: write the answers to a .jsonl file")
     _check_new(out)
+    code = spec.fields.tests is not None
+    if code and how.keep == "correct" and not how.unsafe_no_jail:
+        problem = jail_problem()  # before any model loads: the answers' code runs in the jail
+        if problem is not None:
+            raise CompareError(refusal(problem))
     drawn = hf_rows(spec)
     references = _references(drawn, how.keep)
     side = _answering_side(recipe, model)
@@ -136,7 +156,7 @@ def _answer_rows(
     todo = [(i, j, row) for i, row in drawn.rows for j in range(how.samples) if (i, j) not in done]
     total = len(drawn.rows) * how.samples
     reused = total - len(todo)
-    question = drawn.columns["question"]
+    code = "tests" in drawn.columns
     if todo:
         out.parent.mkdir(parents=True, exist_ok=True)
         with status(f"loading {side.given}", console=console):
@@ -148,22 +168,20 @@ def _answer_rows(
             task = progress.add_task("answer", total=total, completed=reused)
             for start in range(0, len(todo), how.batch):
                 chunk = todo[start : start + how.batch]
-                asked = [(str(row[question]), how.sampling(i, j)) for i, j, row in chunk]
+                asked = [(_question(drawn, row), how.sampling(i, j)) for i, j, row in chunk]
                 for (index, sample, row), (text, reason) in zip(
-                    chunk, _answers(mixture, asked, how.max_new_tokens), strict=True
+                    chunk, _answers(mixture, asked, how.max_new_tokens, code), strict=True
                 ):
                     reference, finished = references[index], reason != "length"
                     answered = {
                         "index": index,
                         "sample": sample,
-                        "question": str(row[question]),
+                        "question": str(row[drawn.columns["question"]]),
                         "answer": text,
                         "reference": reference,
                         "finished": finished,
-                        # A cut answer's last number is not its answer: never right.
-                        "correct": finished
-                        and reference is not None
-                        and same_number(final_number(text), reference),
+                        # A cut answer is not an answer: never right.
+                        "correct": finished and _right(text, reference, code, how),
                         **settings,
                     }
                     done[index, sample] = answered
@@ -174,8 +192,9 @@ def _answer_rows(
     answered_rows = [done[i, j] for i, _ in drawn.rows for j in range(how.samples)]
     right = [a for a in answered_rows if a["finished"] and a["correct"]]
     chosen = right if how.keep == "correct" else [a for a in answered_rows if a["finished"]]
+    fields = ("question", "answer", "tests" if code else "reference")
     kept = {  # one row per distinct answer to a question, in the data's order
-        (a["question"], a["answer"]): {k: a[k] for k in ("question", "answer", "reference")}
+        (a["question"], a["answer"]): {k: a["reference" if k == "tests" else k] for k in fields}
         for a in chosen
     }
     write_text(out, "".join(json.dumps(row) + "\n" for row in kept.values()))
@@ -193,9 +212,12 @@ def _answer_rows(
     )
 
 
-def _references(drawn: HfRows, keep: Keep) -> dict[int, str | None]:
-    """Each row's reference final number (None where it has none); `correct` needs one."""
-    references: dict[int, str | None] = {}
+def _references(drawn: HfRows, keep: Keep) -> dict[int, Any]:
+    """Each row's reference final number (None where it has none; `correct` needs one), or
+    for a code task its tests."""
+    if "tests" in drawn.columns:
+        return {index: row[drawn.columns["tests"]] for index, row in drawn.rows}
+    references: dict[int, Any] = {}
     for index, row in drawn.rows:
         number = final_number(strip_calculator(str(row[drawn.columns["answer"]])))
         if number is None and keep == "correct":
@@ -227,14 +249,42 @@ def _read_partial(partial: Path, settings: dict[str, Any]) -> dict[tuple[int, in
     return done
 
 
+def _question(drawn: HfRows, row: dict[str, Any]) -> str:
+    """What the model is asked: the question, or a code task with its tests (as training and
+    the MBPP suite ask it)."""
+    question = str(row[drawn.columns["question"]])
+    if "tests" in drawn.columns:
+        return code_task_prompt(question, row[drawn.columns["tests"]])
+    return question
+
+
+def _right(text: str, reference: Any, code: bool, how: Answering) -> bool:
+    """A finished answer is right: its final number is the reference's, or its code passes
+    the task's tests in the sandbox (the jail, or unjailed with `unsafe_no_jail`)."""
+    if code:
+        tests = reference if isinstance(reference, str) else "\n".join(map(str, reference))
+        program = f"{text}\n\n{tests}\n"
+        return run_untrusted(program, Limits(), unsafe_no_jail=how.unsafe_no_jail).passed
+    return reference is not None and same_number(final_number(text), reference)
+
+
 def _answers(
-    mixture: Any, asked: list[tuple[str, Any]], max_new_tokens: int
+    mixture: Any, asked: list[tuple[str, Any]], max_new_tokens: int, code: bool
 ) -> list[tuple[str, str]]:
-    """Each question's answer (with its `Sampling`) and why it ended, decoded as one batch; an
-    answer stops once it has written `#### N` (GSM8K's final line)."""
-    questions = [q for q, _ in asked]
+    """Each question's answer (with its `Sampling`) and why it ended, decoded as one batch. A
+    math answer stops once it has written `#### N` (GSM8K's final line); a code answer starts
+    inside a ```python fence (the assistant's turn begins with it) and ends at the closing one,
+    which is cut off: the answer is the code."""
     samplings = [sampling for _, sampling in asked]
-    generations = generate_all(
-        mixture, questions, max_new_tokens, samplings=samplings, until=GSM_DONE
-    )
-    return [(g.text, g.finish_reason or "") for g in generations]
+    if code:
+        prompts = [
+            format_prompt(mixture.tokenizer, [{"role": "user", "content": q}]) + CODE_ANSWER_PREFIX
+            for q, _ in asked
+        ]
+        options: dict[str, Any] = {"chat": False, "stop": (CODE_FENCE,)}
+    else:
+        prompts, options = [q for q, _ in asked], {"until": GSM_DONE}
+    generations = generate_all(mixture, prompts, max_new_tokens, samplings=samplings, **options)
+    # A code answer is the lines between the fences (the closing fence's line break off).
+    texts = [g.text.removesuffix("\n") if code else g.text for g in generations]
+    return [(text, g.finish_reason or "") for text, g in zip(texts, generations, strict=True)]

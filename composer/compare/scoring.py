@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from composer.compare.sandbox import Limits, run_untrusted
+from composer.features.data import CODE_FENCE, code_task_prompt
 from composer.model.protocol import Mixture
 
 HUMANEVAL_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "```", "\nassert ")
@@ -227,16 +228,9 @@ def run_generation(
     return [{"output": output, "gate": gate} for output, gate in answers]
 
 
-# The standard MBPP prompt (Austin et al. 2021, section 2.1), asked as one user message.
-MBPP_PROMPT = (
-    "You are an expert Python programmer, and here is your task: {text} "
-    "Your code should pass these tests:\n\n{tests}"
-)
-CODE_FENCE = "```"
-
-
 def mbpp_prompt(problem: dict[str, Any]) -> str:
-    return MBPP_PROMPT.format(text=problem["text"], tests="\n".join(problem["test_list"]))
+    """The standard MBPP prompt, as a recipe's code task asks it in training."""
+    return code_task_prompt(problem["text"], problem["test_list"])
 
 
 def mbpp_program(problem: dict[str, Any], code: str) -> str:

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from composer.compare import scoring
 from composer.errors import CompareError, DataError
-from composer.features.data import chatterbot_dialogs, chatterbot_pairs
+from composer.features.data import CODE_ANSWER_PREFIX, chatterbot_dialogs, chatterbot_pairs
 from composer.model.protocol import Mixture
 from composer.recipe import ChatterbotData, GsmData, HfData, MixData, Recipe
 
@@ -426,7 +426,7 @@ GSM8K_SETTINGS = {"max_new_tokens": 320}
 # Real GSM8K problems take the instruct coders longer than the templates: their step-by-step
 # answers (LaTeX included) were cut before the final number at 320 (docs/quality.md).
 GSM8K_REAL = {"max_new_tokens": 512}
-MBPP_SETTINGS = {**HUMANEVAL, "answer_prefix": "```python\n"}
+MBPP_SETTINGS = {**HUMANEVAL, "answer_prefix": CODE_ANSWER_PREFIX}
 
 # name, kind, metric, higher_is_better, items in the full suite, load, run, settings
 TABLE: list[tuple[str, Kind, str, bool, int, Loader | FromData, Runner, dict[str, Any]]] = [

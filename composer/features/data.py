@@ -239,6 +239,27 @@ def strip_calculator(text: str) -> str:
     return CALCULATOR.sub("", text)
 
 
+# A code task as MBPP asks it (Austin et al. 2021, section 2.1), one user message; the answer is
+# the code in a fenced block, so a model trained on it answers as `compose compare` reads MBPP.
+CODE_TASK_PROMPT = (
+    "You are an expert Python programmer, and here is your task: {text} "
+    "Your code should pass these tests:\n\n{tests}"
+)
+CODE_ANSWER_PREFIX, CODE_FENCE = "```python\n", "```"
+
+
+def code_task_prompt(text: str, tests: Any) -> str:
+    """The question of a code task: its text and its tests (a list of asserts, or one string)."""
+    listed = tests if isinstance(tests, str) else "\n".join(str(t) for t in tests)
+    return CODE_TASK_PROMPT.format(text=text, tests=listed)
+
+
+def code_answer(code: str) -> str:
+    """The code as the fenced block a code task's answer is: `\\r\\n` made `\\n`."""
+    body = code.replace("\r\n", "\n").strip("\n")
+    return f"{CODE_ANSWER_PREFIX}{body}\n{CODE_FENCE}"
+
+
 @dataclass(frozen=True)
 class HfRows:
     """The rows an `hf` spec draws, in its order: `where` names them in errors, `columns` maps
@@ -288,6 +309,10 @@ def load_hf(spec: HfData, tokenizer: Any, seq_len: int) -> list[Example]:
                     "not a chat (a list of at least two {role, content})"
                 )
             example = encode_chat(tokenizer, messages, seq_len, f"{where}: row {index}", target)
+        elif "tests" in columns:
+            asked = code_task_prompt(str(row[columns["question"]]), row[columns["tests"]])
+            answer = code_answer(str(row[columns["answer"]]))  # code: no calculator to strip
+            example = encode_qa(tokenizer, [{"role": "user", "content": asked}], answer, seq_len)
         else:
             question = [{"role": "user", "content": str(row[columns["question"]])}]
             example = encode_qa(tokenizer, question, target(str(row[columns["answer"]])), seq_len)
