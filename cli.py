@@ -765,7 +765,10 @@ def answer(
     max_new_tokens: Annotated[
         int, typer.Option(min=1, help="Longest answer; one cut here is not kept.")
     ] = 512,
-    batch: Annotated[int, typer.Option(min=1, help="Answers decoded together.")] = 16,
+    batch: Annotated[
+        int,
+        typer.Option(min=1, help="Answers decoded together (the next joins as one ends)."),
+    ] = 16,
     samples: Annotated[
         int, typer.Option(min=1, help="Answers per question (with --temperature above 0).")
     ] = 1,

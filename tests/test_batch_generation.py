@@ -79,3 +79,27 @@ def test_generations_already_run_are_refused(tiny, write_recipe):
     done = _new(mixture, PROMPTS[0], 2).run()
     with pytest.raises(ValueError, match="new, cached generations"):
         run_together([done])
+
+
+def test_at_once_keeps_the_batch_full_and_each_row_as_alone(tiny, write_recipe):
+    """With `at_once`, the next generation joins as one leaves: never more than that many in
+    the batch, each row's tokens as alone, and the batch full while any wait."""
+    from composer.generation.decode import decode_together
+
+    mixture = _mixture(tiny, write_recipe, "expert")
+    lengths = [3, 11, 0, 6, 9, 2, 7]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(lengths))]
+    batch = [_new(mixture, p, n) for p, n in zip(prompts, lengths, strict=True)]
+    running = [  # rows started and not ended, after each step
+        sum(1 for g in batch if g.ids and g.finish_reason is None)
+        for _ in decode_together(batch, at_once=2)
+    ]
+    assert max(running) == 2
+    for prompt, n, together in zip(prompts, lengths, batch, strict=True):
+        alone = _new(mixture, prompt, n).run()
+        assert together.ids == alone.ids and together.finish_reason == alone.finish_reason
+    # 2 at a time: the rows' 38 tokens take about 38 / 2 steps, where fixed batches of 2 wait
+    # for each pair's longer row (11 + 6 + 9 + 7 = 33 steps).
+    assert len(running) <= 23
+    with pytest.raises(ValueError, match="at_once must be at least 1"):
+        list(decode_together([_new(mixture, PROMPTS[0], 2)], at_once=0))

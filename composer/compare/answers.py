@@ -16,7 +16,7 @@ Greedy answers the model already gets right teach it little (it gives them most 
 probability already); sampled answers (`samples` per question at a `temperature`) also find right
 answers to questions its greedy answer gets wrong, where the learning signal is.
 
-Answers are appended to `OUT.partial` as each batch finishes, with the model's key and the
+Answers are appended to `OUT.partial` as each one ends, with the model's key and the
 decoding settings: a rerun after an interrupt answers only the rest. OUT is written once,
 whole, at the end.
 """
@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -35,7 +36,7 @@ from rich.console import Console
 from composer.compare.results import Side
 from composer.compare.runner import anchor_alone, resolve_side
 from composer.compare.sandbox import Limits, jail_problem, refusal, run_untrusted
-from composer.compare.scoring import GSM_DONE, final_number, generate_all, same_number
+from composer.compare.scoring import GSM_DONE, final_number, generate_each, same_number
 from composer.errors import CompareError
 from composer.features.data import (
     CODE_ANSWER_PREFIX,
@@ -166,29 +167,26 @@ def _answer_rows(
             open(partial, "a", encoding="utf-8") as log,
         ):
             task = progress.add_task("answer", total=total, completed=reused)
-            for start in range(0, len(todo), how.batch):
-                chunk = todo[start : start + how.batch]
-                asked = [(_question(drawn, row), how.sampling(i, j)) for i, j, row in chunk]
-                for (index, sample, row), (text, reason) in zip(
-                    chunk, _answers(mixture, asked, how.max_new_tokens, code), strict=True
-                ):
-                    reference, finished = references[index], reason != "length"
-                    answered = {
-                        "index": index,
-                        "sample": sample,
-                        "question": str(row[drawn.columns["question"]]),
-                        "answer": text,
-                        "reference": reference,
-                        "finished": finished,
-                        # A cut answer is not an answer: never right.
-                        "correct": finished and _right(text, reference, code, how),
-                        **settings,
-                    }
-                    done[index, sample] = answered
-                    log.write(json.dumps(answered) + "\n")
+            asked = [(_question(drawn, row), how.sampling(i, j)) for i, j, row in todo]
+            for k, (text, reason) in _answers(mixture, asked, how, code):
+                (index, sample, row), reference = todo[k], references[todo[k][0]]
+                finished = reason != "length"
+                answered = {
+                    "index": index,
+                    "sample": sample,
+                    "question": str(row[drawn.columns["question"]]),
+                    "answer": text,
+                    "reference": reference,
+                    "finished": finished,
+                    # A cut answer is not an answer: never right.
+                    "correct": finished and _right(text, reference, code, how),
+                    **settings,
+                }
+                done[index, sample] = answered
+                log.write(json.dumps(answered) + "\n")
                 log.flush()
                 os.fsync(log.fileno())
-                progress.advance(task, len(chunk))
+                progress.advance(task, 1)
     answered_rows = [done[i, j] for i, _ in drawn.rows for j in range(how.samples)]
     right = [a for a in answered_rows if a["finished"] and a["correct"]]
     chosen = right if how.keep == "correct" else [a for a in answered_rows if a["finished"]]
@@ -269,12 +267,13 @@ def _right(text: str, reference: Any, code: bool, how: Answering) -> bool:
 
 
 def _answers(
-    mixture: Any, asked: list[tuple[str, Any]], max_new_tokens: int, code: bool
-) -> list[tuple[str, str]]:
-    """Each question's answer (with its `Sampling`) and why it ended, decoded as one batch. A
-    math answer stops once it has written `#### N` (GSM8K's final line); a code answer starts
-    inside a ```python fence (the assistant's turn begins with it) and ends at the closing one,
-    which is cut off: the answer is the code."""
+    mixture: Any, asked: list[tuple[str, Any]], how: Answering, code: bool
+) -> Iterator[tuple[int, tuple[str, str]]]:
+    """(k, (answer, why it ended)) for each question `asked[k]` (with its `Sampling`) as its
+    answer ends, `how.batch` decoded at a time (the next joins as one ends). A math answer
+    stops once it has written `#### N` (GSM8K's final line); a code answer starts inside a
+    ```python fence (the assistant's turn begins with it) and ends at the closing one, which is
+    cut off: the answer is the code."""
     samplings = [sampling for _, sampling in asked]
     if code:
         prompts = [
@@ -284,7 +283,10 @@ def _answers(
         options: dict[str, Any] = {"chat": False, "stop": (CODE_FENCE,)}
     else:
         prompts, options = [q for q, _ in asked], {"until": GSM_DONE}
-    generations = generate_all(mixture, prompts, max_new_tokens, samplings=samplings, **options)
-    # A code answer is the lines between the fences (the closing fence's line break off).
-    texts = [g.text.removesuffix("\n") if code else g.text for g in generations]
-    return [(text, g.finish_reason or "") for text, g in zip(texts, generations, strict=True)]
+    ended = generate_each(
+        mixture, prompts, how.max_new_tokens, how.batch, samplings=samplings, **options
+    )
+    for k, generation in ended:
+        # A code answer is the lines between the fences (the closing fence's line break off).
+        text = generation.text.removesuffix("\n") if code else generation.text
+        yield k, (text, generation.finish_reason or "")

@@ -12,7 +12,7 @@ the CLI's help) must stay cheap to import.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from composer.compare.sandbox import Limits, run_untrusted
@@ -107,7 +107,7 @@ def each(run: Callable[[Any, Any, dict[str, Any]], dict[str, Any]]) -> BatchRunn
     return run_each
 
 
-def generate_all(
+def generations(
     mixture: Mixture,
     prompts: list[str],
     max_new_tokens: int,
@@ -116,12 +116,12 @@ def generate_all(
     samplings: list[Any] | None = None,
     **options: Any,
 ) -> list[Any]:
-    """Each prompt's `Generation` (a user message, or plain text when not `chat`; greedy, or
-    with its own `Sampling` from `samplings`), all decoded to their ends as one batch.
-    `options` go to each `Generation` (stop strings, `until`, `gates`)."""
-    from composer.generation.decode import Generation, prompt_ids, run_together
+    """Each prompt's new `Generation` (a user message, or plain text when not `chat`; greedy,
+    or with its own `Sampling` from `samplings`). `options` go to each `Generation` (stop
+    strings, `until`, `gates`)."""
+    from composer.generation.decode import Generation, prompt_ids
 
-    generations = [
+    return [
         Generation(
             mixture,
             prompt_ids(mixture, prompt, chat=chat),
@@ -131,8 +131,35 @@ def generate_all(
         )
         for i, prompt in enumerate(prompts)
     ]
-    run_together(generations)
-    return generations
+
+
+def generate_all(
+    mixture: Mixture, prompts: list[str], max_new_tokens: int, **options: Any
+) -> list[Any]:
+    """Each prompt's `Generation` (`generations`), all decoded to their ends as one batch."""
+    from composer.generation.decode import run_together
+
+    made = generations(mixture, prompts, max_new_tokens, **options)
+    run_together(made)
+    return made
+
+
+def generate_each(
+    mixture: Mixture, prompts: list[str], max_new_tokens: int, at_once: int, **options: Any
+) -> Iterator[tuple[int, Any]]:
+    """(index, `Generation`) of each prompt as it ends, decoded `at_once` at a time: the next
+    prompt joins the batch as soon as a row leaves it (`decode_together`)."""
+    from composer.generation.decode import decode_together
+
+    made = generations(mixture, prompts, max_new_tokens, **options)
+    running = set(range(len(made)))
+    for _ in decode_together(made, at_once):
+        ended = sorted(i for i in running if made[i].finish_reason is not None)
+        running.difference_update(ended)
+        for index in ended:
+            yield index, made[index]
+    for index in sorted(running):  # ended before any step (no tokens to write)
+        yield index, made[index]
 
 
 def _generate(

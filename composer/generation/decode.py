@@ -243,13 +243,15 @@ class Decoder:
             self._running = [g for g in self._running if g.finish_reason is None]
 
 
-def run_together(generations: Sequence[Generation]) -> None:
+def run_together(generations: Sequence[Generation], at_once: int | None = None) -> None:
     """Run generations to their ends as one batch (`decode_together`)."""
-    for _ in decode_together(generations):
+    for _ in decode_together(generations, at_once):
         pass
 
 
-def decode_together(generations: Sequence[Generation]) -> Iterator[list[str]]:
+def decode_together(
+    generations: Sequence[Generation], at_once: int | None = None
+) -> Iterator[list[str]]:
     """Decode generations as one batch (a `Decoder`), of one mixture or of several over
     shared bases; after each step, each generation's text delta ("" where it has none, has
     not started or has ended).
@@ -257,18 +259,28 @@ def decode_together(generations: Sequence[Generation]) -> Iterator[list[str]]:
     Each row chooses its tokens and ends (end-of-sequence, stop string, length) as it would
     alone, and its ids, text, gates and finish reason are the same up to float rounding (a test
     holds the tokens equal). A row that ends, or is ended by `Generation.cancel` between
-    steps, leaves the batch.
+    steps, leaves the batch. With `at_once`, at most that many are in the batch: the next in
+    order joins as one leaves, so the batch stays full until the last ones (a fixed batch
+    waits for its longest row with its other rows done).
     """
+    if at_once is not None and at_once < 1:
+        raise ValueError(f"at_once must be at least 1, got {at_once}")
     for generation in generations:
         if generation._started or not generation.use_cache:
             raise ValueError("decode_together takes new, cached generations")
         generation._started = True
     decoder = Decoder()
-    for generation in generations:
-        decoder.add(generation)
+    queued = deque(generations)
+
+    def fill() -> None:
+        while queued and (at_once is None or len(decoder) < at_once):
+            decoder.add(queued.popleft())
+
+    fill()
     while len(decoder):
         with torch.no_grad():  # not held across the yield: the caller's grad mode stays its own
             deltas = {id(g): delta for g, delta in decoder.step()}
+        fill()
         yield [deltas.get(id(g), "") for g in generations]
 
 
