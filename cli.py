@@ -668,8 +668,8 @@ def compare(
         int,
         typer.Option(
             min=1,
-            help="Generation suites decode this many items together (left-padded; each answer "
-            "is the one generated alone, up to float rounding).",
+            help="Generation suites decode this many items together, the next joining as one "
+            "ends (left-padded; each answer is the one generated alone, up to float rounding).",
         ),
     ] = 8,
     cache_dir: Annotated[

@@ -168,6 +168,34 @@ def test_mixture_against_itself_and_the_result_cache(mixtures, tmp_path):
     assert again.computed == {"A": 0, "B": 4}
 
 
+def test_each_result_is_cached_as_it_is_ready(mixtures, tmp_path):
+    """Generation suites hand back each item as its answer ends, `--batch` decoded together:
+    an interrupt keeps every finished item, and a rerun computes only the rest."""
+    cache, at_once = tmp_path / "cache", []
+
+    def interrupted(mixture, items, settings):
+        for k, result in scoring.run_gsm(mixture, items, settings):
+            at_once.append(settings["at_once"])
+            if len(at_once) == 3:
+                raise KeyboardInterrupt
+            yield k, result
+
+    def registry(run) -> SuiteRegistry:
+        suites = SuiteRegistry()
+        gsm = dataclasses.replace(SUITES.get("gsm"), run=run, settings={"max_new_tokens": 8})
+        suites.register(gsm)
+        return suites
+
+    sides = (str(mixtures["good"]), str(mixtures["bad"]))
+    with pytest.raises(KeyboardInterrupt):
+        compare(*sides, limit=5, batch=2, cache_dir=cache, registry=registry(interrupted))
+    assert at_once == [2, 2, 2]
+    assert len(list(cache.rglob("*.json"))) == 2  # the two that ended before the interrupt
+    again = compare(*sides, limit=5, batch=2, cache_dir=cache, registry=registry(scoring.run_gsm))
+    assert again.computed == {"A": 3, "B": 5}
+    assert len(again.suites[0].items) == 5
+
+
 def test_a_model_field_added_later_keys_results_as_before_while_unset(tiny, write_recipe):
     """`carry_on.write_at` came after results were cached: unset it is not in the key (those
     results stay found); set, it is (another mixture)."""

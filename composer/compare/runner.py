@@ -207,9 +207,10 @@ def compare(
 ) -> CompareResult:
     """Run both sides on the same items of each suite and compare them item by item.
 
-    Generation suites decode `batch` items at a time (padded on the left; each answer is the
-    one generated alone, up to float rounding). `data`: `NAME=PATH` local copies of the
-    benchmarks' data (`--data`); the rest come from the Hugging Face hub. Suites that run
+    Generation suites decode `batch` items at a time, the next joining as one ends (padded on
+    the left; each answer is the one generated alone, up to float rounding), and each result
+    is cached as it is ready. `data`: `NAME=PATH` local copies of the benchmarks' data
+    (`--data`); the rest come from the Hugging Face hub. Suites that run
     generated code need the sandbox's jail; where it cannot be built they are refused before
     anything is loaded, unless `unsafe_no_jail` (then they run unjailed, with a warning)."""
     console = console or Console(stderr=True)
@@ -298,15 +299,14 @@ def _run_side(
                 f"{side.label} {suite.name}", total=len(items[suite.name]), completed=done
             )
             pending = todo[suite.name]
-            settings = suite.settings  # what the cache keys; the flag below is not part of it
+            # What the cache keys is the suite's settings; these two are not part of it.
+            settings = {**suite.settings, "at_once": batch}
             if runs_code(suite):
-                settings = {**settings, "unsafe_no_jail": unsafe_no_jail}
-            for start in range(0, len(pending), batch):
-                chunk = pending[start : start + batch]
-                torch.manual_seed(seed)
-                for item, result in zip(chunk, suite.run(mixture, chunk, settings), strict=True):
-                    cache.put(side.key, suite, item, result)
-                progress.advance(task, len(chunk))
+                settings["unsafe_no_jail"] = unsafe_no_jail
+            torch.manual_seed(seed)
+            for k, result in suite.run(mixture, pending, settings):
+                cache.put(side.key, suite, pending[k], result)
+                progress.advance(task, 1)
     del mixture
     gc.collect()
     return sum(len(v) for v in todo.values())

@@ -22,7 +22,9 @@ from composer.model.protocol import Mixture
 HUMANEVAL_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "```", "\nassert ")
 _NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
 GSM_DONE = re.compile(rf"####\s*{_NUMBER}\s*\n")  # a worked answer has given its number
-BatchRunner = Callable[[Mixture, list[Any], dict[str, Any]], list[dict[str, Any]]]
+# (mixture, items, settings) -> (k, result of items[k]) for every item, each as it is ready
+Results = Iterator[tuple[int, dict[str, Any]]]
+BatchRunner = Callable[[Mixture, list[Any], dict[str, Any]], Results]
 
 
 def _gate(weights: Any, rows: Any = None) -> list[float] | None:
@@ -101,8 +103,9 @@ def run_code_loss(mixture: Mixture, item: Any, settings: dict[str, Any]) -> dict
 def each(run: Callable[[Any, Any, dict[str, Any]], dict[str, Any]]) -> BatchRunner:
     """A suite's runner over a batch of items from one that scores one item."""
 
-    def run_each(mixture: Mixture, items: list[Any], settings: dict[str, Any]) -> list[dict]:
-        return [run(mixture, item, settings) for item in items]
+    def run_each(mixture: Mixture, items: list[Any], settings: dict[str, Any]) -> Results:
+        for k, item in enumerate(items):
+            yield k, run(mixture, item, settings)
 
     return run_each
 
@@ -133,17 +136,6 @@ def generations(
     ]
 
 
-def generate_all(
-    mixture: Mixture, prompts: list[str], max_new_tokens: int, **options: Any
-) -> list[Any]:
-    """Each prompt's `Generation` (`generations`), all decoded to their ends as one batch."""
-    from composer.generation.decode import run_together
-
-    made = generations(mixture, prompts, max_new_tokens, **options)
-    run_together(made)
-    return made
-
-
 def generate_each(
     mixture: Mixture, prompts: list[str], max_new_tokens: int, at_once: int, **options: Any
 ) -> Iterator[tuple[int, Any]]:
@@ -169,15 +161,18 @@ def _generate(
     *,
     chat: bool = True,
     **stops: Any,
-) -> list[tuple[str, list[float] | None]]:
-    """The greedy answer to each prompt, all generated as one batch (`generate_all`), and the
-    mean router weights of the steps that chose it (the one that chose end-of-sequence too)."""
+) -> Iterator[tuple[int, tuple[str, list[float] | None]]]:
+    """(k, the greedy answer to prompts[k] and the mean router weights of the steps that chose
+    it, the one that chose end-of-sequence too) as each answer ends: `settings["at_once"]`
+    decoded together (all when unset), the next joining as one ends (`generate_each`)."""
     import torch
 
-    generations = generate_all(
-        mixture, prompts, settings["max_new_tokens"], chat=chat, gates=True, **stops
+    at_once = settings.get("at_once") or max(1, len(prompts))
+    ended = generate_each(
+        mixture, prompts, settings["max_new_tokens"], at_once, chat=chat, gates=True, **stops
     )
-    return [(g.text, _gate(torch.stack(g.gates)[None]) if g.gates else None) for g in generations]
+    for k, g in ended:
+        yield k, (g.text, _gate(torch.stack(g.gates)[None]) if g.gates else None)
 
 
 def final_number(text: str) -> str | None:
@@ -196,16 +191,12 @@ def same_number(predicted: str | None, expected: str) -> bool:
         return False
 
 
-def run_gsm(mixture: Mixture, items: list[Any], settings: dict[str, Any]) -> list[dict[str, Any]]:
+def run_gsm(mixture: Mixture, items: list[Any], settings: dict[str, Any]) -> Results:
     questions = [item.data["question"] for item in items]
-    results = []
-    for item, (output, gate) in zip(
-        items, _generate(mixture, questions, settings, until=GSM_DONE), strict=True
-    ):
+    for k, (output, gate) in _generate(mixture, questions, settings, until=GSM_DONE):
         predicted = final_number(output)
-        passed = same_number(predicted, item.data["answer"])
-        results.append({"output": output, "predicted": predicted, "passed": passed, "gate": gate})
-    return results
+        passed = same_number(predicted, items[k].data["answer"])
+        yield k, {"output": output, "predicted": predicted, "passed": passed, "gate": gate}
 
 
 def humaneval_program(problem: dict[str, Any], completion: str) -> str:
@@ -214,9 +205,7 @@ def humaneval_program(problem: dict[str, Any], completion: str) -> str:
     )
 
 
-def run_humaneval(
-    mixture: Mixture, items: list[Any], settings: dict[str, Any]
-) -> list[dict[str, Any]]:
+def run_humaneval(mixture: Mixture, items: list[Any], settings: dict[str, Any]) -> Results:
     prompts = [item.data["prompt"] for item in items]
     # The decoder cuts each completion before the first of the stop strings.
     answers = _generate(mixture, prompts, settings, chat=False, stop=HUMANEVAL_STOPS)
@@ -225,34 +214,32 @@ def run_humaneval(
 
 def _run_programs(
     items: list[Any],
-    answers: list[tuple[str, list[float] | None]],
+    answers: Iterator[tuple[int, tuple[str, list[float] | None]]],
     program: Callable[[dict[str, Any], str], str],
     settings: dict[str, Any],
-) -> list[dict[str, Any]]:
-    """Each item's program (made from its completion) run in the sandbox: passed or not."""
+) -> Results:
+    """Each item's program (made from its completion) run in the sandbox as its completion
+    ends: passed or not."""
     limits = Limits(timeout_s=settings["timeout_s"], memory_bytes=settings["memory_mb"] << 20)
     # --unsafe-no-jail, added by the runner: not one of the suite's settings nor of its cache key
     unsafe = settings.get("unsafe_no_jail", False)
-    results = []
-    for item, (completion, gate) in zip(items, answers, strict=True):
-        result = run_untrusted(program(item.data, completion), limits, unsafe_no_jail=unsafe)
-        results.append(
+    for k, (completion, gate) in answers:
+        result = run_untrusted(program(items[k].data, completion), limits, unsafe_no_jail=unsafe)
+        yield (
+            k,
             {
                 "completion": completion,
                 "passed": result.passed,
                 "status": result.status,
                 "isolation": result.isolation,
                 "gate": gate,
-            }
+            },
         )
-    return results
 
 
-def run_generation(
-    mixture: Mixture, items: list[Any], settings: dict[str, Any]
-) -> list[dict[str, Any]]:
-    answers = _generate(mixture, [item.data["prompt"] for item in items], settings)
-    return [{"output": output, "gate": gate} for output, gate in answers]
+def run_generation(mixture: Mixture, items: list[Any], settings: dict[str, Any]) -> Results:
+    for k, (output, gate) in _generate(mixture, [item.data["prompt"] for item in items], settings):
+        yield k, {"output": output, "gate": gate}
 
 
 def mbpp_prompt(problem: dict[str, Any]) -> str:
@@ -266,7 +253,7 @@ def mbpp_program(problem: dict[str, Any], code: str) -> str:
     return f"{code}\n\n{problem.get('test_setup_code') or ''}\n\n{tests}\n"
 
 
-def run_mbpp(mixture: Mixture, items: list[Any], settings: dict[str, Any]) -> list[dict[str, Any]]:
+def run_mbpp(mixture: Mixture, items: list[Any], settings: dict[str, Any]) -> Results:
     """Greedy code for each task, run with the task's asserts in the sandbox (as HumanEval).
 
     The assistant's turn starts with `settings["answer_prefix"]` (a ```python fence), so the

@@ -69,8 +69,10 @@ class FromData:
         return self.pick(list(rows), recipes)
 
 
-# (mixture, items, settings) -> one result per item; generation suites run the items as a batch
-Runner = Callable[[Mixture, list[Item], dict[str, Any]], list[dict[str, Any]]]
+# (mixture, items, settings) -> (k, the result of items[k]) for every item, each as it is
+# ready; generation suites decode `settings["at_once"]` items together, the next joining as
+# one ends
+Runner = Callable[[Mixture, list[Item], dict[str, Any]], Iterator[tuple[int, dict[str, Any]]]]
 
 
 @dataclass(frozen=True)
