@@ -22,12 +22,14 @@ its held-out part (`general`), for the anchor alone and with the adapter.
 Writes OUT/adapter (a PEFT adapter), OUT/merged (the adapter merged into the anchor, as
 `compose port --lora` merges it: a model folder `compose compare` takes as a side) and
 OUT/metrics.json (rank, trainable parameters and bytes, train loss first/last, held-out loss of
-the anchor and of LoRA on the task's eval split and on general text, wall seconds, peak RSS).
+the anchor and of LoRA on the task's eval split and on general text, wall seconds, peak RSS of
+the training and of the whole run with the merge).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import resource
 import sys
@@ -185,6 +187,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         name: mean_loss(model, ex, pad, args.micro_batch or 8, bf16) for name, ex in held.items()
     }
     model.save_pretrained(str(out / "adapter"))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # training's, not the merge's
+    del model, base
+    gc.collect()
+    # The merge loads the anchor afresh (float32 unless it is stored otherwise) and writes it.
     port_lora(out / "adapter", str(folder), out / "merged", dtype=anchor.dtype)
     result = {
         "recipe": recipe.name,
@@ -202,7 +208,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "general_loss_anchor": before.get("general"),
         "general_loss_lora": after.get("general"),
         "train_seconds": round(seconds, 1),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak,
+        "peak_rss_bytes_with_merge": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
