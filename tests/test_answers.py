@@ -30,20 +30,17 @@ REFERENCE = {
 MAX_NEW_TOKENS = 24  # the counting answer (57 tokens) is cut: never kept (README's entry says 24)
 
 
-@pytest.fixture(scope="module")
-def taught(tiny, tmp_path_factory) -> Path:
-    """The tiny Llama trained until its greedy answer to each question is TAUGHT's."""
+def _teach(tiny, folder: Path, pairs: list[tuple[list[dict], str]], seq_len: int) -> Path:
+    """The tiny Llama trained (Adam) until its greedy answer to each prompt is the one given,
+    as a training example encodes it, saved to `folder`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from composer.features.data import collate, encode_qa, pad_id
 
-    folder = tmp_path_factory.mktemp("taught") / "llama"
     tokenizer = AutoTokenizer.from_pretrained(tiny["llama"])
     model = AutoModelForCausalLM.from_pretrained(tiny["llama"], dtype=torch.float32)
-    examples = [
-        encode_qa(tokenizer, [{"role": "user", "content": q}], a, 128) for q, a in TAUGHT.items()
-    ]
+    examples = [encode_qa(tokenizer, messages, answer, seq_len) for messages, answer in pairs]
     batch = collate([e for e in examples if e is not None], pad_id(tokenizer))
     labels = batch["labels"][:, 1:]
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -63,6 +60,13 @@ def taught(tiny, tmp_path_factory) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def taught(tiny, tmp_path_factory) -> Path:
+    """The tiny Llama trained until its greedy answer to each question is TAUGHT's."""
+    pairs = [([{"role": "user", "content": q}], a) for q, a in TAUGHT.items()]
+    return _teach(tiny, tmp_path_factory.mktemp("taught") / "llama", pairs, 128)
 
 
 @pytest.fixture()
@@ -251,42 +255,13 @@ TASKS = {
 @pytest.fixture(scope="module")
 def coder(tiny, tmp_path_factory) -> Path:
     """The tiny Llama trained until it writes TASKS' code, asked as a recipe's code task is."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from composer.features.data import code_answer, code_task_prompt
 
-    from composer.features.data import code_answer, code_task_prompt, collate, encode_qa, pad_id
-
-    folder = tmp_path_factory.mktemp("coder") / "llama"
-    tokenizer = AutoTokenizer.from_pretrained(tiny["llama"])
-    model = AutoModelForCausalLM.from_pretrained(tiny["llama"], dtype=torch.float32)
-    examples = [
-        encode_qa(
-            tokenizer,
-            [{"role": "user", "content": code_task_prompt(text, tests)}],
-            code_answer(code),
-            256,
-        )
+    pairs = [
+        ([{"role": "user", "content": code_task_prompt(text, tests)}], code_answer(code))
         for text, (tests, code) in TASKS.items()
     ]
-    batch = collate([e for e in examples if e is not None], pad_id(tokenizer))
-    labels = batch["labels"][:, 1:]
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    torch.manual_seed(0)
-    for _ in range(400):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100
-        )
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        right = (logits[:, :-1].argmax(-1) == labels)[labels != -100]
-        if bool(right.all()):
-            break
-    assert bool(right.all()), "the tiny model did not learn its code"
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return _teach(tiny, tmp_path_factory.mktemp("coder") / "llama", pairs, 256)
 
 
 @pytest.fixture()
