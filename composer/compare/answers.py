@@ -36,18 +36,17 @@ from rich.console import Console
 from composer.compare.results import Side
 from composer.compare.runner import anchor_alone, resolve_side
 from composer.compare.sandbox import Limits, jail_problem, refusal, run_untrusted
-from composer.compare.scoring import GSM_DONE, final_number, generate_each, same_number
-from composer.errors import CompareError
-from composer.features.data import (
-    CODE_ANSWER_PREFIX,
-    CODE_FENCE,
-    HfRows,
-    code_task_prompt,
-    hf_rows,
-    strip_calculator,
+from composer.compare.scoring import (
+    GSM_DONE,
+    code_task_program,
+    code_task_prompts,
+    final_number,
+    generate_each,
+    same_number,
 )
+from composer.errors import CompareError
+from composer.features.data import CODE_FENCE, HfRows, code_task_prompt, hf_rows, strip_calculator
 from composer.files import write_text
-from composer.generation.templates import format_prompt
 from composer.progress import counted, status
 from composer.recipe import HfData, Recipe
 from composer.training.build import output_lock
@@ -260,8 +259,7 @@ def _right(text: str, reference: Any, code: bool, how: Answering) -> bool:
     """A finished answer is right: its final number is the reference's, or its code passes
     the task's tests in the sandbox (the jail, or unjailed with `unsafe_no_jail`)."""
     if code:
-        tests = reference if isinstance(reference, str) else "\n".join(map(str, reference))
-        program = f"{text}\n\n{tests}\n"
+        program = code_task_program(text, reference)
         return run_untrusted(program, Limits(), unsafe_no_jail=how.unsafe_no_jail).passed
     return reference is not None and same_number(final_number(text), reference)
 
@@ -276,10 +274,7 @@ def _answers(
     cut off: the answer is the code."""
     samplings = [sampling for _, sampling in asked]
     if code:
-        prompts = [
-            format_prompt(mixture.tokenizer, [{"role": "user", "content": q}]) + CODE_ANSWER_PREFIX
-            for q, _ in asked
-        ]
+        prompts = code_task_prompts(mixture, [q for q, _ in asked])
         options: dict[str, Any] = {"chat": False, "stop": (CODE_FENCE,)}
     else:
         prompts, options = [q for q, _ in asked], {"until": GSM_DONE}

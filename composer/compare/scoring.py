@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from composer.compare.sandbox import Limits, run_untrusted
-from composer.features.data import CODE_FENCE, code_task_prompt
+from composer.features.data import CODE_ANSWER_PREFIX, CODE_FENCE, code_task_prompt, listed_tests
 from composer.model.protocol import Mixture
 
 HUMANEVAL_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "```", "\nassert ")
@@ -247,10 +247,27 @@ def mbpp_prompt(problem: dict[str, Any]) -> str:
     return code_task_prompt(problem["text"], problem["test_list"])
 
 
+def code_task_program(code: str, tests: Any, setup: str = "") -> str:
+    """The answer's code, the task's setup code, then its asserts (a list, or one string)."""
+    return f"{code}\n\n{setup}\n\n{listed_tests(tests)}\n"
+
+
 def mbpp_program(problem: dict[str, Any], code: str) -> str:
-    """The answer's code, the task's setup code, then its three asserts."""
-    tests = "\n".join(problem["test_list"])
-    return f"{code}\n\n{problem.get('test_setup_code') or ''}\n\n{tests}\n"
+    return code_task_program(code, problem["test_list"], problem.get("test_setup_code") or "")
+
+
+def code_task_prompts(
+    mixture: Mixture, questions: list[str], prefix: str = CODE_ANSWER_PREFIX
+) -> list[str]:
+    """Each code task's prompt as the model continues it: the question as one user message
+    through the chat template, then the assistant's turn opened with `prefix` (a ```python
+    fence), so the answer is code and the closing fence (`CODE_FENCE`, its stop) ends it."""
+    from composer.generation.templates import format_prompt
+
+    return [
+        format_prompt(mixture.tokenizer, [{"role": "user", "content": q}]) + prefix
+        for q in questions
+    ]
 
 
 def run_mbpp(mixture: Mixture, items: list[Any], settings: dict[str, Any]) -> Results:
@@ -258,13 +275,7 @@ def run_mbpp(mixture: Mixture, items: list[Any], settings: dict[str, Any]) -> Re
 
     The assistant's turn starts with `settings["answer_prefix"]` (a ```python fence), so the
     answer is code, and the closing fence ends it: the code is what lies between the fences."""
-    from composer.generation.templates import format_prompt
-
-    prefix = settings["answer_prefix"]
-    prompts = [
-        format_prompt(mixture.tokenizer, [{"role": "user", "content": mbpp_prompt(item.data)}])
-        + prefix
-        for item in items
-    ]
+    questions = [mbpp_prompt(item.data) for item in items]
+    prompts = code_task_prompts(mixture, questions, settings["answer_prefix"])
     answers = _generate(mixture, prompts, settings, chat=False, stop=(CODE_FENCE,))
     return _run_programs(items, answers, mbpp_program, settings)

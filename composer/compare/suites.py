@@ -72,7 +72,7 @@ class FromData:
 # (mixture, items, settings) -> (k, the result of items[k]) for every item, each as it is
 # ready; generation suites decode `settings["at_once"]` items together, the next joining as
 # one ends
-Runner = Callable[[Mixture, list[Item], dict[str, Any]], Iterator[tuple[int, dict[str, Any]]]]
+Runner = Callable[[Mixture, list[Item], dict[str, Any]], scoring.Results]
 
 
 @dataclass(frozen=True)

@@ -248,10 +248,14 @@ CODE_TASK_PROMPT = (
 CODE_ANSWER_PREFIX, CODE_FENCE = "```python\n", "```"
 
 
+def listed_tests(tests: Any) -> str:
+    """A code task's tests (a list of asserts, or one string) as lines of code."""
+    return tests if isinstance(tests, str) else "\n".join(str(t) for t in tests)
+
+
 def code_task_prompt(text: str, tests: Any) -> str:
     """The question of a code task: its text and its tests (a list of asserts, or one string)."""
-    listed = tests if isinstance(tests, str) else "\n".join(str(t) for t in tests)
-    return CODE_TASK_PROMPT.format(text=text, tests=listed)
+    return CODE_TASK_PROMPT.format(text=text, tests=listed_tests(tests))
 
 
 def code_answer(code: str) -> str:

@@ -243,9 +243,9 @@ class Decoder:
             self._running = [g for g in self._running if g.finish_reason is None]
 
 
-def run_together(generations: Sequence[Generation], at_once: int | None = None) -> None:
+def run_together(generations: Sequence[Generation]) -> None:
     """Run generations to their ends as one batch (`decode_together`)."""
-    for _ in decode_together(generations, at_once):
+    for _ in decode_together(generations):
         pass
 
 
