@@ -307,7 +307,15 @@ Seed = Annotated[int | None, typer.Option(min=0, help="The same seed gives the s
 ShowGates = Annotated[
     bool, typer.Option(help="Colour each token by the source the router weighs most.")
 ]
-MixtureDir = Annotated[Path, typer.Argument(help="A directory written by `compose build`.")]
+Model = Annotated[
+    str,
+    typer.Argument(
+        metavar="MODEL",
+        help="A mixture directory (`compose build`, `compose export`) or a built recipe; or a "
+        "base alone, to set beside it: a model folder, or a base card (CARD, or CARD:bfloat16 "
+        "to run it in that dtype; float32 without one).",
+    ),
+]
 TrustRemoteCode = Annotated[
     bool,
     typer.Option(
@@ -343,7 +351,7 @@ def _sampling(
 
 @app.command()
 def generate(
-    mixture_dir: MixtureDir,
+    model: Model,
     prompt: Annotated[str, typer.Option(help="The user's message.")],
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate at most.")] = 128,
     raw: Annotated[
@@ -360,12 +368,12 @@ def generate(
     ] = None,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
-    """Generate from a built mixture (greedy unless --temperature), streamed as it comes."""
-    from composer.artifacts.load import load_mixture
+    """Generate from a built mixture or a base alone (greedy unless --temperature), streamed."""
+    from composer.compare.runner import open_model
     from composer.serving.terminal import legend, print_stream, stream_answer
 
     sampling = _sampling(temperature, top_p, top_k, repetition_penalty, seed)
-    mixture = _run(lambda: load_mixture(mixture_dir, trust_remote_code=trust_remote_code))
+    mixture = _run(lambda: open_model(model, trust_remote_code=trust_remote_code))
     room = _run(lambda: _answer_room(mixture, prompt, max_new_tokens, chat=not raw))
     if show_gates:
         err.print(legend(mixture.carry_on.sources))
@@ -472,7 +480,7 @@ def serve(
 
 @app.command()
 def chat(
-    mixture_dir: MixtureDir,
+    model: Model,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens per answer at most.")] = 256,
     temperature: Temperature = 0.0,
     top_p: TopP = 1.0,
@@ -481,13 +489,13 @@ def chat(
     seed: Seed = None,
     show_gates: ShowGates = False,
 ) -> None:
-    """Talk with a mixture in the terminal (multi-turn, streamed; /help lists the commands)."""
+    """Talk with a mixture or a base alone in the terminal (streamed; /help lists commands)."""
     from composer.serving.chat import run_chat
 
     sampling = _sampling(temperature, top_p, top_k, repetition_penalty, seed)
     _run(
         lambda: run_chat(
-            mixture_dir, sampling=sampling, max_new_tokens=max_new_tokens, show_gates=show_gates
+            model, sampling=sampling, max_new_tokens=max_new_tokens, show_gates=show_gates
         )
     )
 

@@ -169,3 +169,34 @@ def test_piped_stream_is_written_exactly():
     screen = io.StringIO()
     print_stream(Console(file=screen, force_terminal=True, no_color=True), pieces, ["a@1"])
     assert "\x07" not in screen.getvalue() and "\x08" not in screen.getvalue()
+
+
+def test_chat_with_a_base_alone(tiny):
+    """A model folder as `compose chat` takes it (as `compose compare` takes a side): it
+    answers as compose's own generation from that base alone does (which test_cli holds equal
+    to transformers' decoding of the folder)."""
+    import io
+
+    from rich.console import Console
+
+    from composer.compare.runner import open_model
+    from composer.generation.decode import generate
+    from composer.serving.chat import run_chat
+
+    sampling = Sampling(temperature=0.9, seed=11)
+    lines = iter(["How many days does he work?"])
+
+    def read(_prompt: str) -> str:
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    screen = io.StringIO()
+    console = Console(file=screen, width=400, color_system=None)
+    run_chat(tiny["llama"], sampling=sampling, max_new_tokens=12, console=console, read=read)
+    alone = open_model(str(tiny["llama"]))
+    assert alone.recipe.name == "llama-alone" and not alone.carry_on.training
+    answer = generate(alone, "How many days does he work?", 12, sampling=sampling)
+    assert "chatting with llama-alone" in screen.getvalue()
+    assert _visible(answer) and _visible(answer) in _visible(screen.getvalue())

@@ -74,6 +74,24 @@ def test_build_then_generate(recipe_path, tmp_path):
     assert result.stdout == generate(load_mixture(out), "How many days?", 8, sampling=hot) + "\n"
 
 
+def test_generate_from_a_base_alone_is_the_base_s_own_greedy_text(tiny):
+    """A model folder as `compose generate` takes it: its answer is the one transformers'
+    own greedy decoding of that folder gives (no carry-on in between)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prompt = "How many days are in a week"
+    result = _run("generate", tiny["llama"], "--prompt", prompt, "--raw", "--max-new-tokens", "9")
+    assert result.exit_code == 0, result.output
+    tokenizer = AutoTokenizer.from_pretrained(tiny["llama"])
+    model = AutoModelForCausalLM.from_pretrained(tiny["llama"], dtype=torch.float32)
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=9, do_sample=False, eos_token_id=None)
+    expected = tokenizer.decode(out[0, ids.shape[1] :])
+    assert len(expected) > 0 and result.stdout == expected + "\n"
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -89,7 +107,7 @@ def test_build_then_generate(recipe_path, tmp_path):
         (["plan", "{recipe}", "bases.a.path=/nowhere"], "base folder /nowhere does not exist"),
         (
             ["generate", "{tmp}/nothing", "--prompt", "x"],
-            "is not a mixture directory: recipe.yaml is missing",
+            "is not a mixture directory, a model folder, a built recipe or a base card",
         ),
         (["bases", "pull", "no-such-base"], "unknown base card 'no-such-base'"),
     ],

@@ -27,7 +27,9 @@ class Side:
 
         if self.folder is not None:
             return load_mixture(self.folder)
-        return LiveMixture.from_recipe(self.recipe)
+        mixture = LiveMixture.from_recipe(self.recipe)
+        mixture.carry_on.eval()  # never trained: run as a loaded mixture runs
+        return mixture
 
 
 @dataclass

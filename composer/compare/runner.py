@@ -38,7 +38,7 @@ from composer.recipe import Recipe, comparable, load_recipe, read_comparable, re
 SCORING_VERSION = 2  # bump when a suite's scoring changes, so old cached results are not reused
 
 
-def resolve_side(label: str, given: str) -> Side:
+def resolve_side(label: str, given: str, *, trust_remote_code: bool = False) -> Side:
     path = Path(given)
     if path.is_dir() and not (path / RECIPE_FILE).exists() and (path / "config.json").is_file():
         return _keyed(_alone(label, given, {"path": str(path.resolve())}, "model"))
@@ -48,7 +48,7 @@ def resolve_side(label: str, given: str) -> Side:
                 f"{given}: neither a mixture directory (needs {RECIPE_FILE}, {WEIGHTS}) nor a "
                 "model folder (needs config.json)"
             )
-        recipe = read_mixture_recipe(path)
+        recipe = read_mixture_recipe(path, trust_remote_code=trust_remote_code)
         return _keyed(Side(label, given, "mixture", recipe, recipe.to_yaml(), path))
     if path.suffix in (".yaml", ".yml") and path.is_file():
         recipe = load_recipe(path)
@@ -63,8 +63,22 @@ def resolve_side(label: str, given: str) -> Side:
                 f"{given}: {built} was built from a different version of this recipe; "
                 "rebuild it or pass the build directory itself"
             )
-        return resolve_side(label, str(built))
+        return resolve_side(label, str(built), trust_remote_code=trust_remote_code)
     return _keyed(_base_alone(label, given))
+
+
+def open_model(given: str, *, trust_remote_code: bool = False) -> Any:
+    """What `compose compare` takes as a side, loaded to run: a mixture directory (or export),
+    a built recipe, a model folder, or a base card (`CARD` or `CARD:DTYPE`). A base alone is a
+    mixture whose carry-on is never trained: its logits are the base's own."""
+    from composer.artifacts.load import load_mixture
+
+    if (Path(given) / RECIPE_FILE).is_file():  # the mixture's own checks and refusals
+        return load_mixture(given, trust_remote_code=trust_remote_code)
+    side = resolve_side("model", given, trust_remote_code=trust_remote_code)
+    if side.folder is not None:
+        return load_mixture(side.folder, trust_remote_code=trust_remote_code)
+    return side.load()
 
 
 def _base_alone(label: str, given: str) -> Side:

@@ -119,7 +119,7 @@ class ChatSession:
 
 
 def run_chat(
-    mixture_dir: Path,
+    model: str | Path,
     *,
     sampling: Sampling,
     max_new_tokens: int,
@@ -128,10 +128,10 @@ def run_chat(
     show_gates: bool = False,
 ) -> None:
     """The chat loop: read a line, answer it streamed, until /quit or end of input."""
-    from composer.artifacts.load import load_mixture
+    from composer.compare.runner import open_model
 
     console = console or Console(highlight=False)
-    mixture = load_mixture(mixture_dir)
+    mixture = open_model(str(model))
     session = ChatSession(mixture, sampling, max_new_tokens, show_gates)
     read = read or (lambda prompt: console.input(prompt))
     console.print(f"chatting with {mixture.recipe.name}; /help lists the commands")
