@@ -408,10 +408,12 @@ def _answer_room(mixture: Any, prompt: str, max_new_tokens: int, *, chat: bool) 
 @app.command()
 def serve(
     mixture_dirs: Annotated[
-        list[Path],
+        list[str],
         typer.Argument(
-            help="Mixture directories (written by `compose build`), or folders of them; their "
-            "bases are loaded once and a request's `model` picks the mixture."
+            metavar="MODELS...",
+            help="Mixture directories (written by `compose build`), or folders of them; or a "
+            "base alone, served as NAME-alone (a model folder, or a base card: CARD, "
+            "CARD:bfloat16). Each base is loaded once and a request's `model` picks by name.",
         ),
     ],
     host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 is every one.")] = "127.0.0.1",

@@ -64,11 +64,12 @@ def folders(tiny, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def served(folders):
-    """The four mixtures over one pool of bases, and the tiny Llama alone."""
-    mixtures = load_mixtures([folders["taps"].parent])  # a folder of mixture folders
-    anchor = mixtures["taps"]
-    alone = AnchorAlone.of("llama", anchor.bases["a"], anchor.recipe.bases["a"])
+def served(folders, tiny):
+    """The four mixtures over one pool of bases, and the tiny Llama alone (its model folder
+    named beside them, as `compose serve` takes it)."""
+    mixtures = load_mixtures([folders["taps"].parent, tiny["llama"]])  # a folder of mixtures
+    alone = mixtures.pop("llama-alone")
+    assert isinstance(alone, AnchorAlone)
     return {**mixtures, "llama": alone}
 
 
@@ -84,6 +85,20 @@ def test_each_base_is_loaded_once_whichever_mixtures_use_it(served):
     assert served["llama"].bases["base"] is llama
     assert served["taps"].bases["b"] is served["expert"].bases["b"]
     assert served["taps"].carry_on is not served["expert"].carry_on
+
+
+def test_a_base_alone_is_served_as_the_base_itself(tiny):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    alone = load_mixtures([tiny["llama"]])["llama-alone"]
+    ids = alone.tokenizer(PROMPTS[2], add_special_tokens=False)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(tiny["llama"], dtype=torch.float32)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False)
+    assert Generation(alone, ids, 10, stop_at_eos=False).run().ids == out[0, len(ids) :].tolist()
+    with pytest.raises(ServingError, match="no-such-card' is not a mixture directory, a model "):
+        load_mixtures(["no-such-card"])
 
 
 def test_two_mixtures_of_one_name_are_refused(folders, tmp_path):

@@ -24,7 +24,7 @@ def need_extra(extra: str, *modules: str) -> None:
         )
 
 
-def serve(mixture_dirs: Path | Sequence[Path], **options: Any) -> None:
+def serve(mixture_dirs: str | Path | Sequence[str | Path], **options: Any) -> None:
     """Load a mixture, or several over shared bases, and serve them over HTTP until
     interrupted (see serving.server.serve)."""
     need_extra("serve", "starlette", "uvicorn")

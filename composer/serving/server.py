@@ -35,9 +35,11 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from composer.errors import DataError, ServingError
+from composer.compare.results import Side
+from composer.errors import CompareError, DataError, ServingError
 from composer.generation.decode import Generation, chat_ids, context_length
 from composer.model.protocol import Mixture
+from composer.model.weights import RECIPE_FILE
 from composer.serving import openai_api as api
 from composer.serving.scheduler import Job, QueueFull, Scheduler
 
@@ -415,53 +417,72 @@ def sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def mixture_dirs(paths: Sequence[Path]) -> list[Path]:
-    """The mixture folders named: each path is one, or a folder of them (its subfolders that
-    are mixture folders, by name)."""
-    from composer.model.weights import RECIPE_FILE
-
-    found: list[Path] = []
-    for path in paths:
+def _named(paths: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
+    """The mixture folders among `paths` (a path that is one, or a folder of them), and the
+    rest: what may be a base alone (any other path or name)."""
+    folders: list[Path] = []
+    alone: list[str] = []
+    for given in paths:
+        path = Path(given)
         if (path / RECIPE_FILE).is_file():
-            found.append(path)
+            folders.append(path)
             continue
         inner = (
             sorted(p for p in path.iterdir() if (p / RECIPE_FILE).is_file())
             if path.is_dir()
             else []
         )
-        if not inner:
-            raise ServingError(
-                f"{path}: not a mixture folder ({RECIPE_FILE} is missing), nor a folder of them"
-            )
-        found.extend(inner)
-    return found
+        if inner:
+            folders.extend(inner)
+        else:
+            alone.append(str(given))
+    return folders, alone
 
 
-def load_mixtures(paths: Sequence[Path], *, fetch: bool = True) -> dict[str, Mixture]:
-    """The mixtures of `paths` (see `mixture_dirs`) by their recipes' names, over one
-    `BasePool`: each base (weights, dtype, quantization) is loaded once, whichever mixtures use
-    it. Two mixtures of one name, or bases shared with settings that disagree, are refused
-    before any weights are read past the first disagreement."""
+def load_mixtures(paths: Sequence[str | Path], *, fetch: bool = True) -> dict[str, Mixture]:
+    """What `paths` name, by name, over one `BasePool`: each base (weights, dtype,
+    quantization) is loaded once, whichever mixtures use it. A path is a mixture folder (served
+    by its recipe's name), or a folder of them; anything else is what `compose compare` takes
+    as a side: a built recipe, or a base alone (a model folder, or a base card, `CARD` or
+    `CARD:DTYPE`) served as `NAME-alone` on the copy of the base its mixtures load. Two of one
+    name, or bases shared with settings that disagree, are refused before any weights are read
+    past the first disagreement."""
     from composer.artifacts.load import load_mixture, read_mixture_recipe
     from composer.bases.pool import BasePool
+    from composer.compare.runner import resolve_side
+    from composer.model.mixture import AnchorAlone
 
-    folders = mixture_dirs(paths)
-    seen: dict[str, Path] = {}
-    for folder in folders:
-        name = read_mixture_recipe(folder).name
-        if name in seen:
+    folders, others = _named(paths)
+    named: dict[str, Path | Side] = {}
+    entries: list[tuple[str, Path | Side]] = [(read_mixture_recipe(f).name, f) for f in folders]
+    for given in others:
+        try:
+            side = resolve_side("served", given)
+        except CompareError as exc:  # neither a mixture nor a base alone: say what is taken
+            raise ServingError(str(exc)) from exc
+        entries.append((side.recipe.name, side.folder or side))
+    for name, what in entries:
+        if name in named:
+            first, second = (w.given if isinstance(w, Side) else w for w in (named[name], what))
             raise ServingError(
-                f"two mixtures are named '{name}' ({seen[name]} and {folder}): a request's "
-                "`model` picks a mixture by its name; rename one (its recipe's `name`)"
+                f"two mixtures are named '{name}' ({first} and {second}): a request's `model` "
+                "picks a mixture by its name; rename one (its recipe's `name`)"
             )
-        seen[name] = folder
+        named[name] = what
     pool = BasePool()
-    return {name: load_mixture(folder, fetch=fetch, pool=pool) for name, folder in seen.items()}
+    served: dict[str, Mixture] = {}
+    for name, what in named.items():
+        if isinstance(what, Side):  # a base alone
+            spec = what.recipe.bases[what.recipe.anchor]
+            base = pool.load(what.recipe.anchor, spec, fetch=fetch, user=name)
+            served[name] = AnchorAlone.of(name, base, spec)
+        else:
+            served[name] = load_mixture(what, fetch=fetch, pool=pool)
+    return served
 
 
 def serve(
-    mixture_dir: Path | Sequence[Path],
+    mixture_dir: str | Path | Sequence[str | Path],
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
@@ -476,7 +497,7 @@ def serve(
     `limits` are `connections.Limits`' fields."""
     from composer.serving.connections import Limits, http_server
 
-    paths = [mixture_dir] if isinstance(mixture_dir, Path) else list(mixture_dir)
+    paths = [mixture_dir] if isinstance(mixture_dir, str | Path) else list(mixture_dir)
     served = load_mixtures(paths)
     app = create_app(
         served,
