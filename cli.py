@@ -312,8 +312,8 @@ Model = Annotated[
     typer.Argument(
         metavar="MODEL",
         help="A mixture directory (`compose build`, `compose export`) or a built recipe; or a "
-        "base alone, to set beside it: a model folder, or a base card (CARD, or CARD:bfloat16 "
-        "to run it in that dtype; float32 without one).",
+        "base alone, to set beside it: a model folder or a base card (FOLDER:bfloat16 or "
+        "CARD:bfloat16 runs it in that dtype; float32 without one).",
     ),
 ]
 TrustRemoteCode = Annotated[
@@ -412,8 +412,8 @@ def serve(
         typer.Argument(
             metavar="MODELS...",
             help="Mixture directories (written by `compose build`), or folders of them; or a "
-            "base alone, served as NAME-alone (a model folder, or a base card: CARD, "
-            "CARD:bfloat16). Each base is loaded once and a request's `model` picks by name.",
+            "base alone, served as NAME-alone (a model folder or a base card; FOLDER:bfloat16, "
+            "CARD:bfloat16 for that dtype). Each base is loaded once; a request's `model` picks.",
         ),
     ],
     host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 is every one.")] = "127.0.0.1",
@@ -656,7 +656,8 @@ def compare(
         str,
         typer.Argument(
             help="Side A: a built mixture directory, a built recipe, a model folder or a base "
-            "card (the model alone; CARD:bfloat16 runs it in that dtype, float32 without one).",
+            "card (the model alone; CARD:bfloat16 or FOLDER:bfloat16 runs it in that dtype, "
+            "float32 without one).",
             show_default=False,
         ),
     ],

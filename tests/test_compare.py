@@ -309,6 +309,14 @@ def test_a_model_folder_is_a_side_like_its_card(tiny, tiny_card, tmp_path):
     assert resolve_side("B", f"{tiny_card}:float32").key == plain.key
     with pytest.raises(CompareError, match="'int3' is not a dtype"):
         resolve_side("B", f"{tiny_card}:int3")
+    # FOLDER:DTYPE likewise (a merged LoRA run in its anchor's dtype).
+    folder, folder_half = (resolve_side("A", f"{tiny['llama']}{s}") for s in ("", ":bfloat16"))
+    assert folder_half.recipe.bases["model"].dtype == "bfloat16" and folder_half.key != folder.key
+    assert folder_half.recipe.bases["model"].path == folder.recipe.bases["model"].path
+    assert folder_half.recipe.name == folder.recipe.name == "llama-alone"
+    assert resolve_side("A", f"{tiny['llama']}:float32").key == folder.key == result.a.key
+    with pytest.raises(CompareError, match="'int3' is not a dtype"):
+        resolve_side("A", f"{tiny['llama']}:int3")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(CompareError, match="nor a model folder"):

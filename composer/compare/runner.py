@@ -40,8 +40,16 @@ SCORING_VERSION = 2  # bump when a suite's scoring changes, so old cached result
 
 def resolve_side(label: str, given: str, *, trust_remote_code: bool = False) -> Side:
     path = Path(given)
-    if path.is_dir() and not (path / RECIPE_FILE).exists() and (path / "config.json").is_file():
-        return _keyed(_alone(label, given, {"path": str(path.resolve())}, "model"))
+    folder, _, dtype = given.rpartition(":")
+    if not path.exists() and folder and _model_folder(Path(folder)):  # FOLDER:DTYPE
+        path = Path(folder)
+    else:
+        dtype = ""
+    if _model_folder(path):
+        spec = {"path": str(path.resolve())}
+        if dtype:
+            spec["dtype"] = _dtype(given, dtype)
+        return _keyed(_alone(label, given, spec, "model", _slug(path.resolve().name)))
     if path.is_dir():
         if not (path / RECIPE_FILE).is_file() or not (path / WEIGHTS).is_file():
             raise CompareError(
@@ -81,11 +89,28 @@ def open_model(given: str, *, trust_remote_code: bool = False) -> Any:
     return side.load()
 
 
+def _model_folder(path: Path) -> bool:
+    return path.is_dir() and not (path / RECIPE_FILE).exists() and (path / "config.json").is_file()
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "-", name).lstrip("._-")
+
+
+def _dtype(given: str, dtype: str) -> str:
+    from composer.bases.frozen import DTYPES
+
+    if dtype not in DTYPES:
+        raise CompareError(
+            f"'{given}': '{dtype}' is not a dtype a base runs in ({', '.join(DTYPES)})"
+        )
+    return dtype
+
+
 def _base_alone(label: str, given: str) -> Side:
     """A base card alone, `CARD` or `CARD:DTYPE` (the dtype it runs in; float32 without one),
     as a mixture runs its anchor in its recipe's dtype."""
     from composer.bases import registry
-    from composer.bases.frozen import DTYPES
 
     card_name, _, dtype = given.partition(":")
     try:
@@ -97,11 +122,7 @@ def _base_alone(label: str, given: str) -> Side:
         ) from exc
     spec = {"card": card.name}
     if dtype:
-        if dtype not in DTYPES:
-            raise CompareError(
-                f"'{given}': '{dtype}' is not a dtype a base runs in ({', '.join(DTYPES)})"
-            )
-        spec["dtype"] = dtype
+        spec["dtype"] = _dtype(given, dtype)
     role = card.role if re.fullmatch(r"[A-Za-z0-9_-]+", card.role) else "base"
     return _alone(label, given, spec, role, card.name)
 
@@ -114,10 +135,9 @@ def anchor_alone(label: str, recipe: Recipe) -> Side:
     return _keyed(_alone(label, f"{name} (the anchor alone)", spec, recipe.anchor, name))
 
 
-def _alone(label: str, given: str, spec: dict[str, Any], role: str, name: str = "") -> Side:
+def _alone(label: str, given: str, spec: dict[str, Any], role: str, name: str) -> Side:
     """A base alone (a card, or a model folder such as a merged LoRA): an anchor-only mixture
     whose carry-on is never trained."""
-    name = name or re.sub(r"[^A-Za-z0-9._-]", "-", Path(given).resolve().name).lstrip("._-")
     recipe = recipe_from_dict(
         {
             "name": f"{name}-alone",
