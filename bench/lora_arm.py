@@ -4,7 +4,7 @@ Run by hand (not in CI), with the `bench` extra installed:
 
     python bench/lora_arm.py recipes/gsm8k-self.yaml [KEY=VALUE ...] --match runs/gsm8k-self \\
         --out runs/gsm8k-self-lora
-    compose compare runs/gsm8k-self runs/gsm8k-self-lora/merged --suite gsm8k-dev ...
+    compose compare runs/gsm8k-self runs/gsm8k-self-lora/merged:bfloat16 --suite gsm8k-dev ...
 
 It trains on what `compose build` of the recipe trains on: the same examples (rows, encoding,
 `seq_len`, the held-out `eval` split), steps, batch size, seeded batches, warmup and cosine
@@ -20,7 +20,8 @@ preservation term; with the recipe's preservation data, off-domain loss is still
 its held-out part (`general`), for the anchor alone and with the adapter.
 
 Writes OUT/adapter (a PEFT adapter), OUT/merged (the adapter merged into the anchor, as
-`compose port --lora` merges it: a model folder `compose compare` takes as a side) and
+`compose port --lora` merges it: a model folder `compose compare` takes as a side, with
+`:bfloat16` to run it in the anchor's dtype) and
 OUT/metrics.json (rank, trainable parameters and bytes, train loss first/last, held-out loss of
 the anchor and of LoRA on the task's eval split and on general text, wall seconds, peak RSS of
 the training and of the whole run with the merge).
