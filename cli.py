@@ -454,12 +454,11 @@ def serve(
     max_header_bytes: Annotated[
         int, typer.Option(min=1024, help="A request's line and headers; more gets 400.")
     ] = 16 << 10,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Serve mixtures with an OpenAI-compatible API (/v1/chat/completions, /v1/completions)."""
     from composer.serving import serve as run_server
 
-    where = ", ".join(str(d) for d in mixture_dirs)
-    err.print(f"serving {where} on http://{host}:{port}/v1", highlight=False)
     limits = dict(
         max_connections=max_connections,
         request_timeout=request_timeout,
@@ -475,6 +474,8 @@ def serve(
             max_queue=max_queue,
             batch=batch,
             continuous=continuous,
+            trust_remote_code=trust_remote_code,
+            console=err,
             **limits,
         )
     )
@@ -490,6 +491,7 @@ def chat(
     repetition_penalty: RepetitionPenalty = 1.0,
     seed: Seed = None,
     show_gates: ShowGates = False,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Talk with a mixture or a base alone in the terminal (streamed; /help lists commands)."""
     from composer.serving.chat import run_chat
@@ -497,7 +499,11 @@ def chat(
     sampling = _sampling(temperature, top_p, top_k, repetition_penalty, seed)
     _run(
         lambda: run_chat(
-            model, sampling=sampling, max_new_tokens=max_new_tokens, show_gates=show_gates
+            model,
+            sampling=sampling,
+            max_new_tokens=max_new_tokens,
+            show_gates=show_gates,
+            trust_remote_code=trust_remote_code,
         )
     )
 
@@ -692,6 +698,7 @@ def compare(
         typer.Option(help=_data_help(), metavar="NAME=PATH", show_default=False),
     ] = None,
     unsafe_no_jail: UnsafeNoJail = False,
+    trust_remote_code: TrustRemoteCode = False,
     as_json: AsJson = False,
 ) -> None:
     """A/B compare two mixtures (or a base alone) on the same items, with paired statistics."""
@@ -714,6 +721,7 @@ def compare(
             console=err,
             data=data or [],
             unsafe_no_jail=unsafe_no_jail,
+            trust_remote_code=trust_remote_code,
         )
     )
     if as_json:  # report.json without its items: sides, verdicts, where the reports are
@@ -788,6 +796,7 @@ def answer(
     ] = 0.0,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the sampled answers.")] = 0,
     unsafe_no_jail: UnsafeNoJail = False,
+    trust_remote_code: TrustRemoteCode = False,
     as_json: AsJson = False,
 ) -> None:
     """Answer the questions of a recipe's training data; keep the right answers as targets."""
@@ -796,7 +805,11 @@ def answer(
 
     spec = _run(lambda: load_recipe(recipe, overrides or []))
     how = Answering(keep.value, max_new_tokens, batch, samples, temperature, seed, unsafe_no_jail)
-    result = _run(lambda: write_answers(spec, out_file, how, model=model, console=err))
+    result = _run(
+        lambda: write_answers(
+            spec, out_file, how, model=model, console=err, trust_remote_code=trust_remote_code
+        )
+    )
     if as_json:
         _print_json(dataclasses.asdict(result))
         return

@@ -44,9 +44,10 @@ def _one_line(text: str) -> str:
     return lines[0]
 
 
-def test_a_mixture_cannot_turn_on_remote_code(tiny, tiny_mixture_dir, tmp_path):
-    """The stranger's recipe sets trust_remote_code and ships Python: nothing runs, nothing is
-    copied into transformers' module cache, until the user passes --trust-remote-code."""
+@pytest.fixture()
+def stranger(tiny, tiny_mixture_dir, tmp_path) -> tuple[Path, dict[str, str], Path, Path]:
+    """A stranger's mixture whose recipe sets trust_remote_code over a base that ships Python:
+    (mixture folder, env that makes that Python leave a marker, marker, module cache)."""
     base = tmp_path / "evil-base"
     shutil.copytree(tiny["llama"], base)
     (base / "evil.py").write_text(EVIL)
@@ -59,8 +60,13 @@ def test_a_mixture_cannot_turn_on_remote_code(tiny, tiny_mixture_dir, tmp_path):
     recipe["bases"]["a"].update(path=str(base), trust_remote_code=True)
     (mixture / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     marker, modules = tmp_path / "marker", tmp_path / "modules"
-    env = {"EVIL_MARKER": str(marker), "HF_MODULES_CACHE": str(modules)}
+    return mixture, {"EVIL_MARKER": str(marker), "HF_MODULES_CACHE": str(modules)}, marker, modules
 
+
+def test_a_mixture_cannot_turn_on_remote_code(stranger):
+    """Nothing of the stranger's runs, nothing is copied into transformers' module cache,
+    until the user passes --trust-remote-code."""
+    mixture, env, marker, modules = stranger
     refused = _compose("generate", str(mixture), "--prompt", "hi", env=env)
     assert refused.returncode == 1, refused.stderr
     line = _one_line(refused.stderr)
@@ -70,6 +76,79 @@ def test_a_mixture_cannot_turn_on_remote_code(tiny, tiny_mixture_dir, tmp_path):
 
     allowed = _compose("generate", str(mixture), "--prompt", "hi", "--trust-remote-code", env=env)
     assert marker.read_text() == "ran", allowed.stderr  # the user's flag, and only it, runs it
+
+
+def _questions_recipe(mixture: str, tmp: Path) -> str:
+    """A recipe of the user's own whose training data are questions, for `compose answer`."""
+    rows = tmp / "questions.jsonl"
+    rows.write_text(json.dumps({"question": "What is 2 + 3?", "answer": "#### 5"}) + "\n")
+    recipe = yaml.safe_load((Path(mixture) / "recipe.yaml").read_text())
+    recipe["bases"]["a"]["trust_remote_code"] = False
+    fields = {"question": "question", "answer": "answer"}
+    recipe["train"]["data"] = {"kind": "hf", "dataset": str(rows), "fields": fields}
+    (tmp / "own.yaml").write_text(yaml.safe_dump(recipe))
+    return str(tmp / "own.yaml")
+
+
+LOADING = {  # every command that loads a mixture, with what it needs besides the mixture
+    "chat": lambda m, tmp: ["chat", m],
+    "compare": lambda m, tmp: [
+        "compare",
+        m,
+        m,
+        "--suite",
+        "loss-code",
+        "--limit",
+        "1",
+        "--out",
+        str(tmp / "report"),
+        "--cache-dir",
+        str(tmp / "cache"),
+    ],
+    "answer": lambda m, tmp: [
+        "answer",
+        _questions_recipe(m, tmp),
+        "--model",
+        m,
+        "--out",
+        str(tmp / "answers.jsonl"),
+    ],
+    "serve": lambda m, tmp: ["serve", m, "--port", "0"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(LOADING))
+def test_every_command_that_loads_a_mixture_refuses_remote_code_and_names_its_flag(
+    command, stranger, tmp_path
+):
+    """The refusal says to pass --trust-remote-code, so every command that loads a mixture
+    takes that flag; without it nothing of the stranger's runs."""
+    mixture, env, marker, _ = stranger
+    args = LOADING[command](str(mixture), tmp_path)
+    refused = _compose(*args, env=env)
+    assert refused.returncode == 1, refused.stderr
+    line = _one_line(refused.stderr)
+    assert "--trust-remote-code" in line, line
+    assert not marker.exists()
+    taken = _compose(command, "--help", env={**env, "COLUMNS": "300"})
+    assert "--trust-remote-code" in taken.stdout
+
+
+@pytest.mark.parametrize("command", ["chat", "compare"])
+def test_the_flag_lets_the_users_choice_run(command, stranger, tmp_path):
+    mixture, env, marker, _ = stranger
+    args = LOADING[command](str(mixture), tmp_path)
+    ran = subprocess.run(
+        [sys.executable, "-m", "composer", *args, "--trust-remote-code"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        input="",
+        timeout=300,
+        check=False,
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert marker.read_text() == "ran"
 
 
 @pytest.fixture(scope="module")

@@ -98,11 +98,13 @@ def write_answers(
     *,
     model: str | None = None,
     console: Console | None = None,
+    trust_remote_code: bool = False,
 ) -> AnswersResult:
     """Answer every question `recipe.train.data` draws (through the chat template the training
     prompt uses) and write the answers `how` keeps to `out`. `model` is a compare side
     (mixture directory, model folder, `CARD[:DTYPE]`); without it the recipe's anchor answers
-    alone, in the dtype the recipe loads it."""
+    alone, in the dtype the recipe loads it. `trust_remote_code`: the user's flag, needed by a
+    mixture `model` whose base ships Python."""
     how = how or Answering()
     console = console or Console(stderr=True)
     spec = recipe.train.data
@@ -126,7 +128,7 @@ def write_answers(
             raise CompareError(refusal(problem))
     drawn = hf_rows(spec)
     references = _references(drawn, how.keep)
-    side = _answering_side(recipe, model)
+    side = _answering_side(recipe, model, trust_remote_code)
     with output_lock(out):  # a second run to the same file is refused, not interleaved
         _check_new(out)
         return _answer_rows(drawn, references, side, out, how, console)
@@ -226,8 +228,10 @@ def _references(drawn: HfRows, keep: Keep) -> dict[int, Any]:
     return references
 
 
-def _answering_side(recipe: Recipe, model: str | None) -> Side:
-    return resolve_side("model", model) if model is not None else anchor_alone("model", recipe)
+def _answering_side(recipe: Recipe, model: str | None, trust_remote_code: bool) -> Side:
+    if model is None:
+        return anchor_alone("model", recipe)
+    return resolve_side("model", model, trust_remote_code=trust_remote_code)
 
 
 def _read_partial(partial: Path, settings: dict[str, Any]) -> dict[tuple[int, int], dict]:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from composer.compare.stats import Comparison
 from composer.compare.suites import Suite
 from composer.recipe import Recipe
+
+if TYPE_CHECKING:
+    from composer.bases.pool import BasePool
+    from composer.model.mixture import LiveMixture
 
 
 @dataclass
@@ -20,16 +24,28 @@ class Side:
     recipe_text: str
     folder: Path | None = None  # the mixture directory; None for a base alone
     key: str = ""
+    trust_remote_code: bool = False  # the user's flag: a base may run the Python it ships
 
-    def load(self) -> Any:
+    def load(self, *, fetch: bool = True, pool: BasePool | None = None) -> LiveMixture:
+        """The side, loaded to run; with `pool`, over the bases it already holds. A base alone
+        is `AnchorAlone`: the base's own head on its own final state, no carry-on (loaded as
+        its spec says: a recipe's own anchor runs shipped code where that recipe asks, as
+        `compose build` runs it; a card or model folder alone never asks)."""
         from composer.artifacts.load import load_mixture
-        from composer.model.mixture import LiveMixture
+        from composer.bases.frozen import load_base
+        from composer.model.mixture import AnchorAlone
 
         if self.folder is not None:
-            return load_mixture(self.folder)
-        mixture = LiveMixture.from_recipe(self.recipe)
-        mixture.carry_on.eval()  # never trained: run as a loaded mixture runs
-        return mixture
+            return load_mixture(
+                self.folder, fetch=fetch, trust_remote_code=self.trust_remote_code, pool=pool
+            )
+        role = self.recipe.anchor
+        spec = self.recipe.bases[role]
+        if pool is not None:
+            base = pool.load(role, spec, fetch=fetch, user=self.recipe.name)
+        else:
+            base = load_base(role, spec, fetch=fetch)
+        return AnchorAlone.of(self.recipe.name, base, spec)
 
 
 @dataclass

@@ -57,7 +57,9 @@ def resolve_side(label: str, given: str, *, trust_remote_code: bool = False) -> 
                 "model folder (needs config.json)"
             )
         recipe = read_mixture_recipe(path, trust_remote_code=trust_remote_code)
-        return _keyed(Side(label, given, "mixture", recipe, recipe.to_yaml(), path))
+        side = Side(label, given, "mixture", recipe, recipe.to_yaml(), path)
+        side.trust_remote_code = trust_remote_code
+        return _keyed(side)
     if path.suffix in (".yaml", ".yml") and path.is_file():
         recipe = load_recipe(path)
         built = recipe.output_dir()
@@ -77,16 +79,13 @@ def resolve_side(label: str, given: str, *, trust_remote_code: bool = False) -> 
 
 def open_model(given: str, *, trust_remote_code: bool = False) -> Any:
     """What `compose compare` takes as a side, loaded to run: a mixture directory (or export),
-    a built recipe, a model folder, or a base card (`CARD` or `CARD:DTYPE`). A base alone is a
-    mixture whose carry-on is never trained: its logits are the base's own."""
+    a built recipe, a model folder, or a base card (`CARD` or `CARD:DTYPE`); a base alone runs
+    as itself (`AnchorAlone`)."""
     from composer.artifacts.load import load_mixture
 
-    if (Path(given) / RECIPE_FILE).is_file():  # the mixture's own checks and refusals
+    if (Path(given) / RECIPE_FILE).is_file():  # no result key to hash: load it as it is
         return load_mixture(given, trust_remote_code=trust_remote_code)
-    side = resolve_side("model", given, trust_remote_code=trust_remote_code)
-    if side.folder is not None:
-        return load_mixture(side.folder, trust_remote_code=trust_remote_code)
-    return side.load()
+    return resolve_side("model", given, trust_remote_code=trust_remote_code).load()
 
 
 def _model_folder(path: Path) -> bool:
@@ -238,6 +237,7 @@ def compare(
     console: Console | None = None,
     data: Sequence[str] = (),
     unsafe_no_jail: bool = False,
+    trust_remote_code: bool = False,
 ) -> CompareResult:
     """Run both sides on the same items of each suite and compare them item by item.
 
@@ -246,7 +246,8 @@ def compare(
     is cached as it is ready. `data`: `NAME=PATH` local copies of the benchmarks' data
     (`--data`); the rest come from the Hugging Face hub. Suites that run
     generated code need the sandbox's jail; where it cannot be built they are refused before
-    anything is loaded, unless `unsafe_no_jail` (then they run unjailed, with a warning)."""
+    anything is loaded, unless `unsafe_no_jail` (then they run unjailed, with a warning).
+    `trust_remote_code`: the user's flag, needed by a mixture whose base ships Python."""
     console = console or Console(stderr=True)
     if not 0 < level < 1:
         raise CompareError(f"--level {level} must be between 0 and 1")
@@ -258,7 +259,10 @@ def compare(
     ]
     _check_jail(chosen, unsafe_no_jail, console)
     with status("resolving both sides", console=console):
-        sides = [resolve_side("A", a), resolve_side("B", b)]
+        sides = [
+            resolve_side(label, given, trust_remote_code=trust_remote_code)
+            for label, given in (("A", a), ("B", b))
+        ]
     recipes = [s.recipe for s in sides if s.kind == "mixture"]
     with status("reading the suites' items", console=console):
         items = {suite.name: suite.items(limit, recipes, places) for suite in chosen}

@@ -126,12 +126,13 @@ def run_chat(
     console: Console | None = None,
     read: Callable[[str], str] | None = None,
     show_gates: bool = False,
+    trust_remote_code: bool = False,
 ) -> None:
     """The chat loop: read a line, answer it streamed, until /quit or end of input."""
     from composer.compare.runner import open_model
 
     console = console or Console(highlight=False)
-    mixture = open_model(str(model))
+    mixture = open_model(str(model), trust_remote_code=trust_remote_code)
     session = ChatSession(mixture, sampling, max_new_tokens, show_gates)
     read = read or (lambda prompt: console.input(prompt))
     console.print(f"chatting with {mixture.recipe.name}; /help lists the commands")

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -439,28 +440,33 @@ def _named(paths: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
     return folders, alone
 
 
-def load_mixtures(paths: Sequence[str | Path], *, fetch: bool = True) -> dict[str, Mixture]:
+def load_mixtures(
+    paths: Sequence[str | Path], *, fetch: bool = True, trust_remote_code: bool = False
+) -> dict[str, Mixture]:
     """What `paths` name, by name, over one `BasePool`: each base (weights, dtype,
     quantization) is loaded once, whichever mixtures use it. A path is a mixture folder (served
     by its recipe's name), or a folder of them; anything else is what `compose compare` takes
     as a side: a built recipe, or a base alone (a model folder, or a base card, `CARD` or
     `CARD:DTYPE`) served as `NAME-alone` on the copy of the base its mixtures load. Two of one
     name, or bases shared with settings that disagree, are refused before any weights are read
-    past the first disagreement."""
+    past the first disagreement. `trust_remote_code`: the user's flag, needed by a mixture
+    whose base ships Python."""
     from composer.artifacts.load import load_mixture, read_mixture_recipe
     from composer.bases.pool import BasePool
     from composer.compare.runner import resolve_side
-    from composer.model.mixture import AnchorAlone
 
+    trust = trust_remote_code
     folders, others = _named(paths)
     named: dict[str, Path | Side] = {}
-    entries: list[tuple[str, Path | Side]] = [(read_mixture_recipe(f).name, f) for f in folders]
+    entries: list[tuple[str, Path | Side]] = [
+        (read_mixture_recipe(f, trust_remote_code=trust).name, f) for f in folders
+    ]
     for given in others:
         try:
-            side = resolve_side("served", given)
+            side = resolve_side("served", given, trust_remote_code=trust)
         except CompareError as exc:  # neither a mixture nor a base alone: say what is taken
             raise ServingError(str(exc)) from exc
-        entries.append((side.recipe.name, side.folder or side))
+        entries.append((side.recipe.name, side))
     for name, what in entries:
         if name in named:
             first, second = (w.given if isinstance(w, Side) else w for w in (named[name], what))
@@ -470,15 +476,12 @@ def load_mixtures(paths: Sequence[str | Path], *, fetch: bool = True) -> dict[st
             )
         named[name] = what
     pool = BasePool()
-    served: dict[str, Mixture] = {}
-    for name, what in named.items():
-        if isinstance(what, Side):  # a base alone
-            spec = what.recipe.bases[what.recipe.anchor]
-            base = pool.load(what.recipe.anchor, spec, fetch=fetch, user=name)
-            served[name] = AnchorAlone.of(name, base, spec)
-        else:
-            served[name] = load_mixture(what, fetch=fetch, pool=pool)
-    return served
+    return {
+        name: what.load(fetch=fetch, pool=pool)
+        if isinstance(what, Side)
+        else load_mixture(what, fetch=fetch, trust_remote_code=trust, pool=pool)
+        for name, what in named.items()
+    }
 
 
 def serve(
@@ -491,14 +494,21 @@ def serve(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     batch: int = 4,
     continuous: bool = True,
+    trust_remote_code: bool = False,
+    console: Console | None = None,
     **limits: Any,
 ) -> None:
     """Load a mixture, or several over shared bases, and serve them until interrupted;
-    `limits` are `connections.Limits`' fields."""
+    `limits` are `connections.Limits`' fields. Says on `console` what it serves once loaded."""
+    from composer.progress import status
     from composer.serving.connections import Limits, http_server
 
+    console = console or Console(stderr=True)
     paths = [mixture_dir] if isinstance(mixture_dir, str | Path) else list(mixture_dir)
-    served = load_mixtures(paths)
+    where = ", ".join(str(p) for p in paths)
+    with status(f"loading {where}", console=console):
+        served = load_mixtures(paths, trust_remote_code=trust_remote_code)
+    console.print(f"serving {', '.join(served)} on http://{host}:{port}/v1", highlight=False)
     app = create_app(
         served,
         api_key=api_key,
