@@ -795,6 +795,15 @@ def answer(
         float, typer.Option(min=0.0, help="0: the greedy answer; above 0: sampled answers.")
     ] = 0.0,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the sampled answers.")] = 0,
+    retry: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="STaR in one run: a greedy answer to each question, then up to this many "
+            "rounds of one sampled answer (at --temperature) to each question with no right "
+            "answer yet.",
+        ),
+    ] = 0,
     unsafe_no_jail: UnsafeNoJail = False,
     trust_remote_code: TrustRemoteCode = False,
     as_json: AsJson = False,
@@ -804,7 +813,9 @@ def answer(
     from composer.recipe import load_recipe
 
     spec = _run(lambda: load_recipe(recipe, overrides or []))
-    how = Answering(keep.value, max_new_tokens, batch, samples, temperature, seed, unsafe_no_jail)
+    how = Answering(
+        keep.value, max_new_tokens, batch, samples, temperature, seed, unsafe_no_jail, retry
+    )
     result = _run(
         lambda: write_answers(
             spec, out_file, how, model=model, console=err, trust_remote_code=trust_remote_code

@@ -239,6 +239,77 @@ def test_sampled_answers_are_seeded_and_every_kept_one_is_right(recipe, tmp_path
     assert not (tmp_path / "greedy.jsonl").exists()
 
 
+def test_retry_samples_again_only_where_no_answer_is_right_yet(recipe, tmp_path, monkeypatch):
+    """--retry: a greedy round over every question, then each round one sampled answer to
+    each question with no right answer yet; every kept row is right; the greedy answers that
+    were right are kept, and a rerun after the run ends asks nothing again."""
+    from composer.compare import answers
+    from composer.compare.scoring import final_number, same_number
+
+    rounds: list[list[tuple[str, float]]] = []
+    asking = answers._answers
+
+    def recorded(mixture, asked, how, code):
+        rounds.append([(q, s.temperature) for q, s in asked])
+        yield from asking(mixture, asked, how, code)
+
+    monkeypatch.setattr(answers, "_answers", recorded)
+    out = tmp_path / "star.jsonl"
+    args = ("--retry", "3", "--temperature", "1.5", "--json")
+    result = _answer(recipe, out, *args)
+    assert result.exit_code == 0, result.output
+    reference = {q: final_number(a) for q, a in REFERENCE.items()}
+    assert rounds[0] == [(q, 0.0) for q in REFERENCE]  # greedy, every question
+    right = {q for q, a in TAUGHT.items() if q != "Count to twenty." and q != "What is 4 plus 4?"}
+    rows = _rows(out)
+    for later in rounds[1:]:
+        assert later and all(t == 1.5 for _, t in later)
+        assert not {q for q, _ in later} & right  # a question with a right answer: not asked
+        right |= {r["question"] for r in rows if r["question"] in {q for q, _ in later}}
+    assert len(rounds) <= 4
+    for row in rows:
+        assert same_number(final_number(row["answer"]), reference[row["question"]])
+    kept = {r["question"]: r["answer"] for r in rows}
+    assert kept["What is 2 plus 3?"] == TAUGHT["What is 2 plus 3?"]
+    assert kept["What is 1 plus 6?"] == TAUGHT["What is 1 plus 6?"]
+    summary = json.loads(result.stdout)
+    assert summary["answers"] == sum(len(r) for r in rounds)
+    assert summary["questions_right"] == len(kept)
+
+    # A right sampled answer ends a question's rounds: an interrupted run wrote one in round 1.
+    from composer.compare.runner import anchor_alone
+    from composer.recipe import load_recipe
+
+    settings = {"max_new_tokens": MAX_NEW_TOKENS, "temperature": 1.5, "seed": 0, "retry": 3}
+    written = {
+        "index": 1,
+        "sample": 1,
+        "question": "What is 4 plus 4?",
+        "answer": "4 + 4 = 8\n#### 8",
+        "reference": "8",
+        "finished": True,
+        "correct": True,
+        "key": anchor_alone("model", load_recipe(recipe)).key,
+        **settings,
+    }
+    resumed = tmp_path / "resumed.jsonl"
+    (tmp_path / "resumed.jsonl.partial").write_text(json.dumps(written) + "\n")
+    rounds.clear()
+    result = _answer(recipe, resumed, *args)
+    assert result.exit_code == 0, result.output
+    assert [q for q, _ in rounds[0]] == list(REFERENCE)
+    assert all(q == "Count to twenty." for later in rounds[1:] for q, _ in later)
+    assert json.loads(result.stdout)["reused"] == 1
+    assert {r["question"]: r["answer"] for r in _rows(resumed)}["What is 4 plus 4?"] == (
+        written["answer"]
+    )
+
+    for bad in (("--retry", "2"), ("--retry", "2", "--temperature", "1", "--samples", "2")):
+        refused = _answer(recipe, tmp_path / "no.jsonl", *bad)
+        assert refused.exit_code == 1 and "--retry 2" in refused.output
+    assert not (tmp_path / "no.jsonl").exists()
+
+
 # Code tasks (fields.tests): text -> (tests, the code the model is taught to write).
 TASKS = {
     "Write a function to add two numbers.": (

@@ -14,7 +14,10 @@ MBPP), and the rows are `{question, answer, tests}`: the code that passed, train
 
 Greedy answers the model already gets right teach it little (it gives them most of their
 probability already); sampled answers (`samples` per question at a `temperature`) also find right
-answers to questions its greedy answer gets wrong, where the learning signal is.
+answers to questions its greedy answer gets wrong, where the learning signal is. `retry` does
+STaR's loop in one run: a greedy answer to every question, then, round by round, one sampled
+answer to each question that has no right answer yet, up to `retry` rounds, so no question is
+sampled after it has one.
 
 Answers are appended to `OUT.partial` as each one ends, with the model's key and the
 decoding settings: a rerun after an interrupt answers only the rest. OUT is written once,
@@ -59,7 +62,9 @@ class Answering:
     """How answers are written and which are kept: `samples` answers per question at
     `temperature` (0: one greedy answer), each sample seeded from `seed`, its question and its
     number; `keep` is `correct` (finished, with the reference's final number; for a code task,
-    passing its tests in the jail, or unjailed with `unsafe_no_jail`) or `all` (finished)."""
+    passing its tests in the jail, or unjailed with `unsafe_no_jail`) or `all` (finished).
+    With `retry`, answer 0 is greedy and answers 1..`retry` are sampled at `temperature`, each
+    only where the answers before it to that question are all wrong."""
 
     keep: Keep = "correct"
     max_new_tokens: int = 512
@@ -68,11 +73,19 @@ class Answering:
     temperature: float = 0.0
     seed: int = 0
     unsafe_no_jail: bool = False
+    retry: int = 0
+
+    def rounds(self) -> list[range]:
+        """The answers (by number) asked round by round: all at once, or with `retry` the
+        greedy one, then one more sampled answer a round."""
+        if self.retry:
+            return [range(j, j + 1) for j in range(self.retry + 1)]
+        return [range(self.samples)]
 
     def sampling(self, index: int, sample: int) -> Any:
         from composer.generation.sampling import Sampling
 
-        if self.temperature == 0.0:
+        if self.temperature == 0.0 or (self.retry and sample == 0):
             return Sampling()
         seed = zlib.crc32(f"{self.seed}/{index}/{sample}".encode())
         return Sampling(temperature=self.temperature, seed=seed)
@@ -118,6 +131,11 @@ def write_answers(
             f"--samples {how.samples} needs a --temperature above 0: greedy answers to one "
             "question are all the same"
         )
+    if how.retry and (how.temperature == 0.0 or how.samples > 1 or how.keep != "correct"):
+        raise CompareError(
+            f"--retry {how.retry} samples again where an answer is wrong: it needs a "
+            "--temperature above 0 and --keep correct, and takes no --samples"
+        )
     if out.suffix != ".jsonl":
         raise CompareError(f"--out {out}: write the answers to a .jsonl file")
     _check_new(out)
@@ -152,22 +170,37 @@ def _answer_rows(
         "temperature": how.temperature,
         "seed": how.seed,
         "key": side.key,
+        **({"retry": how.retry} if how.retry else {}),
     }
     partial = out.with_name(out.name + ".partial")
     done = _read_partial(partial, settings)
-    todo = [(i, j, row) for i, row in drawn.rows for j in range(how.samples) if (i, j) not in done]
-    total = len(drawn.rows) * how.samples
-    reused = total - len(todo)
+    found = set(done)  # answers an interrupted run of the same settings wrote
     code = "tests" in drawn.columns
-    if todo:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with status(f"loading {side.given}", console=console):
-            mixture = side.load()
+    mixture = None
+
+    def right_already(index: int, before: int) -> bool:
+        return any(done[index, j]["correct"] for j in range(before) if (index, j) in done)
+
+    for round_, numbers in enumerate(how.rounds()):
+        wanted = [
+            (i, j, row)
+            for i, row in drawn.rows
+            for j in numbers
+            if not (how.retry and right_already(i, j))
+        ]
+        todo = [(i, j, row) for i, j, row in wanted if (i, j) not in done]
+        if not todo:
+            continue
+        if mixture is None:  # loaded once, and only if something is left to answer
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with status(f"loading {side.given}", console=console):
+                mixture = side.load()
+        name = f"retry {round_}" if round_ else "answer"
         with (
-            counted("answer", unit="answers", console=console) as progress,
+            counted(name, unit="answers", console=console) as progress,
             open(partial, "a", encoding="utf-8") as log,
         ):
-            task = progress.add_task("answer", total=total, completed=reused)
+            task = progress.add_task(name, total=len(wanted), completed=len(wanted) - len(todo))
             asked = [(_question(drawn, row), how.sampling(i, j)) for i, j, row in todo]
             for k, (text, reason) in _answers(mixture, asked, how, code):
                 (index, sample, row), reference = todo[k], references[todo[k][0]]
@@ -188,7 +221,10 @@ def _answer_rows(
                 log.flush()
                 os.fsync(log.fileno())
                 progress.advance(task, 1)
-    answered_rows = [done[i, j] for i, _ in drawn.rows for j in range(how.samples)]
+    per_question = how.retry + 1 if how.retry else how.samples
+    answered_rows = [
+        done[i, j] for i, _ in drawn.rows for j in range(per_question) if (i, j) in done
+    ]
     right = [a for a in answered_rows if a["finished"] and a["correct"]]
     chosen = right if how.keep == "correct" else [a for a in answered_rows if a["finished"]]
     fields = ("question", "answer", "tests" if code else "reference")
@@ -207,7 +243,7 @@ def _answer_rows(
         questions_right=len({a["index"] for a in right}),
         unfinished=sum(not a["finished"] for a in answered_rows),
         kept=len(kept),
-        reused=reused,
+        reused=sum((a["index"], a["sample"]) in found for a in answered_rows),
     )
 
 
