@@ -866,6 +866,7 @@ def port(
         typer.Option("--out", help="Folder to create (mixture default: MIXTURE_DIR-ported)."),
     ] = None,
     verify: Annotated[bool, typer.Option(help="Load the ported mixture back first.")] = True,
+    trust_remote_code: TrustRemoteCode = False,
     as_json: AsJson = False,
 ) -> None:
     """Re-attach a trained carry-on (or a LoRA) to an evolved version of its base, untrained.
@@ -894,7 +895,12 @@ def port(
     folder = mixture_dir
     result = _run(
         lambda: porting.port_mixture(
-            folder, porting.parse_assignments(sources), out_dir, verify=verify, console=err
+            folder,
+            porting.parse_assignments(sources),
+            out_dir,
+            verify=verify,
+            console=err,
+            trust_remote_code=trust_remote_code,
         )
     )
     if as_json:

@@ -114,6 +114,7 @@ LOADING = {  # every command that loads a mixture, with what it needs besides th
         str(tmp / "answers.jsonl"),
     ],
     "serve": lambda m, tmp: ["serve", m, "--port", "0"],
+    "port": lambda m, tmp: ["port", m, "--base", f"b={m}", "--out", str(tmp / "ported")],
 }
 
 

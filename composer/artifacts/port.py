@@ -134,11 +134,13 @@ def port_mixture(
     *,
     verify: bool = True,
     console: Console | None = None,
+    trust_remote_code: bool = False,
 ) -> PortResult:
     """Write a copy of the mixture whose bases `new_sources` names (base -> folder or card) are
-    replaced by their new versions; the carry-on's weights are copied byte for byte."""
+    replaced by their new versions; the carry-on's weights are copied byte for byte.
+    `trust_remote_code`: the user's flag, needed by a mixture whose base ships Python."""
     console = console or Console(stderr=True)
-    recipe = read_mixture_recipe(mixture_dir)
+    recipe = read_mixture_recipe(mixture_dir, trust_remote_code=trust_remote_code)
     if not new_sources:
         raise PortError("name a base to port: --base NAME=NEW_SOURCE")
     for name in new_sources:
@@ -195,18 +197,18 @@ def port_mixture(
         write_text(staging / "README.md", mixture_card(ported, record))
         if verify:
             with status("loading the ported mixture back", console=console):
-                _check_loads(staging)
+                _check_loads(staging, trust_remote_code)
 
     staged_output(out, fill)
     return PortResult(out, versions)
 
 
-def _check_loads(folder: Path) -> None:
+def _check_loads(folder: Path, trust_remote_code: bool) -> None:
     import torch
 
     from composer.artifacts.load import load_mixture
 
-    mixture = load_mixture(folder, fetch=False)
+    mixture = load_mixture(folder, fetch=False, trust_remote_code=trust_remote_code)
     ids = torch.tensor([mixture.tokenizer(_PROBE, add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         logits = mixture(ids)
