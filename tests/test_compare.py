@@ -97,6 +97,27 @@ def test_humaneval_completions_end_at_the_first_stop(tiny):
         assert stream.stopped and stream.text == completion
 
 
+def test_humaneval_chat_asks_the_function_and_opens_the_answer_with_its_header(tiny):
+    """humaneval-chat: the problem in a user message, and the assistant's turn opened with a
+    python fence and the function's header, so the answer continues the body: the program run
+    is the prompt and that continuation, as for humaneval."""
+    from transformers import AutoTokenizer
+
+    from composer.compare.suites import humaneval_items
+    from composer.generation.templates import format_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny["llama"])
+    problem = humaneval_items(1, [])[0].data
+    text = scoring.humaneval_chat_prompt(tokenizer, problem)
+    opened = "```python\n" + problem["prompt"]
+    assert text.endswith(opened)
+    asked = text.removesuffix(opened)
+    content = scoring.HUMANEVAL_ASK.format(prompt=problem["prompt"])
+    assert f"```python\n{problem['prompt']}```" in content
+    assert asked == format_prompt(tokenizer, [{"role": "user", "content": content}])
+    assert asked.rstrip().endswith("assistant")  # the tiny template opens the assistant's turn
+
+
 # --- whole comparisons on tiny mixtures -------------------------------------------------------------
 
 
@@ -237,6 +258,12 @@ def test_base_alone_generation_suites_and_recipe_sides(mixtures, tiny_card, tmp_
         )
     )
     registry.register(
+        dataclasses.replace(
+            SUITES.get("humaneval-chat"),
+            settings={"max_new_tokens": 8, "timeout_s": 5, "memory_mb": 512},
+        )
+    )
+    registry.register(
         Suite(
             name="prompts",
             description="side by side",
@@ -260,10 +287,11 @@ def test_base_alone_generation_suites_and_recipe_sides(mixtures, tiny_card, tmp_
         unsafe_no_jail=True,  # tiny models' code; where namespaces are refused, run it anyway
     )
     assert result.a.kind == "base" and result.b.kind == "mixture"
-    gsm, humaneval, side_by_side = result.suites
+    gsm, humaneval, humaneval_chat, side_by_side = result.suites
     assert gsm.comparison.test == "mcnemar" and len(gsm.items) == 2
     assert "A" not in gsm.gates  # the base alone has no router to report
     assert all(row["a"]["status"] for row in humaneval.items)
+    assert all(row["a"]["status"] for row in humaneval_chat.items)
     assert side_by_side.comparison is None
     markdown = (out / "report.md").read_text()
     assert "### writing" in markdown and "### math" in markdown
@@ -277,7 +305,7 @@ def test_base_alone_generation_suites_and_recipe_sides(mixtures, tiny_card, tmp_
         cache_dir=tmp_path / "cache-alone",
         registry=registry,
     )
-    assert sum(alone.computed.values()) == 2 * (2 + 2 + 2)
+    assert sum(alone.computed.values()) == 2 * (2 + 2 + 2 + 2)
     for batched, single in zip(result.suites, alone.suites, strict=True):
         for row, row_alone in zip(batched.items, single.items, strict=True):
             for side in ("a", "b"):

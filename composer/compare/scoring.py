@@ -212,6 +212,30 @@ def run_humaneval(mixture: Mixture, items: list[Any], settings: dict[str, Any]) 
     return _run_programs(items, answers, humaneval_program, settings)
 
 
+# HumanEval as an instruct model is asked (`humaneval-chat`): the function in a user message,
+# and the assistant's turn opened with a ```python fence and the function's own header and
+# docstring, so the answer continues its body (a chat model given the raw header often writes
+# a `pass` stub instead: docs/quality.md) and the closing fence ends it.
+HUMANEVAL_ASK = "Complete the following Python function.\n\n```python\n{prompt}```"
+
+
+def humaneval_chat_prompt(tokenizer: Any, problem: dict[str, Any]) -> str:
+    from composer.generation.templates import format_prompt
+
+    ask = HUMANEVAL_ASK.format(prompt=problem["prompt"])
+    return (
+        format_prompt(tokenizer, [{"role": "user", "content": ask}])
+        + CODE_ANSWER_PREFIX
+        + problem["prompt"]
+    )
+
+
+def run_humaneval_chat(mixture: Mixture, items: list[Any], settings: dict[str, Any]) -> Results:
+    prompts = [humaneval_chat_prompt(mixture.tokenizer, item.data) for item in items]
+    answers = _generate(mixture, prompts, settings, chat=False, stop=(CODE_FENCE,))
+    return _run_programs(items, answers, humaneval_program, settings)
+
+
 def _run_programs(
     items: list[Any],
     answers: Iterator[tuple[int, tuple[str, list[float] | None]]],

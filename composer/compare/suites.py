@@ -417,6 +417,8 @@ DESCRIPTIONS = {
     "mbpp-test": "MBPP test (task ids 11-510), for results: pass@1 of greedy code run with the "
     "task's asserts in the sandbox",
     "humaneval": "HumanEval pass@1, greedy completions run in a sandboxed subprocess",
+    "humaneval-chat": "HumanEval pass@1 asked as an instruct model is asked: the function in a "
+    "user message, the answer's ```python block continuing its header, run in the sandbox",
     "mtbench": "MT-Bench first turns by category: generations side by side, not scored",
 }
 LOSS: tuple[Kind, str, bool] = ("loss", "loss", False)  # kind, metric, higher_is_better
@@ -444,6 +446,7 @@ TABLE: list[tuple[str, Kind, str, bool, int, Loader | FromData, Runner, dict[str
     ("loss-math", *LOSS, 200, gsm_items, scoring.each(scoring.run_math_loss), {"seq_len": 768}),
     ("gsm", *EXACT, 250, gsm_items, scoring.run_gsm, GSM8K_SETTINGS),
     ("humaneval", *PASS_AT_1, 164, humaneval_items, scoring.run_humaneval, HUMANEVAL),
+    ("humaneval-chat", *PASS_AT_1, 164, humaneval_items, scoring.run_humaneval_chat, HUMANEVAL),
     ("mtbench", "generations", "", True, 80, mtbench_items, scoring.run_generation, MTBENCH),
     ("gsm8k-dev", *EXACT, GSM8K_DEV, GSM8K_TRAIN, scoring.run_gsm, GSM8K_REAL),
     ("gsm8k-test", *EXACT, 1319, GSM8K_TEST, scoring.run_gsm, GSM8K_REAL),
