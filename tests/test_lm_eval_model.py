@@ -146,6 +146,25 @@ def test_rolling_loglikelihood(mixture_dir):
     assert windowed < 0 and windowed != pytest.approx(rolling, rel=1e-6)
 
 
+def test_a_base_alone_scores_as_transformers_scores_it(tiny):
+    """path= a model folder: the base alone, its loglikelihoods transformers' own."""
+    import torch
+    from lm_eval.api.instance import Instance
+    from transformers import AutoModelForCausalLM
+
+    lm = ComposeLM(path=str(tiny["llama"]))
+    context, continuation = "The quick brown fox", " jumps over the lazy dog"
+    ((score, _),) = lm.loglikelihood([Instance("loglikelihood", {}, (context, continuation), 0)])
+    context_ids, continuation_ids = lm._split(context, continuation)
+    model = AutoModelForCausalLM.from_pretrained(tiny["llama"], dtype=torch.float32).eval()
+    ids = torch.tensor([context_ids + continuation_ids])
+    with torch.no_grad():
+        logprobs = model(ids).logits.log_softmax(-1)[0, :-1]
+    picked = logprobs.gather(-1, ids[0, 1:, None])[:, 0][len(context_ids) - 1 :]
+    assert len(picked) == len(continuation_ids)
+    assert score == pytest.approx(float(picked.sum()), rel=1e-4, abs=1e-4)
+
+
 def test_lm_eval_command_line_finds_the_compose_model(tasks, tiny_mixture_dir, tmp_path):
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     command = [

@@ -1,5 +1,9 @@
 """A mixture as an lm-evaluation-harness model: `--model compose --model_args path=DIR`.
 
+`path` is anything `compose compare` takes as a side: a mixture directory, or a base alone
+(a model folder, `CARD` or `CARD:DTYPE`), so a mixture and its bases are scored by one
+adapter. `trust_remote_code=True` is the user's flag for a base that ships Python.
+
 Everything is scored and generated in the anchor's tokens (the mixture reads its other bases
 through their own tokenizers itself), so mixtures whose bases tokenize differently work too.
 Generation goes through the one decoder, `composer.generation.decode.Generation`,
@@ -37,14 +41,22 @@ class ComposeLM(LM):
     time, generates `batch_size` requests together (left-padded; each as it would be alone)."""
 
     def __init__(
-        self, path: str, max_length: int | None = None, batch_size: int | str = 8, **_: Any
+        self,
+        path: str,
+        max_length: int | None = None,
+        batch_size: int | str = 8,
+        trust_remote_code: bool | str = False,
+        **_: Any,
     ) -> None:
         # lm-eval passes device and the like too: a mixture runs where its build put it
         super().__init__()
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
-        from composer.artifacts.load import load_mixture
+        from composer.compare.runner import open_model
 
-        self.mixture = load_mixture(path)
+        # What compare takes as a side: a mixture, or a base alone (folder or CARD[:DTYPE]) to
+        # score beside it through the same adapter.
+        trusted = str(trust_remote_code).lower() == "true"
+        self.mixture = open_model(path, trust_remote_code=trusted)
         self.tokenizer = self.mixture.tokenizer
         self.max_length = int(max_length or context_length(self.mixture) or 2048)
         eos = self.tokenizer.eos_token_id
