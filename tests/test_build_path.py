@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import recipe_yaml
 
+import composer.bases.pool as pool_module
 import composer.files as files_module
 import composer.model.mixture as mixture_module
 import composer.model.weights as weights_module
@@ -34,7 +35,8 @@ def recipe_path(tiny, write_recipe):
 @pytest.fixture()
 def seen(monkeypatch) -> Counter:
     """Counts of output checks, lock holds, base loads (`load a`) and file writes
-    (`write <path>`), through the functions that do them."""
+    (`write <path>`), through the functions that do them (a base is loaded through the
+    pool's module, or the mixture module's own import for the layers above `write_at`)."""
     counts: Counter = Counter()
     real_check, real_lock = build_module.check_output_dir, build_module.output_lock
     real_load, real_write = mixture_module.load_base, files_module.atomic_write
@@ -60,6 +62,7 @@ def seen(monkeypatch) -> Counter:
     monkeypatch.setattr(build_module, "check_output_dir", check)
     monkeypatch.setattr(build_module, "output_lock", lock)
     monkeypatch.setattr(mixture_module, "load_base", load)
+    monkeypatch.setattr(pool_module, "load_base", load)
     monkeypatch.setattr(files_module, "atomic_write", write)
     monkeypatch.setattr(weights_module, "atomic_write", write)
     return counts

@@ -61,6 +61,15 @@ def _digest(parts: object) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 
 
+def load_frozen(
+    name: str, spec: BaseSpec, *, fetch: bool = True, pool: BasePool | None = None, user: str = ""
+) -> FrozenBase:
+    """Base `name` as `spec` says: shared through `pool` where one is given, else loaded."""
+    if pool is not None:
+        return pool.load(name, spec, fetch=fetch, user=user)
+    return load_base(name, spec, fetch=fetch)
+
+
 class BasePool:
     """Frozen bases by `BaseKey`: `load` returns the copy already held, or loads it."""
 

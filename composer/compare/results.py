@@ -32,7 +32,7 @@ class Side:
         its spec says: a recipe's own anchor runs shipped code where that recipe asks, as
         `compose build` runs it; a card or model folder alone never asks)."""
         from composer.artifacts.load import load_mixture
-        from composer.bases.frozen import load_base
+        from composer.bases.pool import load_frozen
         from composer.model.mixture import AnchorAlone
 
         if self.folder is not None:
@@ -41,10 +41,7 @@ class Side:
             )
         role = self.recipe.anchor
         spec = self.recipe.bases[role]
-        if pool is not None:
-            base = pool.load(role, spec, fetch=fetch, user=self.recipe.name)
-        else:
-            base = load_base(role, spec, fetch=fetch)
+        base = load_frozen(role, spec, fetch=fetch, pool=pool, user=self.recipe.name)
         return AnchorAlone.of(self.recipe.name, base, spec)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from composer.bases.frozen import DTYPES, BaseStates, FrozenBase, load_base, resolve_folder
-from composer.bases.pool import BasePool
+from composer.bases.pool import BasePool, load_frozen
 from composer.errors import BaseSourceError
 from composer.model.align import BaseStream, aligned_states, anchor_text, anchor_texts, stream_step
 from composer.model.carry_on import CarryOn, KVCache
@@ -140,10 +140,7 @@ class LiveMixture(MixtureCore):
         not loaded again."""
         bases = {}
         for name, spec in recipe.bases.items():
-            if pool is not None:
-                bases[name] = pool.load(name, spec, fetch=fetch, user=recipe.name)
-            else:
-                bases[name] = load_base(name, spec, fetch=fetch)
+            bases[name] = load_frozen(name, spec, fetch=fetch, pool=pool, user=recipe.name)
             _need_offsets(bases[name])
         folders = {name: b.folder for name, b in bases.items()}
         configs = check_compatible(recipe, folders)
