@@ -225,7 +225,13 @@ class PythonDocsData(_Drawn):
     size: int = _size(100, "text windows")
 
 
-HF_SHAPES = ({"question", "answer"}, {"question", "answer", "tests"}, {"text"}, {"messages"})
+HF_SHAPES = (
+    {"question", "answer"},
+    {"question", "answer", "tests"},
+    {"question", "answer", "tests", "setup"},
+    {"text"},
+    {"messages"},
+)
 
 
 class HfFields(BaseModel):
@@ -251,6 +257,12 @@ class HfFields(BaseModel):
         "compare --suite mbpp-*` asks), and the answer is the code, trained as a ```python "
         "block (Windows line endings made plain newlines).",
     )
+    setup: str | None = Field(
+        default=None,
+        description="With `tests`, the column of code run before the tests when an answer is "
+        "checked (MBPP's `test_setup_code`, e.g. a tree its asserts call on); empty rows run "
+        "nothing. Not part of the question, as MBPP does not show it.",
+    )
     text: str | None = Field(
         default=None,
         description="Column of plain text, cut into `train.seq_len` windows, loss on every token.",
@@ -267,7 +279,8 @@ class HfFields(BaseModel):
         if given not in HF_SHAPES:
             named = ", ".join(sorted(given)) or "none"
             raise ValueError(
-                "map `question` and `answer` (and `tests`, for a code task), or `text`, or "
+                "map `question` and `answer` (and `tests`, for a code task, with `setup` if its "
+                "tests need code run first), or `text`, or "
                 f"`messages` to columns (got {named})"
             )
         return self
@@ -278,6 +291,7 @@ class HfFields(BaseModel):
             "question": self.question,
             "answer": self.answer,
             "tests": self.tests,
+            "setup": self.setup,
             "text": self.text,
             "messages": self.messages,
         }

@@ -384,6 +384,32 @@ def test_code_answers_are_kept_when_they_pass_their_tests(code_recipe, tmp_path)
     assert [r["answer"] for r in _rows(every)] == [code for _, code in TASKS.values()]
 
 
+def test_a_code_tasks_setup_code_runs_before_its_tests(code_recipe, tmp_path):
+    """`fields.setup` (MBPP's `test_setup_code`) runs between the answer's code and the tests:
+    setup code that rebinds the function the tests call makes the right code fail; the rows
+    carry each task's setup."""
+    data = tmp_path / "tasks-setup.jsonl"
+    setups = {text: "" for text in TASKS}
+    setups["Write a function to add two numbers."] = "add = None"
+    rows = [
+        {"text": t, "code": "pass", "test_list": tests, "test_setup_code": setups[t]}
+        for t, (tests, _) in TASKS.items()
+    ]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    mapped = [f"train.data.dataset={data}", "train.data.fields.setup=test_setup_code"]
+    summary = {}
+    for name, overrides in (("plain", mapped[:1]), ("setup", mapped)):
+        args = ["answer", str(code_recipe), *overrides, "--out", str(tmp_path / f"{name}.jsonl")]
+        args += ["--max-new-tokens", "48", "--unsafe-no-jail", "--json"]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        summary[name] = json.loads(result.stdout)["correct"]
+    assert summary == {"plain": 1, "setup": 0}
+    every = tmp_path / "every.jsonl"
+    assert _answer(code_recipe, every, *mapped, "--keep", "all", "--unsafe-no-jail").exit_code == 0
+    assert [(r["question"], r["setup"]) for r in _rows(every)] == list(setups.items())
+
+
 def test_code_is_not_run_unjailed_unless_asked(code_recipe, tmp_path, monkeypatch):
     from composer.compare.sandbox import FORCE_FALLBACK
 

@@ -246,7 +246,11 @@ def test_size_draws_a_seeded_subset(tiny, tokenizer, copies):
     [
         ({"fields": {"question": "question"}}, "train.data.hf.fields: map `question` and `answer`"),
         ({"fields": {"text": "t", "answer": "a"}}, "(got answer, text)"),
-        ({"fields": {"question": "q", "tests": "t"}}, "(and `tests`, for a code task)"),
+        ({"fields": {"question": "q", "tests": "t"}}, "(and `tests`, for a code task, with"),
+        (
+            {"fields": {"question": "q", "answer": "a", "setup": "s"}},
+            "(got answer, question, setup)",
+        ),
         ({"fields": {"qustion": "q", "answer": "a"}}, "train.data.hf.fields.qustion: Extra inputs"),
         ({"fields": None}, "train.data.hf.fields: Input should be a valid dictionary"),
         ({"split": "train[a:]"}, "train.data.hf.split: 'train[a:]' is not a split"),

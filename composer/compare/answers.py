@@ -9,7 +9,8 @@ recipe trains on as `{kind: hf, dataset: FILE, fields: {question: question, answ
 
 Code tasks (`fields.tests` mapped, as MBPP's `test_list`) are asked as the MBPP suite asks them,
 the answer's code is run with the task's tests in the sandbox's jail (as `compose compare` runs
-MBPP), and the rows are `{question, answer, tests}`: the code that passed, trained on with
+MBPP, after the task's `fields.setup` code where mapped, as MBPP's `test_setup_code`), and the
+rows are `{question, answer, tests}` (and `setup`): the code that passed, trained on with
 `fields: {question: question, answer: answer, tests: tests}`.
 
 Greedy answers the model already gets right teach it little (it gives them most of their
@@ -213,7 +214,7 @@ def _answer_rows(
                     "reference": reference,
                     "finished": finished,
                     # A cut answer is not an answer: never right.
-                    "correct": finished and _right(text, reference, code, how),
+                    "correct": finished and _right(text, reference, _setup(drawn, row), how),
                     **settings,
                 }
                 done[index, sample] = answered
@@ -228,8 +229,12 @@ def _answer_rows(
     right = [a for a in answered_rows if a["finished"] and a["correct"]]
     chosen = right if how.keep == "correct" else [a for a in answered_rows if a["finished"]]
     fields = ("question", "answer", "tests" if code else "reference")
+    setups = {i: _setup(drawn, row) for i, row in drawn.rows} if "setup" in drawn.columns else {}
     kept = {  # one row per distinct answer to a question, in the data's order
-        (a["question"], a["answer"]): {k: a["reference" if k == "tests" else k] for k in fields}
+        (a["question"], a["answer"]): {
+            **{k: a["reference" if k == "tests" else k] for k in fields},
+            **({"setup": setups[a["index"]]} if setups else {}),
+        }
         for a in chosen
     }
     write_text(out, "".join(json.dumps(row) + "\n" for row in kept.values()))
@@ -295,11 +300,20 @@ def _question(drawn: HfRows, row: dict[str, Any]) -> str:
     return question
 
 
-def _right(text: str, reference: Any, code: bool, how: Answering) -> bool:
-    """A finished answer is right: its final number is the reference's, or its code passes
-    the task's tests in the sandbox (the jail, or unjailed with `unsafe_no_jail`)."""
-    if code:
-        program = code_task_program(text, reference)
+def _setup(drawn: HfRows, row: dict[str, Any]) -> str | None:
+    """A code task's setup code ('' where `fields.setup` is unmapped or the row's is empty),
+    None for a question with a final number."""
+    if "tests" not in drawn.columns:
+        return None
+    return str(row[drawn.columns["setup"]] or "") if "setup" in drawn.columns else ""
+
+
+def _right(text: str, reference: Any, setup: str | None, how: Answering) -> bool:
+    """A finished answer is right: its final number is the reference's, or (a code task,
+    `setup` not None) its code passes the task's tests after `setup` in the sandbox (the jail,
+    or unjailed with `unsafe_no_jail`)."""
+    if setup is not None:
+        program = code_task_program(text, reference, setup)
         return run_untrusted(program, Limits(), unsafe_no_jail=how.unsafe_no_jail).passed
     return reference is not None and same_number(final_number(text), reference)
 
