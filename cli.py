@@ -760,8 +760,9 @@ def answer(
         typer.Option(
             "--out",
             help="The .jsonl file to write ({question, answer, reference} rows; for code tasks "
-            "{question, answer, tests}); train on it with `{kind: hf, dataset: FILE, fields: "
-            "{question: question, answer: answer}}` (code tasks: `tests: tests` too).",
+            "{question, answer, tests}, and setup where mapped); train on it with `{kind: hf, "
+            "dataset: FILE, fields: {question: question, answer: answer}}` (code tasks: `tests: "
+            "tests` too).",
             show_default=False,
         ),
     ] = ...,  # type: ignore[assignment]
