@@ -801,8 +801,8 @@ def answer(
         typer.Option(
             min=0,
             help="STaR in one run: a greedy answer to each question, then up to this many "
-            "rounds of one sampled answer (at --temperature) to each question with no right "
-            "answer yet.",
+            "sampled answers (at --temperature), one at a time, to each question with no right "
+            "answer yet; each joins the running batch.",
         ),
     ] = 0,
     unsafe_no_jail: UnsafeNoJail = False,

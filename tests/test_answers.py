@@ -240,43 +240,51 @@ def test_sampled_answers_are_seeded_and_every_kept_one_is_right(recipe, tmp_path
 
 
 def test_retry_samples_again_only_where_no_answer_is_right_yet(recipe, tmp_path, monkeypatch):
-    """--retry: a greedy round over every question, then each round one sampled answer to
-    each question with no right answer yet; every kept row is right; the greedy answers that
-    were right are kept, and a rerun after the run ends asks nothing again."""
+    """--retry: a greedy answer to every question, then one sampled answer at a time to each
+    question whose answers are all wrong so far, at most 3; every kept row is right; the greedy
+    answers that were right are kept."""
     from composer.compare import answers
     from composer.compare.scoring import final_number, same_number
 
-    rounds: list[list[tuple[str, float]]] = []
+    asked: list[tuple[str, int, bool]] = []  # (question, answer number, right), as each ends
     asking = answers._answers
+    reference = {q: final_number(a) for q, a in REFERENCE.items()}
 
-    def recorded(mixture, asked, how, code):
-        rounds.append([(q, s.temperature) for q, s in asked])
-        yield from asking(mixture, asked, how, code)
+    def recorded(mixture, asks, drawn, how, code):
+        rows = dict(drawn.rows)
+        for (index, sample), (text, reason) in asking(mixture, asks, drawn, how, code):
+            question = rows[index][drawn.columns["question"]]
+            right = reason != "length" and same_number(final_number(text), reference[question])
+            asked.append((question, sample, right))
+            yield (index, sample), (text, reason)
 
     monkeypatch.setattr(answers, "_answers", recorded)
     out = tmp_path / "star.jsonl"
     args = ("--retry", "3", "--temperature", "1.5", "--json")
     result = _answer(recipe, out, *args)
     assert result.exit_code == 0, result.output
-    reference = {q: final_number(a) for q, a in REFERENCE.items()}
-    assert rounds[0] == [(q, 0.0) for q in REFERENCE]  # greedy, every question
-    right = {q for q, a in TAUGHT.items() if q != "Count to twenty." and q != "What is 4 plus 4?"}
+    assert sorted(q for q, j, _ in asked if j == 0) == sorted(REFERENCE)  # greedy, each once
+    for question in REFERENCE:
+        mine = [(j, right) for q, j, right in asked if q == question]
+        numbers = [j for j, _ in mine]
+        assert numbers == list(range(len(numbers))) and len(numbers) <= 4
+        assert not any(right for _, right in mine[:-1])  # asked again only after a wrong one
+        assert mine[-1][1] or len(numbers) == 4  # it stops at a right one, or after 3 more
+    assert [right for q, j, right in asked if j == 0 and q == "What is 2 plus 3?"] == [True]
+    assert any(j > 0 for _, j, _ in asked)  # the wrong and cut questions were asked again
     rows = _rows(out)
-    for later in rounds[1:]:
-        assert later and all(t == 1.5 for _, t in later)
-        assert not {q for q, _ in later} & right  # a question with a right answer: not asked
-        right |= {r["question"] for r in rows if r["question"] in {q for q, _ in later}}
-    assert len(rounds) <= 4
     for row in rows:
         assert same_number(final_number(row["answer"]), reference[row["question"]])
     kept = {r["question"]: r["answer"] for r in rows}
     assert kept["What is 2 plus 3?"] == TAUGHT["What is 2 plus 3?"]
     assert kept["What is 1 plus 6?"] == TAUGHT["What is 1 plus 6?"]
+    assert set(kept) == {q for q, _, right in asked if right}
     summary = json.loads(result.stdout)
-    assert summary["answers"] == sum(len(r) for r in rounds)
+    assert summary["answers"] == len(asked)
     assert summary["questions_right"] == len(kept)
 
-    # A right sampled answer ends a question's rounds: an interrupted run wrote one in round 1.
+    # A right sampled answer ends a question's retries: an interrupted run wrote answer 1 of
+    # "What is 4 plus 4?", right; its greedy answer 0 (wrong) is asked, and nothing after.
     from composer.compare.runner import anchor_alone
     from composer.recipe import load_recipe
 
@@ -294,11 +302,11 @@ def test_retry_samples_again_only_where_no_answer_is_right_yet(recipe, tmp_path,
     }
     resumed = tmp_path / "resumed.jsonl"
     (tmp_path / "resumed.jsonl.partial").write_text(json.dumps(written) + "\n")
-    rounds.clear()
+    asked.clear()
     result = _answer(recipe, resumed, *args)
     assert result.exit_code == 0, result.output
-    assert [q for q, _ in rounds[0]] == list(REFERENCE)
-    assert all(q == "Count to twenty." for later in rounds[1:] for q, _ in later)
+    assert sorted(q for q, j, _ in asked if j == 0) == sorted(REFERENCE)
+    assert {q for q, j, _ in asked if j > 0} == {"Count to twenty."}
     assert json.loads(result.stdout)["reused"] == 1
     assert {r["question"]: r["answer"] for r in _rows(resumed)}["What is 4 plus 4?"] == (
         written["answer"]

@@ -103,3 +103,34 @@ def test_at_once_keeps_the_batch_full_and_each_row_as_alone(tiny, write_recipe):
     assert len(running) <= 23
     with pytest.raises(ValueError, match="at_once must be at least 1"):
         list(decode_together([_new(mixture, PROMPTS[0], 2)], at_once=0))
+
+
+def test_what_is_fed_while_decoding_joins_the_running_batch(tiny, write_recipe):
+    """`decode_fed`: generations appended to `pending` while the caller reads what ended (an
+    answer asked again) join the batch that is running, are decoded as alone, and decoding
+    ends only once nothing runs or waits."""
+    from collections import deque
+
+    from composer.generation.decode import decode_fed
+
+    mixture = _mixture(tiny, write_recipe, "expert")
+    short, long = _new(mixture, PROMPTS[0], 2), _new(mixture, PROMPTS[1], 10)
+    fed = _new(mixture, PROMPTS[2], 5)
+    empty = _new(mixture, PROMPTS[3], 0)  # ends before any step: reported all the same
+    pending = deque([short, long])
+    order, running = [], []
+    for ended in decode_fed(pending, at_once=2):
+        order += ended
+        if short in ended:
+            pending += [fed, empty]
+        running.append(sum(1 for g in (short, long, fed) if g.ids and g.finish_reason is None))
+    # `empty` waits for a free row (two run), then ends as it joins.
+    assert order == [short, fed, empty, long]
+    assert max(running) == 2
+    # `fed` ran beside `long`: about long's 10 steps in all, not 2 + 5 + the rest of long's.
+    assert len(running) <= 11
+    for given, prompt, n in ((short, 0, 2), (long, 1, 10), (fed, 2, 5), (empty, 3, 0)):
+        alone = _new(mixture, PROMPTS[prompt], n).run()
+        assert given.ids == alone.ids and given.finish_reason == alone.finish_reason
+    with pytest.raises(ValueError, match="at_once must be at least 1"):
+        next(decode_fed(deque([_new(mixture, PROMPTS[0], 2)]), at_once=0))

@@ -16,9 +16,10 @@ rows are `{question, answer, tests}` (and `setup`): the code that passed, traine
 Greedy answers the model already gets right teach it little (it gives them most of their
 probability already); sampled answers (`samples` per question at a `temperature`) also find right
 answers to questions its greedy answer gets wrong, where the learning signal is. `retry` does
-STaR's loop in one run: a greedy answer to every question, then, round by round, one sampled
-answer to each question that has no right answer yet, up to `retry` rounds, so no question is
-sampled after it has one.
+STaR's loop in one run: a greedy answer to every question, then, for each question whose answers
+are all wrong so far, one more sampled answer, up to `retry` of them, so no question is sampled
+after it has a right one. A question asked again joins the batch that is running (`decode_fed`),
+so the batch stays full until the last answers.
 
 Answers are appended to `OUT.partial` as each one ends, with the model's key and the
 decoding settings: a rerun after an interrupt answers only the rest. OUT is written once,
@@ -30,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import zlib
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +47,7 @@ from composer.compare.scoring import (
     code_task_program,
     code_task_prompts,
     final_number,
-    generate_each,
+    generations,
     same_number,
 )
 from composer.errors import CompareError
@@ -75,13 +77,6 @@ class Answering:
     seed: int = 0
     unsafe_no_jail: bool = False
     retry: int = 0
-
-    def rounds(self) -> list[range]:
-        """The answers (by number) asked round by round: all at once, or with `retry` the
-        greedy one, then one more sampled answer a round."""
-        if self.retry:
-            return [range(j, j + 1) for j in range(self.retry + 1)]
-        return [range(self.samples)]
 
     def sampling(self, index: int, sample: int) -> Any:
         from composer.generation.sampling import Sampling
@@ -177,34 +172,34 @@ def _answer_rows(
     done = _read_partial(partial, settings)
     found = set(done)  # answers an interrupted run of the same settings wrote
     code = "tests" in drawn.columns
-    mixture = None
+    rows = dict(drawn.rows)
 
-    def right_already(index: int, before: int) -> bool:
-        return any(done[index, j]["correct"] for j in range(before) if (index, j) in done)
+    def to_ask(index: int, first: int) -> list[int]:
+        """Answers to question `index` to ask, by number, from `first` on (those an
+        interrupted run wrote are read back, not asked): every sample, or with `retry` the
+        next one only while no answer to it is right."""
+        if not how.retry:
+            return [j for j in range(first, how.samples) if (index, j) not in done]
+        for j in range(first, how.retry + 1):
+            if (index, j) not in done:
+                return [j]
+            if done[index, j]["correct"]:
+                break
+        return []
 
-    for round_, numbers in enumerate(how.rounds()):
-        wanted = [
-            (i, j, row)
-            for i, row in drawn.rows
-            for j in numbers
-            if not (how.retry and right_already(i, j))
-        ]
-        todo = [(i, j, row) for i, j, row in wanted if (i, j) not in done]
-        if not todo:
-            continue
-        if mixture is None:  # loaded once, and only if something is left to answer
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with status(f"loading {side.given}", console=console):
-                mixture = side.load()
-        name = f"retry {round_}" if round_ else "answer"
+    asks = deque((i, j) for i, _ in drawn.rows for j in to_ask(i, 0))
+    if asks:  # the model is loaded only if something is left to answer
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with status(f"loading {side.given}", console=console):
+            mixture = side.load()
         with (
-            counted(name, unit="answers", console=console) as progress,
+            counted("answer", unit="answers", console=console) as progress,
             open(partial, "a", encoding="utf-8") as log,
         ):
-            task = progress.add_task(name, total=len(wanted), completed=len(wanted) - len(todo))
-            asked = [(_question(drawn, row), how.sampling(i, j)) for i, j, row in todo]
-            for k, (text, reason) in _answers(mixture, asked, how, code):
-                (index, sample, row), reference = todo[k], references[todo[k][0]]
+            total = len(asks)  # grows as questions are asked again
+            task = progress.add_task("answer", total=total)
+            for (index, sample), (text, reason) in _answers(mixture, asks, drawn, how, code):
+                row, reference = rows[index], references[index]
                 finished = reason != "length"
                 answered = {
                     "index": index,
@@ -221,6 +216,11 @@ def _answer_rows(
                 log.write(json.dumps(answered) + "\n")
                 log.flush()
                 os.fsync(log.fileno())
+                if how.retry and not answered["correct"]:  # asked again, in the running batch
+                    again = to_ask(index, sample + 1)
+                    asks.extend((index, j) for j in again)
+                    total += len(again)
+                    progress.update(task, total=total)
                 progress.advance(task, 1)
     per_question = how.retry + 1 if how.retry else how.samples
     answered_rows = [
@@ -319,23 +319,40 @@ def _right(text: str, reference: Any, setup: str | None, how: Answering) -> bool
 
 
 def _answers(
-    mixture: Any, asked: list[tuple[str, Any]], how: Answering, code: bool
-) -> Iterator[tuple[int, tuple[str, str]]]:
-    """(k, (answer, why it ended)) for each question `asked[k]` (with its `Sampling`) as its
-    answer ends, `how.batch` decoded at a time (the next joins as one ends). A math answer
+    mixture: Any, asks: deque[tuple[int, int]], drawn: HfRows, how: Answering, code: bool
+) -> Iterator[tuple[tuple[int, int], tuple[str, str]]]:
+    """((question, answer number), (answer, why it ended)) for each of `asks` as its answer
+    ends, `how.batch` decoded at a time: the next joins as one ends, and what the caller
+    appends to `asks` while it reads an answer joins the same running batch. A math answer
     stops once it has written `#### N` (GSM8K's final line); a code answer starts inside a
     ```python fence (the assistant's turn begins with it) and ends at the closing one, which is
     cut off: the answer is the code."""
-    samplings = [sampling for _, sampling in asked]
-    if code:
-        prompts = code_task_prompts(mixture, [q for q, _ in asked])
-        options: dict[str, Any] = {"chat": False, "stop": (CODE_FENCE,)}
-    else:
-        prompts, options = [q for q, _ in asked], {"until": GSM_DONE}
-    ended = generate_each(
-        mixture, prompts, how.max_new_tokens, how.batch, samplings=samplings, **options
-    )
-    for k, generation in ended:
-        # A code answer is the lines between the fences (the closing fence's line break off).
-        text = generation.text.removesuffix("\n") if code else generation.text
-        yield k, (text, generation.finish_reason or "")
+    from composer.generation.decode import decode_fed
+
+    rows = dict(drawn.rows)
+    asked: dict[int, tuple[int, int]] = {}  # id(generation) -> (question, answer number)
+    pending: deque[Any] = deque()
+
+    def take() -> None:  # the asks not yet made generations
+        while asks:
+            index, sample = asks.popleft()
+            question = _question(drawn, rows[index])
+            if code:
+                prompts = code_task_prompts(mixture, [question])
+                options: dict[str, Any] = {"chat": False, "stop": (CODE_FENCE,)}
+            else:
+                prompts, options = [question], {"until": GSM_DONE}
+            sampling = [how.sampling(index, sample)]
+            (made,) = generations(
+                mixture, prompts, how.max_new_tokens, samplings=sampling, **options
+            )
+            asked[id(made)] = index, sample
+            pending.append(made)
+
+    take()
+    for ended in decode_fed(pending, how.batch):
+        for generation in ended:
+            # A code answer is the lines between the fences (the closing fence's line break off).
+            text = generation.text.removesuffix("\n") if code else generation.text
+            yield asked.pop(id(generation)), (text, generation.finish_reason or "")
+            take()

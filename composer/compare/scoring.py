@@ -140,18 +140,16 @@ def generate_each(
     mixture: Mixture, prompts: list[str], max_new_tokens: int, at_once: int, **options: Any
 ) -> Iterator[tuple[int, Any]]:
     """(index, `Generation`) of each prompt as it ends, decoded `at_once` at a time: the next
-    prompt joins the batch as soon as a row leaves it (`decode_together`)."""
-    from composer.generation.decode import decode_together
+    prompt joins the batch as soon as a row leaves it (`decode_fed`)."""
+    from collections import deque
+
+    from composer.generation.decode import decode_fed
 
     made = generations(mixture, prompts, max_new_tokens, **options)
-    running = set(range(len(made)))
-    for _ in decode_together(made, at_once):
-        ended = sorted(i for i in running if made[i].finish_reason is not None)
-        running.difference_update(ended)
-        for index in ended:
-            yield index, made[index]
-    for index in sorted(running):  # ended before any step (no tokens to write)
-        yield index, made[index]
+    index = {id(g): i for i, g in enumerate(made)}
+    for ended in decode_fed(deque(made), at_once):
+        for generation in ended:
+            yield index[id(generation)], generation
 
 
 def _generate(

@@ -266,9 +266,7 @@ def decode_together(
     if at_once is not None and at_once < 1:
         raise ValueError(f"at_once must be at least 1, got {at_once}")
     for generation in generations:
-        if generation._started or not generation.use_cache:
-            raise ValueError("decode_together takes new, cached generations")
-        generation._started = True
+        _start(generation)
     decoder = Decoder()
     queued = deque(generations)
 
@@ -282,6 +280,39 @@ def decode_together(
             deltas = {id(g): delta for g, delta in decoder.step()}
         fill()
         yield [deltas.get(id(g), "") for g in generations]
+
+
+def decode_fed(pending: deque[Generation], at_once: int) -> Iterator[list[Generation]]:
+    """Decode the generations of `pending` (new, cached), at most `at_once` in the batch, the
+    next taken from its left as one leaves; after each step, the generations that ended (a
+    generation that ends before its first step, with no tokens to write, included).
+
+    The caller may append to `pending` while it reads what ended (a question asked again
+    after a wrong answer): what it appends joins the running batch, and decoding ends only
+    once the batch and `pending` are both empty.
+    """
+    if at_once < 1:
+        raise ValueError(f"at_once must be at least 1, got {at_once}")
+    decoder = Decoder()
+    joined: list[Generation] = []  # in the batch or waiting for their prompt, in join order
+    while pending or joined:
+        while pending and len(decoder) < at_once:
+            generation = pending.popleft()
+            _start(generation)
+            decoder.add(generation)
+            joined.append(generation)
+        if len(decoder):
+            with torch.no_grad():  # not held across the yield
+                decoder.step()
+        ended = [g for g in joined if g.finish_reason is not None]
+        joined = [g for g in joined if g.finish_reason is None]
+        yield ended
+
+
+def _start(generation: Generation) -> None:
+    if generation._started or not generation.use_cache:
+        raise ValueError("decode_together takes new, cached generations")
+    generation._started = True
 
 
 def chat_ids(mixture: Mixture, messages: list[dict[str, str]]) -> list[int]:
