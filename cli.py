@@ -679,6 +679,14 @@ def compare(
     limit: Annotated[
         int | None, typer.Option(min=1, help="At most this many items per suite.")
     ] = None,
+    skip: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Leave out each suite's first this many items (e.g. those a setting was chosen "
+            "on), then take --limit; finished items are still read from the cache.",
+        ),
+    ] = 0,
     level: Annotated[float, typer.Option(help="Confidence level of the verdicts.")] = 0.95,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap and of every item.")] = 0,
     batch: Annotated[
@@ -713,6 +721,7 @@ def compare(
             b,
             suites=names,
             limit=limit,
+            skip=skip,
             level=level,
             seed=seed,
             batch=batch,

@@ -12,7 +12,8 @@
 # from its .partial file), the build continues from its last checkpoint (`--resume`), and
 # compare reuses each side's finished items from its cache, so the mixture answers each suite
 # once for the three comparisons. Each step's output, wall time and peak memory go to
-# runs/chat-code-math-bench/STEP.log; the reports to runs/chat-code-math-vs-BASE/.
+# runs/chat-code-math-bench/STEP.log; the reports to runs/chat-code-math-vs-BASE/, and
+# gsm8k-dev's last 308 items alone (no setting was chosen on them) to ...-vs-BASE-unchosen/.
 # Batch size: BATCH (default 16).
 set -euo pipefail
 
@@ -54,4 +55,8 @@ for base in qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct smollm2-135m
         --suite gsm8k-dev --suite mbpp-test --suite humaneval-chat \
         --data "gsm8k=$gsm8k" --data "mbpp=$mbpp" --batch "$batch" \
         --out "runs/chat-code-math-vs-$base"
+    # gsm8k-dev's items no setting was chosen on (all from the cache by now)
+    step "compare-$base-unchosen" compose compare runs/chat-code-math "$base:bfloat16" \
+        --suite gsm8k-dev --skip 192 --data "gsm8k=$gsm8k" --batch "$batch" \
+        --out "runs/chat-code-math-vs-$base-unchosen"
 done

@@ -189,6 +189,21 @@ def test_mixture_against_itself_and_the_result_cache(mixtures, tmp_path):
     assert again.computed == {"A": 0, "B": 4}
 
 
+def test_skip_leaves_out_the_first_items_and_reads_the_rest_from_the_cache(mixtures, tmp_path):
+    """--skip K: the items after each suite's first K (those a setting was chosen on), the
+    same items and results as in a run over all of them, said in both reports."""
+    cache, out = tmp_path / "cache", tmp_path / "report"
+    sides = (str(mixtures["good"]), str(mixtures["bad"]))
+    every = compare(*sides, suites=["loss-chat"], limit=5, cache_dir=cache)
+    rest = compare(*sides, suites=["loss-chat"], limit=2, skip=3, cache_dir=cache, out=out)
+    assert rest.computed == {"A": 0, "B": 0}
+    assert rest.suites[0].items == every.suites[0].items[3:5]
+    assert json.loads((out / "report.json").read_text())["left_out"] == 3
+    assert "first 3 items are left out (`--skip`)" in (out / "report.md").read_text()
+    with pytest.raises(CompareError, match="has no items after the first 100000$"):
+        compare(*sides, suites=["loss-chat"], skip=100_000, cache_dir=cache)
+
+
 def test_each_result_is_cached_as_it_is_ready(mixtures, tmp_path):
     """Generation suites hand back each item as its answer ends, `--batch` decoded together:
     an interrupt keeps every finished item, and a rerun computes only the rest."""

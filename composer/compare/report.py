@@ -42,6 +42,7 @@ def to_json(result: CompareResult, *, items: bool = True) -> dict[str, Any]:
         "unjailed": unjailed(result),
         "sides": {side.label: _side(side) for side in (result.a, result.b)},
         "computed": result.computed,
+        "left_out": result.left_out,
         "suites": {
             s.suite.name: {
                 "description": s.suite.description,
@@ -195,6 +196,8 @@ def markdown(result: CompareResult) -> str:
         "losses: normal approximation from the spread of the per-item differences).",
         "",
     ]
+    if result.left_out:
+        lines += [f"Each suite's first {result.left_out} items are left out (`--skip`).", ""]
     cols = [c.replace("interval", f"{pct} interval") for c in SUMMARY_COLUMNS]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(row) + " |" for row in summary_rows(result)]

@@ -63,3 +63,4 @@ class CompareResult:
     suites: list[SuiteResult]
     computed: dict[str, int]  # side label -> items run (not taken from the cache)
     out_dir: Path | None = None
+    left_out: int = 0  # each suite's first items left out (`--skip`)

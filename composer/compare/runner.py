@@ -228,6 +228,7 @@ def compare(
     *,
     suites: Sequence[str] = (),
     limit: int | None = None,
+    skip: int = 0,
     level: float = 0.95,
     seed: int = 0,
     batch: int = 8,
@@ -243,7 +244,8 @@ def compare(
 
     Generation suites decode `batch` items at a time, the next joining as one ends (padded on
     the left; each answer is the one generated alone, up to float rounding), and each result
-    is cached as it is ready. `data`: `NAME=PATH` local copies of the benchmarks' data
+    is cached as it is ready. `skip` leaves out each suite's first items (those settings were
+    chosen on), `limit` caps the rest. `data`: `NAME=PATH` local copies of the benchmarks' data
     (`--data`); the rest come from the Hugging Face hub. Suites that run
     generated code need the sandbox's jail; where it cannot be built they are refused before
     anything is loaded, unless `unsafe_no_jail` (then they run unjailed, with a warning).
@@ -253,6 +255,8 @@ def compare(
         raise CompareError(f"--level {level} must be between 0 and 1")
     if batch < 1:
         raise CompareError(f"--batch {batch} must be at least 1")
+    if skip < 0:
+        raise CompareError(f"--skip {skip} must be 0 or more")
     places = parse_data(data, registry)
     chosen = [
         registry.get(name) for name in dict.fromkeys(suites or default_suites(registry, places))
@@ -265,7 +269,10 @@ def compare(
         ]
     recipes = [s.recipe for s in sides if s.kind == "mixture"]
     with status("reading the suites' items", console=console):
-        items = {suite.name: suite.items(limit, recipes, places) for suite in chosen}
+        items = {suite.name: suite.items(limit, recipes, places, skip) for suite in chosen}
+    for name, listed in items.items():
+        if not listed:
+            raise CompareError(f"--skip {skip}: suite '{name}' has no items after the first {skip}")
     cache = ResultCache(cache_dir or cache_home() / "compare")
     computed = {
         side.label: _run_side(side, chosen, items, cache, seed, batch, console, unsafe_no_jail)
@@ -275,7 +282,7 @@ def compare(
     results = [
         _suite_result(suite, items[suite.name], sides, cache, unit, level, seed) for suite in chosen
     ]
-    result = CompareResult(sides[0], sides[1], level, results, computed)
+    result = CompareResult(sides[0], sides[1], level, results, computed, left_out=skip)
     if out is not None:
         from composer.compare.report import write_reports
 

@@ -92,13 +92,14 @@ class Suite:
         limit: int | None,
         recipes: Sequence[Recipe] = (),
         data: Mapping[str, str] | None = None,
+        skip: int = 0,
     ) -> list[Item]:
-        """The suite's items in their fixed order, the first `limit` of them; `data`: the
-        local copies named by `--data` (NAME -> PATH)."""
-        n = self.size if limit is None else min(limit, self.size)
+        """The suite's items in their fixed order, the first `skip` left out, then the first
+        `limit` of the rest; `data`: the local copies named by `--data` (NAME -> PATH)."""
+        n = self.size if limit is None else min(skip + limit, self.size)
         if isinstance(self.load, FromData):
-            return self.load.items(data or {}, recipes)[:n]
-        return self.load(n, recipes)[:n]
+            return self.load.items(data or {}, recipes)[skip:n]
+        return self.load(n, recipes)[skip:n]
 
 
 class SuiteRegistry:
