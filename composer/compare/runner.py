@@ -271,7 +271,7 @@ def compare(
     with status("reading the suites' items", console=console):
         items = {suite.name: suite.items(limit, recipes, places, skip) for suite in chosen}
     for name, listed in items.items():
-        if not listed:
+        if skip and not listed:
             raise CompareError(f"--skip {skip}: suite '{name}' has no items after the first {skip}")
     cache = ResultCache(cache_dir or cache_home() / "compare")
     computed = {

@@ -311,7 +311,7 @@ def decode_fed(pending: deque[Generation], at_once: int) -> Iterator[list[Genera
 
 def _start(generation: Generation) -> None:
     if generation._started or not generation.use_cache:
-        raise ValueError("decode_together takes new, cached generations")
+        raise ValueError("a batch (decode_together, decode_fed) takes new, cached generations")
     generation._started = True
 
 
