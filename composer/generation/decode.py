@@ -265,21 +265,11 @@ def decode_together(
     """
     if at_once is not None and at_once < 1:
         raise ValueError(f"at_once must be at least 1, got {at_once}")
-    for generation in generations:
-        _start(generation)
-    decoder = Decoder()
-    queued = deque(generations)
-
-    def fill() -> None:
-        while queued and (at_once is None or len(decoder) < at_once):
-            decoder.add(queued.popleft())
-
-    fill()
-    while len(decoder):
-        with torch.no_grad():  # not held across the yield: the caller's grad mode stays its own
-            deltas = {id(g): delta for g, delta in decoder.step()}
-        fill()
-        yield [deltas.get(id(g), "") for g in generations]
+    for generation in generations:  # refused before any step; each is started as it joins
+        _check_new(generation)
+    for deltas, _ in _batch(deque(generations), at_once):
+        if deltas is not None:
+            yield [deltas.get(id(g), "") for g in generations]
 
 
 def decode_fed(pending: deque[Generation], at_once: int) -> Iterator[list[Generation]]:
@@ -293,26 +283,38 @@ def decode_fed(pending: deque[Generation], at_once: int) -> Iterator[list[Genera
     """
     if at_once < 1:
         raise ValueError(f"at_once must be at least 1, got {at_once}")
-    decoder = Decoder()
-    joined: list[Generation] = []  # in the batch or waiting for their prompt, in join order
-    while pending or joined:
-        while pending and len(decoder) < at_once:
-            generation = pending.popleft()
-            _start(generation)
-            decoder.add(generation)
-            joined.append(generation)
-        if len(decoder):
-            with torch.no_grad():  # not held across the yield
-                decoder.step()
-        ended = [g for g in joined if g.finish_reason is not None]
-        joined = [g for g in joined if g.finish_reason is None]
+    for _, ended in _batch(pending, at_once):
         yield ended
 
 
-def _start(generation: Generation) -> None:
+def _batch(
+    pending: deque[Generation], at_once: int | None
+) -> Iterator[tuple[dict[int, str] | None, list[Generation]]]:
+    """The one schedule of `decode_together` and `decode_fed`: the next of `pending` joins
+    the `Decoder` while fewer than `at_once` (None: no bound) are in it, then one step; after
+    each, the text deltas by `id` of generation (None where nothing was left to step) and the
+    generations that ended, in join order."""
+    decoder = Decoder()
+    joined: list[Generation] = []  # in the batch or waiting for their prompt, in join order
+    while pending or joined:
+        while pending and (at_once is None or len(decoder) < at_once):
+            generation = pending.popleft()
+            _check_new(generation)
+            generation._started = True
+            decoder.add(generation)
+            joined.append(generation)
+        deltas = None
+        if len(decoder):
+            with torch.no_grad():  # not held across the yield: the caller's grad mode stays its own
+                deltas = {id(g): delta for g, delta in decoder.step()}
+        ended = [g for g in joined if g.finish_reason is not None]
+        joined = [g for g in joined if g.finish_reason is None]
+        yield deltas, ended
+
+
+def _check_new(generation: Generation) -> None:
     if generation._started or not generation.use_cache:
         raise ValueError("a batch (decode_together, decode_fed) takes new, cached generations")
-    generation._started = True
 
 
 def chat_ids(mixture: Mixture, messages: list[dict[str, str]]) -> list[int]:
