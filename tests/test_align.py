@@ -8,7 +8,14 @@ from conftest import recipe_yaml
 from transformers import AutoModelForCausalLM
 
 from composer.generation.decode import generate_ids
-from composer.model.align import align, anchor_texts, tokenize
+from composer.model.align import (
+    BaseStream,
+    align,
+    aligned_states,
+    anchor_texts,
+    stream_steps,
+    tokenize,
+)
 from composer.model.mixture import LiveMixture
 from composer.recipe import load_recipe
 
@@ -118,6 +125,75 @@ def test_tail_forward_equals_forward_on_prefix_tokenization(tiny, write_recipe):
         own = tokenize(base.tokenizer, [text])[0]
         direct = base.forward(torch.tensor([own]), None, [1], need_final=False).taps[1][0, -1]
         torch.testing.assert_close(features.taps["w@1"][0, t], direct, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["w", "o"])
+def test_streams_stepped_together_read_what_each_text_reads_alone(tiny, write_recipe, name):
+    """Generation advances every row's aligned stream in one forward: rows of different cached
+    lengths, one whose new text re-tokenizes what it had ("da" -> "days"), one with several
+    new tokens, one starting empty. Each row's states are those of a forward over its own
+    tokenization of its text, and its cache, written back, serves the next step as well."""
+    from transformers import DynamicCache
+
+    base = _cross_mixture(tiny, write_recipe).bases[name]
+    steps = [
+        ["hello wor", "hello world", "hello world!"],
+        ["", "hi", "hi there"],
+        ["The quick", "The quick brown f", "The quick brown fox jumps"],
+        ["6", "6 da", "6 days"],
+    ]
+    streams = [BaseStream(tokens=[], cache=DynamicCache(config=base.model.config)) for _ in steps]
+    for column in range(3):
+        texts = [row[column] for row in steps]
+        got = stream_steps(base, streams, texts, [1, 2])
+        for text, stream, (states, found) in zip(texts, streams, got, strict=True):
+            own = tokenize(base.tokenizer, [text])[0]
+            assert found == bool(own)
+            assert stream.tokens == (own or stream.tokens)
+            if not own:
+                continue
+            assert stream.cache.get_seq_length() == len(own)
+            direct = base.forward(torch.tensor([own]), None, [1, 2], need_final=False)
+            for layer in (1, 2):
+                torch.testing.assert_close(
+                    states[layer], direct.taps[layer][0, -1].float(), rtol=1e-4, atol=1e-4
+                )
+    before, after = tokenize(base.tokenizer, ["6 da", "6 days"])
+    assert after[: len(before)] != before  # a grown word tokenized anew: a cut cache
+
+
+@pytest.mark.parametrize("name", ["w", "o"])
+def test_a_stream_continued_by_several_texts_reads_each_as_alone(tiny, write_recipe, name):
+    """A prompt fed in pieces: the aligned stream over its first piece, which ends where the
+    base tokenizes the text otherwise once more follows, continues with the next pieces' texts,
+    up to 3 at once; every position reads a forward over its own tokenization of its text."""
+    mixture = _cross_mixture(tiny, write_recipe)
+    base = mixture.bases[name]
+    ids = mixture.tokenizer("hello world, unbelievable xylophones quickly")["input_ids"]
+    texts = anchor_texts(mixture.tokenizer, ids)
+    whole = tokenize(base.tokenizer, texts[-1:])[0]
+    diverges = next(  # where the base tokenizes a text's end otherwise than in the whole
+        t
+        for t, text in enumerate(texts)
+        if (own := tokenize(base.tokenizer, [text])[0]) != whole[: len(own)]
+    )
+    cut = diverges + 1  # the first piece ends there
+    _, _, cache, tokens = aligned_states(base, texts[:cut], [1, 2])
+    stream = BaseStream(tokens=tokens, cache=cache)
+    # Then the last text again: an anchor token that completes no character adds no text.
+    pieces = [texts[first : first + 3] for first in range(cut, len(texts), 3)] + [texts[-1:]]
+    for piece in pieces:
+        states, found, _, _ = aligned_states(base, piece, [1, 2], stream)
+        assert found.all()
+        for t, text in enumerate(piece):
+            own = tokenize(base.tokenizer, [text])[0]
+            direct = base.forward(torch.tensor([own]), None, [1, 2], need_final=False)
+            for layer in (1, 2):
+                torch.testing.assert_close(
+                    states[layer][t], direct.taps[layer][0, -1].float(), rtol=1e-4, atol=1e-4
+                )
+        assert stream.tokens == tokenize(base.tokenizer, [piece[-1]])[0]
+        assert stream.cache.get_seq_length() == len(stream.tokens)
 
 
 def test_cached_generation_equals_uncached_across_tokenizers(tiny, write_recipe):

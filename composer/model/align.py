@@ -86,12 +86,15 @@ def align(prefix_tokens: list[list[int]]) -> Alignment:
 
 
 def aligned_states(
-    base: Any, texts: list[str], layers: list[int]
+    base: Any, texts: list[str], layers: list[int], stream: BaseStream | None = None
 ) -> tuple[dict[int, torch.Tensor], torch.Tensor, Any, list[int]]:
     """States of `base` at `layers` for each anchor position, given text_t per position.
 
     Returns (layer -> (T, D) states, (T,) presence mask, b's cache over its full tokenization,
-    that tokenization). Absent positions (no b token yet) hold zeros.
+    that tokenization). Absent positions (no b token yet) hold zeros. With `stream` (a
+    generation's, over the text before `texts`), its cache is continued: kept up to what b's
+    tokenization of the whole text shares with it (and before every position's token), the rest
+    run once, and the stream advanced.
     """
     from transformers import DynamicCache
 
@@ -99,25 +102,37 @@ def aligned_states(
     tails = [shared + len(tail) for shared, tail in alignment.tails.values()]
     _check_window(base, max([len(alignment.full), *tails]))
     T = len(texts)
+    start = 0
     cache = DynamicCache(config=base.model.config)
+    if stream is not None:
+        cache = stream.cache
+        start = min(
+            [common_prefix(alignment.full, stream.tokens), *(j for j in alignment.index if j >= 0)]
+        )
+        crop(cache, start)
     out = {layer: torch.zeros(T, base.hidden_size) for layer in layers}
     present = torch.zeros(T, dtype=torch.bool)
-    if alignment.full:
-        ids = torch.tensor([alignment.full])
-        states = base.forward(ids, None, layers, need_final=False, cache=cache)
+    if alignment.full[start:]:
+        ids = torch.tensor([alignment.full[start:]])
+        positions = torch.arange(start, len(alignment.full))[None]
+        states = base.forward(
+            ids, None, layers, need_final=False, cache=cache, position_ids=positions
+        )
         for t, j in enumerate(alignment.index):
             if j >= 0:
                 for layer in layers:
-                    out[layer][t] = states.taps[layer][0, j].float()
+                    out[layer][t] = states.taps[layer][0, j - start].float()
                 present[t] = True
     rows = sorted(alignment.tails.items())
-    for start in range(0, len(rows), DIVERGENT_BATCH):
-        chunk = rows[start : start + DIVERGENT_BATCH]
+    for first in range(0, len(rows), DIVERGENT_BATCH):
+        chunk = rows[first : first + DIVERGENT_BATCH]
         tail_states = _run_tails(base, cache, [r[1] for r in chunk], layers)
         for (t, _), per_layer in zip(chunk, tail_states, strict=True):
             for layer in layers:
                 out[layer][t] = per_layer[layer]
             present[t] = True
+    if stream is not None:
+        stream.tokens = alignment.full
     return out, present, cache, alignment.full
 
 
@@ -182,25 +197,83 @@ class BaseStream:
     cache: Any
 
 
-def stream_step(
-    base: Any, stream: BaseStream, text: str, layers: list[int]
-) -> tuple[dict[int, torch.Tensor], bool]:
-    """Advance `stream` to b's tokenization of `text`, reusing the cache up to the common prefix.
+def stream_steps(
+    base: Any, streams: list[BaseStream], texts: list[str], layers: list[int]
+) -> list[tuple[dict[int, torch.Tensor], bool]]:
+    """Advance each stream to b's tokenization of its text, reusing its cache up to the common
+    prefix: every stream's new tokens in one forward (rows of a generation batch).
 
-    Returns the states of the last token at `layers` ((D,) each) and whether b has a token.
+    Each stream's cache is cut to what its new tokenization shares with the old and laid,
+    padded on the left, into one batch cache; the new tokens follow, padded on the right; then
+    each row's part (its cached tokens and its new ones) goes back to its own stream. Per
+    stream, the states of its last token at `layers` ((D,) each) and whether b has a token.
     """
-    tokens = tokenize(base.tokenizer, [text])[0]
-    if not tokens:
-        return {layer: torch.zeros(base.hidden_size) for layer in layers}, False
-    shared = common_prefix(tokens, stream.tokens)
-    if shared == len(tokens):  # nothing new: re-read the last token's state
-        shared -= 1
-    _check_window(base, len(tokens))
-    crop(stream.cache, shared)
-    new = torch.tensor([tokens[shared:]])
-    positions = torch.arange(shared, len(tokens))[None]
+    results: list[tuple[dict[int, torch.Tensor], bool]] = []
+    runs: list[tuple[int, BaseStream, int, list[int]]] = []  # (row, stream, kept, tokens)
+    for row, (stream, tokens) in enumerate(
+        zip(streams, tokenize(base.tokenizer, texts), strict=True)
+    ):
+        results.append(({layer: torch.zeros(base.hidden_size) for layer in layers}, False))
+        if not tokens:
+            continue
+        shared = common_prefix(tokens, stream.tokens)
+        if shared == len(tokens):  # nothing new: re-read the last token's state
+            shared -= 1
+        _check_window(base, len(tokens))
+        crop(stream.cache, shared)
+        runs.append((row, stream, shared, tokens))
+    if not runs:
+        return results
+    kept = max(shared for _, _, shared, _ in runs)
+    width = max(len(tokens) - shared for _, _, shared, tokens in runs)
+    ids = torch.zeros(len(runs), width, dtype=torch.long)
+    mask = torch.zeros(len(runs), kept + width, dtype=torch.long)
+    positions = torch.zeros(len(runs), width, dtype=torch.long)
+    for r, (_, _, shared, tokens) in enumerate(runs):
+        ids[r, : len(tokens) - shared] = torch.tensor(tokens[shared:])
+        mask[r, kept - shared : kept + len(tokens) - shared] = 1
+        positions[r] = shared + torch.arange(width)
+    batched = _stack_caches(base, [stream.cache for _, stream, _, _ in runs], kept)
     states = base.forward(
-        new, None, layers, need_final=False, cache=stream.cache, position_ids=positions
+        ids, mask, layers, need_final=False, cache=batched, position_ids=positions
     )
-    stream.tokens = tokens
-    return {layer: states.taps[layer][0, -1].float() for layer in layers}, True
+    for r, (row, stream, shared, tokens) in enumerate(runs):
+        new = len(tokens) - shared
+        _unstack_cache(batched, r, kept - shared, kept + new, stream.cache)
+        stream.tokens = tokens
+        results[row] = ({layer: states.taps[layer][r, new - 1].float() for layer in layers}, True)
+    return results
+
+
+def _stack_caches(base: Any, caches: list[Any], length: int) -> Any:
+    """One cache over the rows of `caches`, each padded on the left to `length` tokens (every
+    layer one of them has filled)."""
+    from transformers import DynamicCache
+
+    batched = DynamicCache(config=base.model.config)
+    for i, rows in enumerate(zip(*(cache.layers for cache in caches), strict=True)):
+        filled = [layer for layer in rows if getattr(layer, "is_initialized", False)]
+        if not filled or not length:
+            continue
+        like_k, like_v = filled[0].keys, filled[0].values
+        keys = like_k.new_zeros((len(rows), like_k.shape[1], length, like_k.shape[3]))
+        values = like_v.new_zeros((len(rows), like_v.shape[1], length, like_v.shape[3]))
+        for r, layer in enumerate(rows):
+            n = layer.get_seq_length()
+            if n:
+                keys[r, :, length - n :] = layer.keys[0]
+                values[r, :, length - n :] = layer.values[0]
+        batched.update(keys, values, i)
+    return batched
+
+
+def _unstack_cache(batched: Any, row: int, start: int, end: int, cache: Any) -> None:
+    """Row `row`'s columns `start:end` of `batched`, every filled layer, as `cache`."""
+    for mine, layer in zip(cache.layers, batched.layers, strict=True):
+        if not getattr(layer, "is_initialized", False):
+            continue
+        keys = layer.keys[row : row + 1, :, start:end].clone()
+        values = layer.values[row : row + 1, :, start:end].clone()
+        if not mine.is_initialized:
+            mine.lazy_initialization(keys, values)
+        mine.keys, mine.values = keys, values

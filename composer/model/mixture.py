@@ -20,7 +20,13 @@ import torch
 from composer.bases.frozen import DTYPES, BaseStates, FrozenBase, load_base, resolve_folder
 from composer.bases.pool import BasePool, load_frozen
 from composer.errors import BaseSourceError
-from composer.model.align import BaseStream, aligned_states, anchor_text, anchor_texts, stream_step
+from composer.model.align import (
+    BaseStream,
+    aligned_states,
+    anchor_text,
+    anchor_texts,
+    stream_steps,
+)
 from composer.model.carry_on import CarryOn, KVCache
 from composer.model.experts import FusedHead
 from composer.model.factory import check_compatible, new_carry_on
@@ -250,33 +256,47 @@ class LiveMixture(MixtureCore):
         state: GenerationState,
     ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         """An aligned base in generation (left padding), one stream per row: the prompt is
-        aligned whole, then each new anchor token re-tokenizes the text so far, reusing the
-        row's cache up to what did not change."""
+        aligned whole, then new anchor tokens re-tokenize the text so far, reusing the row's
+        cache up to what did not change. A decoding step runs every row's new base tokens in
+        one forward; more of a prompt (fed in pieces) runs each row's at once."""
         base, layers = self.bases[name], self._layers[name]
         B, T = input_ids.shape
         out = {layer: torch.zeros(B, T, base.hidden_size) for layer in layers}
         mask = torch.zeros(B, T, dtype=torch.bool)
         real = attention_mask[:, -T:] if attention_mask is not None else torch.ones(B, T)
-        prompt = name not in state.streams
-        streams = state.streams.setdefault(name, [])
-        for row, ids in enumerate(state.rows):
-            n = int(real[row].sum())
-            if n == 0:  # a finished row of the batch: nothing new
-                continue
-            if prompt:
+        counts = [int(n) for n in real.sum(dim=1).tolist()]
+        if name not in state.streams:
+            streams = state.streams[name] = []
+            for row, ids in enumerate(state.rows):
                 texts = anchor_texts(self.tokenizer, ids)
                 states, found, cache, tokens = aligned_states(base, texts, layers)
+                n = counts[row]
+                if n:  # a row of no tokens (finished in a batch) reads nothing
+                    for layer in layers:
+                        out[layer][row, T - n :] = states[layer][-n:]
+                    mask[row, T - n :] = found[-n:]
+                streams.append(BaseStream(tokens=tokens, cache=cache))
+            return out, mask
+        streams = state.streams[name]
+        if T == 1:  # a decoding step: every row's new token in one forward
+            rows = [row for row in range(B) if counts[row]]
+            texts = [anchor_text(self.tokenizer, state.rows[row]) for row in rows]
+            steps = stream_steps(base, [streams[row] for row in rows], texts, layers)
+            for row, (at, ok) in zip(rows, steps, strict=True):
+                for layer in layers:
+                    out[layer][row, 0] = at[layer]
+                mask[row, 0] = ok
+            return out, mask
+        for row, ids in enumerate(state.rows):  # more of a prompt: its new tokens at once
+            n = counts[row]
+            if n:
+                texts = [
+                    anchor_text(self.tokenizer, ids[: t + 1]) for t in range(len(ids) - n, len(ids))
+                ]
+                states, found, _, _ = aligned_states(base, texts, layers, streams[row])
                 for layer in layers:
                     out[layer][row, T - n :] = states[layer]
                 mask[row, T - n :] = found
-                streams.append(BaseStream(tokens=tokens, cache=cache))
-                continue
-            for i, t in enumerate(range(len(ids) - n, len(ids))):
-                text = anchor_text(self.tokenizer, ids[: t + 1])
-                step, ok = stream_step(base, streams[row], text, layers)
-                for layer in layers:
-                    out[layer][row, T - n + i] = step[layer]
-                mask[row, T - n + i] = ok
         return out, mask
 
     @property
