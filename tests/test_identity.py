@@ -9,6 +9,8 @@ import os
 import shutil
 from pathlib import Path
 
+import pytest
+import torch
 import yaml
 from conftest import recipe_yaml
 from safetensors import safe_open
@@ -70,3 +72,22 @@ def test_head_rows_read_the_head_or_the_tied_embedding(tiny):
             key = "lm_head.weight" if "lm_head.weight" in keys else "model.embed_tokens.weight"
             rows = handle.get_slice(key).get_shape()[0]
         assert head_rows(tiny[name]) == rows
+
+
+def test_a_model_opened_to_run_hashes_no_weights(tiny, tmp_path, monkeypatch):
+    """`compose generate`, `chat` and the lm-eval adapter open a base alone to run it: its
+    weights are loaded, never hashed (a result key is compare's and answer's, not theirs)."""
+    import composer.bases.identity as identity
+    from composer.compare.runner import open_model
+
+    folder = shutil.copytree(tiny["llama"], tmp_path / "base")
+
+    def refuse(*_args: object) -> str:
+        raise AssertionError("weights hashed")
+
+    monkeypatch.setattr(identity, "_sha256_at", refuse)
+    alone = open_model(f"{folder}:bfloat16")
+    assert alone.anchor.model.dtype == torch.bfloat16
+    assert resolve_side("model", str(folder), keyed=False).key == ""
+    with pytest.raises(AssertionError, match="weights hashed"):
+        resolve_side("model", str(folder))  # compare's side: keyed

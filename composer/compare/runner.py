@@ -38,7 +38,13 @@ from composer.recipe import Recipe, comparable, load_recipe, read_comparable, re
 SCORING_VERSION = 2  # bump when a suite's scoring changes, so old cached results are not reused
 
 
-def resolve_side(label: str, given: str, *, trust_remote_code: bool = False) -> Side:
+def resolve_side(
+    label: str, given: str, *, trust_remote_code: bool = False, keyed: bool = True
+) -> Side:
+    """A compare side from what the user gave (a mixture directory, a built recipe, a model
+    folder, `CARD` or `CARD:DTYPE`), with its result key unless not `keyed` (a side opened only
+    to run: no base's weights are hashed)."""
+    key = _keyed if keyed else _unkeyed
     path = Path(given)
     folder, _, dtype = given.rpartition(":")
     if not path.exists() and folder and _model_folder(Path(folder)):  # FOLDER:DTYPE
@@ -49,7 +55,7 @@ def resolve_side(label: str, given: str, *, trust_remote_code: bool = False) -> 
         spec = {"path": str(path.resolve())}
         if dtype:
             spec["dtype"] = _dtype(given, dtype)
-        return _keyed(_alone(label, given, spec, "model", _slug(path.resolve().name)))
+        return key(_alone(label, given, spec, "model", _slug(path.resolve().name)))
     if path.is_dir():
         if not (path / RECIPE_FILE).is_file() or not (path / WEIGHTS).is_file():
             raise CompareError(
@@ -59,7 +65,7 @@ def resolve_side(label: str, given: str, *, trust_remote_code: bool = False) -> 
         recipe = read_mixture_recipe(path, trust_remote_code=trust_remote_code)
         side = Side(label, given, "mixture", recipe, recipe.to_yaml(), path)
         side.trust_remote_code = trust_remote_code
-        return _keyed(side)
+        return key(side)
     if path.suffix in (".yaml", ".yml") and path.is_file():
         recipe = load_recipe(path)
         built = recipe.output_dir()
@@ -73,8 +79,8 @@ def resolve_side(label: str, given: str, *, trust_remote_code: bool = False) -> 
                 f"{given}: {built} was built from a different version of this recipe; "
                 "rebuild it or pass the build directory itself"
             )
-        return resolve_side(label, str(built), trust_remote_code=trust_remote_code)
-    return _keyed(_base_alone(label, given))
+        return resolve_side(label, str(built), trust_remote_code=trust_remote_code, keyed=keyed)
+    return key(_base_alone(label, given))
 
 
 def open_model(given: str, *, trust_remote_code: bool = False) -> Any:
@@ -85,7 +91,7 @@ def open_model(given: str, *, trust_remote_code: bool = False) -> Any:
 
     if (Path(given) / RECIPE_FILE).is_file():  # no result key to hash: load it as it is
         return load_mixture(given, trust_remote_code=trust_remote_code)
-    return resolve_side("model", given, trust_remote_code=trust_remote_code).load()
+    return resolve_side("model", given, trust_remote_code=trust_remote_code, keyed=False).load()
 
 
 def _model_folder(path: Path) -> bool:
@@ -179,6 +185,10 @@ def key_fields(recipe: Recipe) -> dict[str, Any]:
             if fields[section].get(name, neutral) == neutral:
                 fields[section].pop(name, None)
     return fields
+
+
+def _unkeyed(side: Side) -> Side:
+    return side
 
 
 def _keyed(side: Side) -> Side:
