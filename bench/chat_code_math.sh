@@ -14,13 +14,14 @@
 # once for the three comparisons. Each step's output, wall time and peak memory go to
 # runs/chat-code-math-bench/STEP.log; the reports to runs/chat-code-math-vs-BASE/, and
 # gsm8k-dev's last 308 items alone (no setting was chosen on them) to ...-vs-BASE-unchosen/.
-# Batch size: BATCH (default 16).
+# Batch size: BATCH (default 96: on 2 cores a decoding step of 96 rows costs little more than
+# one of 16, docs/performance.md; peak RSS of the math answers at 96: ~5.3 GB).
 set -euo pipefail
 
 data=${1:-../shared/data}
 gsm8k=$data/gsm8k/train.jsonl
 mbpp=$data/mbpp/mbpp.jsonl
-batch=${BATCH:-16}
+batch=${BATCH:-96}
 logs=runs/chat-code-math-bench
 for file in "$gsm8k" "$mbpp"; do
     [[ -f $file ]] || { echo "error: $file not found (give the data folder)" >&2; exit 1; }
