@@ -250,9 +250,8 @@ def test_retry_samples_again_only_where_no_answer_is_right_yet(recipe, tmp_path,
     asking = answers._answers
     reference = {q: final_number(a) for q, a in REFERENCE.items()}
 
-    def recorded(mixture, asks, drawn, how, code):
-        rows = dict(drawn.rows)
-        for (index, sample), (text, reason) in asking(mixture, asks, drawn, how, code):
+    def recorded(mixture, asks, drawn, rows, how, code):
+        for (index, sample), (text, reason) in asking(mixture, asks, drawn, rows, how, code):
             question = rows[index][drawn.columns["question"]]
             right = reason != "length" and same_number(final_number(text), reference[question])
             asked.append((question, sample, right))

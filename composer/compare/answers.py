@@ -198,7 +198,7 @@ def _answer_rows(
         ):
             total = len(asks)  # grows as questions are asked again
             task = progress.add_task("answer", total=total)
-            for (index, sample), (text, reason) in _answers(mixture, asks, drawn, how, code):
+            for (index, sample), (text, reason) in _answers(mixture, asks, drawn, rows, how, code):
                 row, reference = rows[index], references[index]
                 finished = reason != "length"
                 answered = {
@@ -319,7 +319,12 @@ def _right(text: str, reference: Any, setup: str | None, how: Answering) -> bool
 
 
 def _answers(
-    mixture: Any, asks: deque[tuple[int, int]], drawn: HfRows, how: Answering, code: bool
+    mixture: Any,
+    asks: deque[tuple[int, int]],
+    drawn: HfRows,
+    rows: dict[int, dict[str, Any]],
+    how: Answering,
+    code: bool,
 ) -> Iterator[tuple[tuple[int, int], tuple[str, str]]]:
     """((question, answer number), (answer, why it ended)) for each of `asks` as its answer
     ends, `how.batch` decoded at a time: the next joins as one ends, and what the caller
@@ -329,7 +334,6 @@ def _answers(
     cut off: the answer is the code."""
     from composer.generation.decode import decode_fed
 
-    rows = dict(drawn.rows)
     asked: dict[int, tuple[int, int]] = {}  # id(generation) -> (question, answer number)
     pending: deque[Any] = deque()
 
