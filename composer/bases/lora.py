@@ -111,6 +111,7 @@ _FIELDS: dict[str, Callable[[Any], bool]] = {
             "velora_config",
             "monteclora_config",
             "kasa_config",
+            "astra_config",
             "ensure_weight_tying",
         ),
         _unset,
