@@ -255,28 +255,23 @@ class LiveMixture(MixtureCore):
         attention_mask: torch.Tensor | None,
         state: GenerationState,
     ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-        """An aligned base in generation (left padding), one stream per row: the prompt is
-        aligned whole, then new anchor tokens re-tokenize the text so far, reusing the row's
-        cache up to what did not change. A decoding step runs every row's new base tokens in
-        one forward; more of a prompt (fed in pieces) runs each row's at once."""
+        """An aligned base in generation (left padding), one stream per row: new anchor tokens
+        re-tokenize the text so far, reusing the row's cache up to what did not change. A
+        decoding step runs every row's new base tokens in one forward; a prompt (or its next
+        piece) runs each row's at once."""
         base, layers = self.bases[name], self._layers[name]
         B, T = input_ids.shape
         out = {layer: torch.zeros(B, T, base.hidden_size) for layer in layers}
         mask = torch.zeros(B, T, dtype=torch.bool)
         real = attention_mask[:, -T:] if attention_mask is not None else torch.ones(B, T)
         counts = [int(n) for n in real.sum(dim=1).tolist()]
-        if name not in state.streams:
-            streams = state.streams[name] = []
-            for row, ids in enumerate(state.rows):
-                texts = anchor_texts(self.tokenizer, ids)
-                states, found, cache, tokens = aligned_states(base, texts, layers)
-                n = counts[row]
-                if n:  # a row of no tokens (finished in a batch) reads nothing
-                    for layer in layers:
-                        out[layer][row, T - n :] = states[layer][-n:]
-                    mask[row, T - n :] = found[-n:]
-                streams.append(BaseStream(tokens=tokens, cache=cache))
-            return out, mask
+        if name not in state.streams:  # a new generation: each row's stream over no text yet
+            from transformers import DynamicCache
+
+            state.streams[name] = [
+                BaseStream(tokens=[], cache=DynamicCache(config=base.model.config))
+                for _ in state.rows
+            ]
         streams = state.streams[name]
         if T == 1:  # a decoding step: every row's new token in one forward
             rows = [row for row in range(B) if counts[row]]
@@ -287,7 +282,7 @@ class LiveMixture(MixtureCore):
                     out[layer][row, 0] = at[layer]
                 mask[row, 0] = ok
             return out, mask
-        for row, ids in enumerate(state.rows):  # more of a prompt: its new tokens at once
+        for row, ids in enumerate(state.rows):  # a prompt, or more of it: its tokens at once
             n = counts[row]
             if n:
                 texts = [
