@@ -12,8 +12,9 @@
 # from its .partial file), the build continues from its last checkpoint (`--resume`), and
 # compare reuses each side's finished items from its cache, so the mixture answers each suite
 # once for the three comparisons. Each step's output, wall time and peak memory go to
-# runs/chat-code-math-bench/STEP.log; the reports to runs/chat-code-math-vs-BASE/, and
-# gsm8k-dev's last 308 items alone (no setting was chosen on them) to ...-vs-BASE-unchosen/.
+# runs/chat-code-math-bench/STEP.log; the reports to runs/chat-code-math-vs-BASE-gsm8k/ (and
+# gsm8k-dev's last 308 items alone, no setting was chosen on them, to ...-vs-BASE-unchosen/),
+# then runs/chat-code-math-vs-BASE-code/ (humaneval-chat, mbpp-test).
 # Batch size: BATCH (default 96: on 2 cores a decoding step of 96 rows costs little more than
 # one of 16, docs/performance.md; peak RSS of the math answers at 96: ~5.3 GB).
 set -euo pipefail
@@ -51,13 +52,20 @@ fi
 if [[ ! -f runs/chat-code-math/carry_on.safetensors ]]; then
     step build compose build recipes/chat-code-math.yaml --resume
 fi
-for base in qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct smollm2-135m-instruct; do
-    step "compare-$base" compose compare runs/chat-code-math "$base:bfloat16" \
-        --suite gsm8k-dev --suite mbpp-test --suite humaneval-chat \
-        --data "gsm8k=$gsm8k" --data "mbpp=$mbpp" --batch "$batch" \
-        --out "runs/chat-code-math-vs-$base"
-    # gsm8k-dev's items no setting was chosen on (all from the cache by now)
+bases="qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct smollm2-135m-instruct"
+# GSM8K first (the headline, and the 1.5B, the best base, first): a run cut short has its
+# deciding figures before the code suites' ones
+for base in $bases; do
+    step "compare-$base-gsm8k" compose compare runs/chat-code-math "$base:bfloat16" \
+        --suite gsm8k-dev --data "gsm8k=$gsm8k" --batch "$batch" \
+        --out "runs/chat-code-math-vs-$base-gsm8k"
+    # gsm8k-dev's items no setting was chosen on (from the cache)
     step "compare-$base-unchosen" compose compare runs/chat-code-math "$base:bfloat16" \
         --suite gsm8k-dev --skip 192 --data "gsm8k=$gsm8k" --batch "$batch" \
         --out "runs/chat-code-math-vs-$base-unchosen"
+done
+for base in $bases; do
+    step "compare-$base-code" compose compare runs/chat-code-math "$base:bfloat16" \
+        --suite humaneval-chat --suite mbpp-test --data "mbpp=$mbpp" --batch "$batch" \
+        --out "runs/chat-code-math-vs-$base-code"
 done
