@@ -14,7 +14,8 @@
 # once for the three comparisons. Each step's output, wall time and peak memory go to
 # runs/chat-code-math-bench/STEP.log; the reports to runs/chat-code-math-vs-BASE-gsm8k/ (and
 # gsm8k-dev's last 308 items alone, no setting was chosen on them, to ...-vs-BASE-unchosen/),
-# then runs/chat-code-math-vs-BASE-code/ (humaneval-chat, mbpp-test).
+# then runs/chat-code-math-vs-BASE-code/ (humaneval-chat, mbpp-test); a few chat answers beside
+# the anchor's to runs/chat-code-math-bench/chat.md.
 # Batch size: BATCH (default 96: on 2 cores a decoding step of 96 rows costs little more than
 # one of 16, docs/performance.md; peak RSS of the math answers at 96: ~5.3 GB).
 set -euo pipefail
@@ -64,6 +65,25 @@ for base in $bases; do
         --suite gsm8k-dev --skip 192 --data "gsm8k=$gsm8k" --batch "$batch" \
         --out "runs/chat-code-math-vs-$base-unchosen"
 done
+# a few chat answers beside the anchor's (prompts fixed before any answer was seen; none is in
+# the training data)
+prompts=(
+    "What should I pack for a two-day hiking trip in autumn?"
+    "Explain to a beginner what a hash table is, in a few sentences."
+    "Write a short, friendly reply declining an invitation to a meeting on Friday."
+    "My tomato plants have yellow leaves at the bottom. What could be wrong?"
+)
+if [[ ! -f $logs/chat.md ]]; then
+    for prompt in "${prompts[@]}"; do
+        echo "### $prompt"
+        for model in runs/chat-code-math qwen2.5-coder-1.5b-instruct:bfloat16; do
+            printf '\n%s:\n\n' "$model"
+            compose generate "$model" --prompt "$prompt" --max-new-tokens 160 2>>"$logs/chat.log"
+            echo
+        done
+    done >"$logs/chat.md.partial"
+    mv "$logs/chat.md.partial" "$logs/chat.md"
+fi
 for base in $bases; do
     step "compare-$base-code" compose compare runs/chat-code-math "$base:bfloat16" \
         --suite humaneval-chat --suite mbpp-test --data "mbpp=$mbpp" --batch "$batch" \
