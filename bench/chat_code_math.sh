@@ -12,10 +12,11 @@
 # from its .partial file), the build continues from its last checkpoint (`--resume`), and
 # compare reuses each side's finished items from its cache, so the mixture answers each suite
 # once for the three comparisons. Each step's output, wall time and peak memory go to
-# runs/chat-code-math-bench/STEP.log; the reports to runs/chat-code-math-vs-BASE-gsm8k/ (and
-# gsm8k-dev's last 308 items alone, no setting was chosen on them, to ...-vs-BASE-unchosen/),
-# then runs/chat-code-math-vs-BASE-code/ (humaneval-chat, mbpp-test); a few chat answers beside
-# the anchor's to runs/chat-code-math-bench/chat.md.
+# runs/chat-code-math-bench/STEP.log. Base by base, the 1.5B (the best) first, the reports go to
+# runs/chat-code-math-vs-BASE-gsm8k/ (and gsm8k-dev's last 308 items alone, no setting was chosen
+# on them, to ...-vs-BASE-unchosen/), then runs/chat-code-math-vs-BASE-code/ (humaneval-chat,
+# mbpp-test); after the 1.5B's, a few chat answers beside its own to
+# runs/chat-code-math-bench/chat.md.
 # Batch size: BATCH (default 96: on 2 cores a decoding step of 96 rows costs little more than
 # one of 16, docs/performance.md; peak RSS of the math answers at 96: ~5.3 GB).
 set -euo pipefail
@@ -53,18 +54,6 @@ fi
 if [[ ! -f runs/chat-code-math/carry_on.safetensors ]]; then
     step build compose build recipes/chat-code-math.yaml --resume
 fi
-bases="qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct smollm2-135m-instruct"
-# GSM8K first (the headline, and the 1.5B, the best base, first): a run cut short has its
-# deciding figures before the code suites' ones
-for base in $bases; do
-    step "compare-$base-gsm8k" compose compare runs/chat-code-math "$base:bfloat16" \
-        --suite gsm8k-dev --data "gsm8k=$gsm8k" --batch "$batch" \
-        --out "runs/chat-code-math-vs-$base-gsm8k"
-    # gsm8k-dev's items no setting was chosen on (from the cache)
-    step "compare-$base-unchosen" compose compare runs/chat-code-math "$base:bfloat16" \
-        --suite gsm8k-dev --skip 192 --data "gsm8k=$gsm8k" --batch "$batch" \
-        --out "runs/chat-code-math-vs-$base-unchosen"
-done
 # a few chat answers beside the anchor's (prompts fixed before any answer was seen; none is in
 # the training data)
 prompts=(
@@ -73,19 +62,31 @@ prompts=(
     "Write a short, friendly reply declining an invitation to a meeting on Friday."
     "My tomato plants have yellow leaves at the bottom. What could be wrong?"
 )
-if [[ ! -f $logs/chat.md ]]; then
-    for prompt in "${prompts[@]}"; do
-        echo "### $prompt"
-        for model in runs/chat-code-math qwen2.5-coder-1.5b-instruct:bfloat16; do
-            printf '\n%s:\n\n' "$model"
-            compose generate "$model" --prompt "$prompt" --max-new-tokens 160 2>>"$logs/chat.log"
-            echo
-        done
-    done >"$logs/chat.md.partial"
-    mv "$logs/chat.md.partial" "$logs/chat.md"
-fi
-for base in $bases; do
+chat() {  # the prompts, answered by the mixture and by its anchor alone, into chat.md
+    if [[ ! -f $logs/chat.md ]]; then
+        for prompt in "${prompts[@]}"; do
+            echo "### $prompt"
+            for model in runs/chat-code-math qwen2.5-coder-1.5b-instruct:bfloat16; do
+                printf '\n%s:\n\n' "$model"
+                compose generate "$model" --prompt "$prompt" --max-new-tokens 160 2>>"$logs/chat.log"
+                echo
+            done
+        done >"$logs/chat.md.partial"
+        mv "$logs/chat.md.partial" "$logs/chat.md"
+    fi
+}
+# the best base first, and on it GSM8K first (the headline): a run cut short has its deciding
+# figures before the others
+for base in qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct smollm2-135m-instruct; do
+    step "compare-$base-gsm8k" compose compare runs/chat-code-math "$base:bfloat16" \
+        --suite gsm8k-dev --data "gsm8k=$gsm8k" --batch "$batch" \
+        --out "runs/chat-code-math-vs-$base-gsm8k"
+    # gsm8k-dev's items no setting was chosen on (from the cache)
+    step "compare-$base-unchosen" compose compare runs/chat-code-math "$base:bfloat16" \
+        --suite gsm8k-dev --skip 192 --data "gsm8k=$gsm8k" --batch "$batch" \
+        --out "runs/chat-code-math-vs-$base-unchosen"
     step "compare-$base-code" compose compare runs/chat-code-math "$base:bfloat16" \
         --suite humaneval-chat --suite mbpp-test --data "mbpp=$mbpp" --batch "$batch" \
         --out "runs/chat-code-math-vs-$base-code"
+    [[ $base != qwen2.5-coder-1.5b-instruct ]] || chat
 done
