@@ -10,10 +10,10 @@ from transformers import AutoModelForCausalLM
 from composer.generation.decode import generate_ids
 from composer.model.align import (
     BaseStream,
+    StreamBatch,
     align,
     aligned_states,
     anchor_texts,
-    stream_steps,
     tokenize,
 )
 from composer.model.mixture import LiveMixture
@@ -128,38 +128,51 @@ def test_tail_forward_equals_forward_on_prefix_tokenization(tiny, write_recipe):
 
 
 @pytest.mark.parametrize("name", ["w", "o"])
-def test_streams_stepped_together_read_what_each_text_reads_alone(tiny, write_recipe, name):
-    """Generation advances every row's aligned stream in one forward: rows of different cached
-    lengths, one whose new text re-tokenizes what it had ("da" -> "days"), one with several
-    new tokens, one starting empty. Each row's states are those of a forward over its own
-    tokenization of its text, and its cache, written back, serves the next step as well."""
-    from transformers import DynamicCache
-
+@pytest.mark.parametrize("compact_at", [None, 2])
+def test_streams_stepped_together_read_what_each_text_reads_alone(
+    tiny, write_recipe, name, compact_at
+):
+    """Generation advances every row's aligned stream in one forward on one batch cache: rows
+    of different lengths, one whose new text re-tokenizes what it had ("da" -> "days": a hole),
+    one with several new tokens, one starting empty, one left alone for a step (None). Each
+    row's states are those of a forward over its own tokenization of its text, step after step
+    (the cache grows in place), and after the batch is compacted to its real columns."""
     base = _cross_mixture(tiny, write_recipe).bases[name]
     steps = [
         ["hello wor", "hello world", "hello world!"],
         ["", "hi", "hi there"],
         ["The quick", "The quick brown f", "The quick brown fox jumps"],
         ["6", "6 da", "6 days"],
+        ["Once", None, "Once upon"],
     ]
-    streams = [BaseStream(tokens=[], cache=DynamicCache(config=base.model.config)) for _ in steps]
+    streams = StreamBatch.empty(base, len(steps))
     for column in range(3):
+        if column == compact_at:
+            streams.compact(base)
+            counts = [len(t) for t in streams.tokens]
+            assert streams.mask.shape[1] == max(counts)  # only the real columns, padded left
+            for r, n in enumerate(counts):
+                assert streams.mask[r].tolist() == [0] * (max(counts) - n) + [1] * n
         texts = [row[column] for row in steps]
-        got = stream_steps(base, streams, texts, [1, 2])
-        for text, stream, (states, found) in zip(texts, streams, got, strict=True):
-            own = tokenize(base.tokenizer, [text])[0]
+        got = streams.step(base, texts, [1, 2])
+        for r, (text, (states, found)) in enumerate(zip(texts, got, strict=True)):
+            own = tokenize(base.tokenizer, [text])[0] if text is not None else []
             assert found == bool(own)
-            assert stream.tokens == (own or stream.tokens)
             if not own:
                 continue
-            assert stream.cache.get_seq_length() == len(own)
+            assert streams.tokens[r] == own
+            assert int(streams.mask[r].sum()) == len(own)
             direct = base.forward(torch.tensor([own]), None, [1, 2], need_final=False)
             for layer in (1, 2):
                 torch.testing.assert_close(
                     states[layer], direct.taps[layer][0, -1].float(), rtol=1e-4, atol=1e-4
                 )
     before, after = tokenize(base.tokenizer, ["6 da", "6 days"])
-    assert after[: len(before)] != before  # a grown word tokenized anew: a cut cache
+    assert after[: len(before)] != before  # a grown word tokenized anew: a hole in its row
+    # Each row alone (as a prompt piece continues it) is its tokens over its real columns.
+    for r in range(len(steps)):
+        alone = streams.row(base, r)
+        assert alone.cache.get_seq_length() == len(alone.tokens) == len(streams.tokens[r])
 
 
 @pytest.mark.parametrize("name", ["w", "o"])

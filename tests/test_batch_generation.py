@@ -81,12 +81,27 @@ def test_generations_already_run_are_refused(tiny, write_recipe):
         run_together([done])
 
 
-def test_at_once_keeps_the_batch_full_and_each_row_as_alone(tiny, write_recipe):
+@pytest.mark.parametrize("kind", ["expert", "aligned", "aligned, compacted"])
+def test_at_once_keeps_the_batch_full_and_each_row_as_alone(tiny, write_recipe, kind, monkeypatch):
     """With `at_once`, the next generation joins as one leaves: never more than that many in
-    the batch, each row's tokens as alone, and the batch full while any wait."""
+    the batch, each row's tokens as alone, and the batch full while any wait. An aligned base's
+    streams join and leave with the rows (and, compacted at every step where any row has
+    padding or a hole, read the same)."""
     from composer.generation.decode import decode_together
+    from composer.model import align
 
-    mixture = _mixture(tiny, write_recipe, "expert")
+    compactions = []
+    if kind.endswith("compacted"):
+        monkeypatch.setattr(align, "COMPACT_RATIO", 1)
+        monkeypatch.setattr(align, "COMPACT_SLACK", 0)
+        compact = align.StreamBatch.compact
+
+        def counted(self, base):
+            compactions.append(1)
+            compact(self, base)
+
+        monkeypatch.setattr(align.StreamBatch, "compact", counted)
+    mixture = _mixture(tiny, write_recipe, kind.split(",")[0])
     lengths = [3, 11, 0, 6, 9, 2, 7]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(lengths))]
     batch = [_new(mixture, p, n) for p, n in zip(prompts, lengths, strict=True)]
@@ -101,6 +116,7 @@ def test_at_once_keeps_the_batch_full_and_each_row_as_alone(tiny, write_recipe):
     # 2 at a time: the rows' 38 tokens take about 38 / 2 steps, where fixed batches of 2 wait
     # for each pair's longer row (11 + 6 + 9 + 7 = 33 steps).
     assert len(running) <= 23
+    assert bool(compactions) == kind.endswith("compacted")
     with pytest.raises(ValueError, match="at_once must be at least 1"):
         list(decode_together([_new(mixture, PROMPTS[0], 2)], at_once=0))
 

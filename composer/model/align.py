@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from composer.errors import ComposeError
+from composer.model import kv
 
 
 class AlignmentError(ComposeError):
@@ -29,6 +30,9 @@ class AlignmentError(ComposeError):
 
 
 DIVERGENT_BATCH = 32  # rows per batched forward of differing tails (bounds the cache copies)
+# A batch of streams is compacted once its columns exceed RATIO x its longest row's tokens +
+# SLACK (padding and holes pile up as rows of other lengths step beside each other).
+COMPACT_RATIO, COMPACT_SLACK = 2, 64
 
 
 def anchor_texts(tokenizer: Any, ids: list[int]) -> list[str]:
@@ -197,83 +201,151 @@ class BaseStream:
     cache: Any
 
 
-def stream_steps(
-    base: Any, streams: list[BaseStream], texts: list[str], layers: list[int]
-) -> list[tuple[dict[int, torch.Tensor], bool]]:
-    """Advance each stream to b's tokenization of its text, reusing its cache up to the common
-    prefix: every stream's new tokens in one forward (rows of a generation batch).
+@dataclass
+class StreamBatch:
+    """An aligned base's streams for a batch of generations (rows) in one KV cache.
 
-    Each stream's cache is cut to what its new tokenization shares with the old and laid,
-    padded on the left, into one batch cache; the new tokens follow, padded on the right; then
-    each row's part (its cached tokens and its new ones) goes back to its own stream. Per
-    stream, the states of its last token at `layers` ((D,) each) and whether b has a token.
+    A row's tokens are its columns where `mask` is 1, in order; the rest of its row is padding
+    (columns other rows needed, a prompt shorter than another's) or holes (tokens a grown word
+    re-tokenized away). A decoding step adds its new columns to every row and runs them in one
+    forward on the cache as it is: no row's cache is copied out and back. Positions count a
+    row's real tokens, so each row reads what its text reads alone (up to float rounding).
+    Columns that no row needs are dropped now and then (`compact`).
     """
-    results: list[tuple[dict[int, torch.Tensor], bool]] = []
-    runs: list[tuple[int, BaseStream, int, list[int]]] = []  # (row, stream, kept, tokens)
-    for row, (stream, tokens) in enumerate(
-        zip(streams, tokenize(base.tokenizer, texts), strict=True)
-    ):
-        results.append(({layer: torch.zeros(base.hidden_size) for layer in layers}, False))
-        if not tokens:
-            continue
-        shared = common_prefix(tokens, stream.tokens)
-        if shared == len(tokens):  # nothing new: re-read the last token's state
-            shared -= 1
-        _check_window(base, len(tokens))
-        crop(stream.cache, shared)
-        runs.append((row, stream, shared, tokens))
-    if not runs:
+
+    cache: Any  # a DynamicCache over rows x columns
+    mask: torch.Tensor  # (rows, columns) long: 1 where the column is one of the row's tokens
+    tokens: list[list[int]]  # each row's tokenization of its text so far
+
+    @classmethod
+    def empty(cls, base: Any, rows: int) -> StreamBatch:
+        """Streams over no text yet."""
+        from transformers import DynamicCache
+
+        mask = torch.zeros(rows, 0, dtype=torch.long)
+        return cls(DynamicCache(config=base.model.config), mask, [[] for _ in range(rows)])
+
+    @classmethod
+    def stack(cls, base: Any, streams: list[BaseStream]) -> StreamBatch:
+        """One batch over single streams, each padded on the left to the longest."""
+        from transformers import DynamicCache
+
+        length = max((len(s.tokens) for s in streams), default=0)
+        cache = DynamicCache(config=base.model.config)
+        rows = zip(*(s.cache.layers for s in streams), strict=True) if streams else iter(())
+        for i, layers in enumerate(rows):
+            filled = [layer for layer in layers if getattr(layer, "is_initialized", False)]
+            if not filled or not length:
+                continue
+            like_k, like_v = filled[0].keys, filled[0].values
+            keys = like_k.new_zeros((len(layers), like_k.shape[1], length, like_k.shape[3]))
+            values = like_v.new_zeros((len(layers), like_v.shape[1], length, like_v.shape[3]))
+            for r, layer in enumerate(layers):
+                n = layer.get_seq_length() if getattr(layer, "is_initialized", False) else 0
+                if n:
+                    keys[r, :, length - n :] = layer.keys[0]
+                    values[r, :, length - n :] = layer.values[0]
+            cache.update(keys, values, i)
+        mask = torch.zeros(len(streams), length, dtype=torch.long)
+        for r, s in enumerate(streams):
+            mask[r, length - len(s.tokens) :] = 1
+        return cls(cache, mask, [list(s.tokens) for s in streams])
+
+    def row(self, base: Any, r: int) -> BaseStream:
+        """Row `r` alone: its tokens and a cache of its real columns only."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=base.model.config)
+        real = self.mask[r].nonzero().flatten()
+        for i, layer in enumerate(self.cache.layers):
+            if getattr(layer, "is_initialized", False) and len(real):
+                at = real.to(layer.keys.device)
+                cache.update(layer.keys[r : r + 1, :, at], layer.values[r : r + 1, :, at], i)
+        return BaseStream(tokens=self.tokens[r][: len(real)], cache=cache)
+
+    def step(
+        self, base: Any, texts: list[str | None], layers: list[int]
+    ) -> list[tuple[dict[int, torch.Tensor], bool]]:
+        """Advance each row with a text (None: leave it) to b's tokenization of that text,
+        keeping its tokens up to the common prefix; every row's new tokens in one forward.
+        Per row, the states of its last token at `layers` ((D,) each) and whether b has one."""
+        R = len(self.tokens)
+        results = [
+            ({layer: torch.zeros(base.hidden_size) for layer in layers}, False) for _ in range(R)
+        ]
+        new: list[list[int]] = [[] for _ in range(R)]
+        asked = {r: text for r, text in enumerate(texts) if text is not None}
+        for r, tokens in zip(asked, tokenize(base.tokenizer, list(asked.values())), strict=True):
+            if not tokens:
+                continue
+            shared = common_prefix(tokens, self.tokens[r])
+            if shared == len(tokens):  # nothing new: re-read the last token's state
+                shared -= 1
+            _check_window(base, len(tokens))
+            kept = self.mask[r].nonzero().flatten()
+            self.mask[r, kept[shared:]] = 0  # the tokens it no longer has become holes
+            new[r], self.tokens[r] = tokens[shared:], tokens[:shared]
+        width = max(len(ids) for ids in new)
+        if not width:
+            return results
+        self._fit(base, width)
+        ids = torch.zeros(R, width, dtype=torch.long)
+        fresh = torch.zeros(R, width, dtype=torch.long)
+        for r, ids_r in enumerate(new):
+            ids[r, : len(ids_r)] = torch.tensor(ids_r, dtype=torch.long)
+            fresh[r, : len(ids_r)] = 1
+        positions = self.mask.sum(dim=1, keepdim=True) + torch.arange(width)
+        # Every new column attends to itself (padding too, so that no query sees nothing and
+        # gives NaN); the real ones precede their row's padding, which causality keeps from
+        # them. Later steps see only the real ones.
+        seen = torch.cat([self.mask, torch.ones(R, width, dtype=torch.long)], dim=1)
+        states = base.forward(
+            ids, seen, layers, need_final=False, cache=self.cache, position_ids=positions
+        )
+        self.mask = torch.cat([self.mask, fresh], dim=1)
+        for r, ids_r in enumerate(new):
+            if ids_r:
+                self.tokens[r] = self.tokens[r] + ids_r
+                at = {layer: states.taps[layer][r, len(ids_r) - 1].float() for layer in layers}
+                results[r] = (at, True)
         return results
-    kept = max(shared for _, _, shared, _ in runs)
-    width = max(len(tokens) - shared for _, _, shared, tokens in runs)
-    ids = torch.zeros(len(runs), width, dtype=torch.long)
-    mask = torch.zeros(len(runs), kept + width, dtype=torch.long)
-    positions = torch.zeros(len(runs), width, dtype=torch.long)
-    for r, (_, _, shared, tokens) in enumerate(runs):
-        ids[r, : len(tokens) - shared] = torch.tensor(tokens[shared:])
-        mask[r, kept - shared : kept + len(tokens) - shared] = 1
-        positions[r] = shared + torch.arange(width)
-    batched = _stack_caches(base, [stream.cache for _, stream, _, _ in runs], kept)
-    states = base.forward(
-        ids, mask, layers, need_final=False, cache=batched, position_ids=positions
-    )
-    for r, (row, stream, shared, tokens) in enumerate(runs):
-        new = len(tokens) - shared
-        _unstack_cache(batched, r, kept - shared, kept + new, stream.cache)
-        stream.tokens = tokens
-        results[row] = ({layer: states.taps[layer][r, new - 1].float() for layer in layers}, True)
-    return results
 
+    def _fit(self, base: Any, width: int) -> None:
+        """Compact before `width` more columns when padding and holes are most of the cache,
+        or a sliding window would otherwise drop columns still read."""
+        columns = self.mask.shape[1]
+        longest = int(self.mask.sum(dim=1).max()) if len(self.tokens) else 0
+        window = getattr(base.config, "sliding_window", None)
+        if columns > COMPACT_RATIO * longest + COMPACT_SLACK or (
+            window and columns + width >= window
+        ):
+            self.compact(base)
 
-def _stack_caches(base: Any, caches: list[Any], length: int) -> Any:
-    """One cache over the rows of `caches`, each padded on the left to `length` tokens (every
-    layer one of them has filled)."""
-    from transformers import DynamicCache
+    def compact(self, base: Any) -> None:
+        """The same streams with only their real columns, each row padded on the left."""
+        packed = StreamBatch.stack(base, [self.row(base, r) for r in range(len(self.tokens))])
+        self.cache, self.mask = packed.cache, packed.mask
 
-    batched = DynamicCache(config=base.model.config)
-    for i, rows in enumerate(zip(*(cache.layers for cache in caches), strict=True)):
-        filled = [layer for layer in rows if getattr(layer, "is_initialized", False)]
-        if not filled or not length:
-            continue
-        like_k, like_v = filled[0].keys, filled[0].values
-        keys = like_k.new_zeros((len(rows), like_k.shape[1], length, like_k.shape[3]))
-        values = like_v.new_zeros((len(rows), like_v.shape[1], length, like_v.shape[3]))
-        for r, layer in enumerate(rows):
-            n = layer.get_seq_length()
-            if n:
-                keys[r, :, length - n :] = layer.keys[0]
-                values[r, :, length - n :] = layer.values[0]
-        batched.update(keys, values, i)
-    return batched
+    # -- rows of a batch of generations joining and leaving (composer.model.batch) -------------
 
+    def extend(self, other: StreamBatch) -> None:
+        """`other`'s rows after these, the narrower side padded on the left."""
+        n = self.mask.shape[1] - other.mask.shape[1]
+        narrow = other if n > 0 else self
+        kv.pad_cache(narrow.cache, abs(n))
+        narrow.mask = torch.cat([narrow.mask.new_zeros(len(narrow.tokens), abs(n)), narrow.mask], 1)
+        kv.append_cache(self.cache, other.cache, len(self.tokens), len(other.tokens))
+        self.mask = torch.cat([self.mask, other.mask])
+        self.tokens = self.tokens + other.tokens
 
-def _unstack_cache(batched: Any, row: int, start: int, end: int, cache: Any) -> None:
-    """Row `row`'s columns `start:end` of `batched`, every filled layer, as `cache`."""
-    for mine, layer in zip(cache.layers, batched.layers, strict=True):
-        if not getattr(layer, "is_initialized", False):
-            continue
-        keys = layer.keys[row : row + 1, :, start:end].clone()
-        values = layer.values[row : row + 1, :, start:end].clone()
-        if not mine.is_initialized:
-            mine.lazy_initialization(keys, values)
-        mine.keys, mine.values = keys, values
+    def select(self, keep: list[int]) -> None:
+        """Keep only the rows `keep`; then cut the leading columns that are none's tokens."""
+        rows = torch.tensor(keep, dtype=torch.long)
+        kv.select_cache(self.cache, rows)
+        self.mask = self.mask[rows]
+        self.tokens = [self.tokens[r] for r in keep]
+        real = self.mask.any(dim=0).nonzero()
+        lead = int(real[0]) if len(real) else self.mask.shape[1]
+        if lead:
+            kv.pad_cache(self.cache, -lead)
+            self.mask = self.mask[:, lead:]

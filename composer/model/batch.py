@@ -29,6 +29,7 @@ import torch
 
 from composer.bases.frozen import BaseStates, FrozenBase
 from composer.model.carry_on import KVCache
+from composer.model.kv import append_cache, initialized, pad, pad_cache, select_cache
 from composer.model.mixture import GenerationState, LiveMixture
 
 
@@ -116,15 +117,15 @@ class SharedBatch:
                 layers |= more
                 final |= needs_final
             # The row's own cache over the most layers (one base named twice in a recipe).
-            cache = max((own.base_past[name] for name in names), key=_initialized)
-            _pad_cache(cache, pad)
+            cache = max((own.base_past[name] for name in names), key=initialized)
+            pad_cache(cache, pad)
             lane = self.lanes.get(key)
             if lane is None:
                 self.lanes[key] = Lane(mixture.bases[names[0]], layers, final, cache, [row])
                 continue
             lane.layers |= layers
             lane.final |= final
-            _append_cache(lane.cache, cache)
+            append_cache(lane.cache, cache, len(lane.rows), 1)
             lane.rows.append(row)
         state = self.states.get(id(mixture))
         if state is None:
@@ -133,7 +134,10 @@ class SharedBatch:
         state.carry_on_past = _cat_kv(state.carry_on_past, carry)
         state.rows.append(own.rows[0])
         for name, streams in own.streams.items():
-            state.streams.setdefault(name, []).append(streams[0])
+            if name in state.streams:
+                state.streams[name].extend(streams)
+            else:
+                state.streams[name] = streams
         if pad or self.mask is not None:
             before = self.mask if self.mask is not None else torch.ones(len(self.rows), length)
             mine = torch.cat([torch.zeros(1, pad), torch.ones(1, n)], dim=1)
@@ -215,7 +219,7 @@ class SharedBatch:
                 del self.lanes[key]
                 continue
             if len(keep) < len(lane.rows):
-                _select_cache(lane.cache, torch.tensor(keep))
+                select_cache(lane.cache, torch.tensor(keep))
                 lane.rows = [lane.rows[j] for j in keep]
         for mixture, rows in self._by_mixture():
             keep = [j for j, r in enumerate(rows) if id(r) not in out]
@@ -227,7 +231,8 @@ class SharedBatch:
                 picked = torch.tensor(keep)
                 state.carry_on_past = _select_kv(state.carry_on_past, picked)
                 state.rows = [state.rows[j] for j in keep]
-                state.streams = {n: [s[j] for j in keep] for n, s in state.streams.items()}
+                for streams in state.streams.values():
+                    streams.select(keep)
         keep = [i for i, r in enumerate(self.rows) if id(r) not in out]
         self.rows = [self.rows[i] for i in keep]
         if not self.rows:
@@ -244,7 +249,7 @@ class SharedBatch:
         lead = int(real[0]) if len(real) else self.mask.shape[1]
         if lead:
             for lane in self.lanes.values():
-                _pad_cache(lane.cache, -lead)
+                pad_cache(lane.cache, -lead)
             for state in self.states.values():
                 state.carry_on_past = _pad_kv(state.carry_on_past, -lead)
             self.mask = self.mask[:, lead:]
@@ -254,7 +259,7 @@ class SharedBatch:
 
     def _pad_all(self, n: int) -> None:
         for lane in self.lanes.values():
-            _pad_cache(lane.cache, n)
+            pad_cache(lane.cache, n)
         for state in self.states.values():
             state.carry_on_past = _pad_kv(state.carry_on_past, n)
         before = self.mask if self.mask is not None else torch.ones(len(self.rows), self.length)
@@ -262,72 +267,13 @@ class SharedBatch:
         self.length += n
 
 
-# -- KV caches: padding on the left, rows appended and selected ----------------------------------
-
-
-def _layers(cache: Any) -> list[Any]:
-    from transformers.cache_utils import DynamicLayer
-
-    layers = list(cache.layers)
-    for layer in layers:
-        if type(layer) is not DynamicLayer:  # a sliding window drops columns on its own
-            raise ValueError(f"cannot batch a {type(layer).__name__} cache across generations")
-    return layers
-
-
-def _initialized(cache: Any) -> int:
-    return sum(layer.is_initialized for layer in _layers(cache))
-
-
-def _pad_cache(cache: Any, n: int) -> None:
-    """`n` > 0: that many zero columns on the left of every layer; `n` < 0: cut that many."""
-    if n == 0:
-        return
-    for layer in _layers(cache):
-        if layer.is_initialized:
-            layer.keys, layer.values = _pad(layer.keys, n), _pad(layer.values, n)
-
-
-def _pad(t: torch.Tensor, n: int) -> torch.Tensor:
-    if n < 0:
-        return t[:, :, -n:]
-    return torch.cat([t.new_zeros((*t.shape[:2], n, *t.shape[3:])), t], dim=2)
-
-
-def _append_cache(cache: Any, more: Any) -> None:
-    """Rows of `more` after those of `cache` (one length). A layer only one side has run (its
-    rows' mixtures tap less deep) is zeros for the other side's rows: nothing reads it there."""
-    rows = _rows(cache)
-    for mine, theirs in zip(_layers(cache), _layers(more), strict=True):
-        if not (mine.is_initialized or theirs.is_initialized):
-            continue
-        if not theirs.is_initialized:
-            theirs.lazy_initialization(mine.keys, mine.values)
-            theirs.keys = mine.keys.new_zeros((1, *mine.keys.shape[1:]))
-            theirs.values = mine.values.new_zeros((1, *mine.values.shape[1:]))
-        if not mine.is_initialized:
-            mine.lazy_initialization(theirs.keys, theirs.values)
-            mine.keys = theirs.keys.new_zeros((rows, *theirs.keys.shape[1:]))
-            mine.values = theirs.values.new_zeros((rows, *theirs.values.shape[1:]))
-        mine.keys = torch.cat([mine.keys, theirs.keys])
-        mine.values = torch.cat([mine.values, theirs.values])
-
-
-def _rows(cache: Any) -> int:
-    return next(layer.keys.shape[0] for layer in _layers(cache) if layer.is_initialized)
-
-
-def _select_cache(cache: Any, rows: torch.Tensor) -> None:
-    for layer in _layers(cache):
-        if layer.is_initialized:
-            layer.keys = layer.keys[rows.to(layer.keys.device)]
-            layer.values = layer.values[rows.to(layer.values.device)]
+# -- the carry-on's KV caches (lists of key/value pairs) -----------------------------------------
 
 
 def _pad_kv(cache: KVCache | None, n: int) -> KVCache | None:
     if cache is None or n == 0:
         return cache
-    return [(_pad(k, n), _pad(v, n)) for k, v in cache]
+    return [(pad(k, n), pad(v, n)) for k, v in cache]
 
 
 def _cat_kv(cache: KVCache | None, more: KVCache | None) -> KVCache | None:

@@ -20,13 +20,7 @@ import torch
 from composer.bases.frozen import DTYPES, BaseStates, FrozenBase, load_base, resolve_folder
 from composer.bases.pool import BasePool, load_frozen
 from composer.errors import BaseSourceError
-from composer.model.align import (
-    BaseStream,
-    aligned_states,
-    anchor_text,
-    anchor_texts,
-    stream_steps,
-)
+from composer.model.align import StreamBatch, aligned_states, anchor_text, anchor_texts
 from composer.model.carry_on import CarryOn, KVCache
 from composer.model.experts import FusedHead
 from composer.model.factory import check_compatible, new_carry_on
@@ -56,7 +50,7 @@ class GenerationState:
     base_past: dict[str, Any]  # same-tokenizer bases: their KV caches over the anchor's ids
     carry_on_past: KVCache | None = None
     rows: list[list[int]] = field(default_factory=list)  # each row's anchor ids, padding dropped
-    streams: dict[str, list[BaseStream]] = field(default_factory=dict)  # aligned bases, per row
+    streams: dict[str, StreamBatch] = field(default_factory=dict)  # aligned bases' rows
     mask: torch.Tensor | None = None  # (B, length): 0 at padding; None while there is none
     length: int = 0  # positions fed so far, padding included
 
@@ -266,32 +260,31 @@ class LiveMixture(MixtureCore):
         real = attention_mask[:, -T:] if attention_mask is not None else torch.ones(B, T)
         counts = [int(n) for n in real.sum(dim=1).tolist()]
         if name not in state.streams:  # a new generation: each row's stream over no text yet
-            from transformers import DynamicCache
-
-            state.streams[name] = [
-                BaseStream(tokens=[], cache=DynamicCache(config=base.model.config))
-                for _ in state.rows
-            ]
+            state.streams[name] = StreamBatch.empty(base, len(state.rows))
         streams = state.streams[name]
         if T == 1:  # a decoding step: every row's new token in one forward
-            rows = [row for row in range(B) if counts[row]]
-            texts = [anchor_text(self.tokenizer, state.rows[row]) for row in rows]
-            steps = stream_steps(base, [streams[row] for row in rows], texts, layers)
-            for row, (at, ok) in zip(rows, steps, strict=True):
+            now = [
+                anchor_text(self.tokenizer, ids) if counts[row] else None
+                for row, ids in enumerate(state.rows)
+            ]
+            for row, (at, ok) in enumerate(streams.step(base, now, layers)):
                 for layer in layers:
                     out[layer][row, 0] = at[layer]
                 mask[row, 0] = ok
             return out, mask
-        for row, ids in enumerate(state.rows):  # a prompt, or more of it: its tokens at once
+        # A prompt, or more of it: each row's tokens at once, on its stream alone.
+        alone = [streams.row(base, row) for row in range(B)]
+        for row, ids in enumerate(state.rows):
             n = counts[row]
             if n:
                 texts = [
                     anchor_text(self.tokenizer, ids[: t + 1]) for t in range(len(ids) - n, len(ids))
                 ]
-                states, found, _, _ = aligned_states(base, texts, layers, streams[row])
+                states, found, _, _ = aligned_states(base, texts, layers, alone[row])
                 for layer in layers:
                     out[layer][row, T - n :] = states[layer]
                 mask[row, T - n :] = found
+        state.streams[name] = StreamBatch.stack(base, alone)
         return out, mask
 
     @property
