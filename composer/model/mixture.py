@@ -249,10 +249,11 @@ class LiveMixture(MixtureCore):
         attention_mask: torch.Tensor | None,
         state: GenerationState,
     ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-        """An aligned base in generation (left padding), one stream per row: new anchor tokens
-        re-tokenize the text so far, reusing the row's cache up to what did not change. A
-        decoding step runs every row's new base tokens in one forward; a prompt (or its next
-        piece) runs each row's at once."""
+        """An aligned base in generation (left padding), a stream per row in one batch cache
+        (`StreamBatch`): new anchor tokens re-tokenize the text so far, reusing the row's tokens
+        up to what did not change. A decoding step runs every row's new base tokens in one
+        forward on that cache; a prompt (or its next piece) runs each row's at once, on its
+        stream taken out alone, and the streams are laid together again."""
         base, layers = self.bases[name], self._layers[name]
         B, T = input_ids.shape
         out = {layer: torch.zeros(B, T, base.hidden_size) for layer in layers}
