@@ -13,6 +13,7 @@ import threading
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -75,7 +76,10 @@ def make_wordpiece_tokenizer(folder: Path, vocab_size: int) -> None:
     fast.save_pretrained(folder)
 
 
-def make_base(folder: Path, family: str, tokenizer_from: Path, hidden: int, layers: int) -> Path:
+def make_base(
+    folder: Path, family: str, tokenizer_from: Path, hidden: int, layers: int, **config: Any
+) -> Path:
+    """A tiny random Llama or Qwen2 base saved to `folder`; `config` adds to its config."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
 
@@ -91,8 +95,9 @@ def make_base(folder: Path, family: str, tokenizer_from: Path, hidden: int, laye
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
+        **config,
     )
-    config = (
+    made = (
         LlamaConfig(**common, tie_word_embeddings=True)
         if family == "llama"
         else Qwen2Config(**common, tie_word_embeddings=False)
@@ -100,7 +105,7 @@ def make_base(folder: Path, family: str, tokenizer_from: Path, hidden: int, laye
     # A seed of the family's name that is the same in every process (str hash() is salted per
     # process, so the tiny bases, and every test's outcome, would change from run to run).
     torch.manual_seed(zlib.crc32(family.encode()) % 1000 + hidden)
-    model = AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(made)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

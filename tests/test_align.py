@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import recipe_yaml
+from conftest import make_base, recipe_yaml
 from transformers import AutoModelForCausalLM
 
 from composer.generation.decode import generate_ids
@@ -173,6 +173,42 @@ def test_streams_stepped_together_read_what_each_text_reads_alone(
     for r in range(len(steps)):
         alone = streams.row(base, r)
         assert alone.cache.get_seq_length() == len(alone.tokens) == len(streams.tokens[r])
+
+
+def test_a_sliding_window_base_stepped_together_reads_each_whole_text(tiny, write_recipe, tmp_path):
+    """A base whose layers attend through a sliding window, stepped beside a row that needs
+    more columns: the short row's tokens spread over more columns than the window (padding
+    between its steps' tokens) while its text stays shorter than the window. Each row's states
+    are those of its own text read alone (all of it inside the window), not those of a window
+    slid over the batch's columns."""
+    window = 21
+    path = make_base(
+        tmp_path / "sliding", "qwen2", tiny["other"], 32, 2,
+        use_sliding_window=True, max_window_layers=0, sliding_window=window,
+    )  # fmt: skip
+    recipe = write_recipe(recipe_yaml({"a": tiny["llama"], "o": path}, "a", ["o@2"]))
+    base = LiveMixture.from_recipe(load_recipe(recipe), seed=3).bases["o"]
+    steps = [
+        ["hello wor", "hello world!", "hello world! hi there"],
+        ["The quick brown f", "The quick brown fox jumps", None],
+    ]
+    streams = StreamBatch.empty(base, len(steps))
+    for column in range(3):
+        texts = [row[column] for row in steps]
+        got = streams.step(base, texts, [1, 2])
+        for text, (states, found) in zip(texts, got, strict=True):
+            if text is None:
+                assert not found
+                continue
+            own = tokenize(base.tokenizer, [text])[0]
+            assert len(own) < window
+            direct = base.forward(torch.tensor([own]), None, [1, 2], need_final=False)
+            for layer in (1, 2):
+                torch.testing.assert_close(
+                    states[layer], direct.taps[layer][0, -1].float(), rtol=1e-4, atol=1e-4
+                )
+    first = int(streams.mask[0].nonzero()[0])
+    assert streams.mask.shape[1] - first > window + 1  # row 0 spans more than a window
 
 
 @pytest.mark.parametrize("name", ["w", "o"])

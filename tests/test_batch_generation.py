@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from conftest import EXPERT_CARRY_ON, recipe_yaml
+from conftest import EXPERT_CARRY_ON, make_base, recipe_yaml
 
 from composer.generation.decode import Generation, run_together
 from composer.model.mixture import LiveMixture
@@ -20,14 +20,33 @@ PROMPTS = [
 ]
 
 
-def _mixture(tiny, write_recipe, kind: str) -> LiveMixture:
+@pytest.fixture(scope="module")
+def sliding(tiny, tmp_path_factory):
+    """Qwen2 bases whose upper layers attend through a sliding window: one with the tiny
+    anchor's tokenizer and a window shorter than a generation (its cache drops columns while
+    rows join and leave), one with another tokenizer (aligned: its texts stay in the window)."""
+    root = tmp_path_factory.mktemp("sliding")
+    window = dict(use_sliding_window=True, max_window_layers=2)
+    tok = tiny["llama"]  # the tokenizer files are saved beside each tiny base
+    return {
+        "expert": make_base(root / "lane", "qwen2", tok, 64, 4, sliding_window=6, **window),
+        "aligned": make_base(
+            root / "aligned", "qwen2", tiny["other"], 32, 3, sliding_window=56, **window
+        ),
+    }
+
+
+def _mixture(tiny, write_recipe, kind: str, sliding=None) -> LiveMixture:
     """A mixture whose carry-on changes the logits: over a same-tokenizer tap and an expert, or
-    over a base aligned across tokenizers."""
+    over a base aligned across tokenizers; with `sliding` (the fixture), that base's upper
+    layers attend through a sliding window."""
+    other = (sliding or {}).get(kind)
     if kind == "expert":
-        bases = {"a": tiny["llama"], "b": tiny["qwen2"]}
+        bases = {"a": tiny["llama"], "b": other or tiny["qwen2"]}
         path = write_recipe(recipe_yaml(bases, "a", ["a@1", "b@4"], carry_on=EXPERT_CARRY_ON))
     else:
-        path = write_recipe(recipe_yaml({"a": tiny["llama"], "o": tiny["other"]}, "a", ["o@1"]))
+        bases = {"a": tiny["llama"], "o": other or tiny["other"]}
+        path = write_recipe(recipe_yaml(bases, "a", ["o@3" if other else "o@1"]))
     mixture = LiveMixture.from_recipe(load_recipe(path), seed=3)
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -81,27 +100,35 @@ def test_generations_already_run_are_refused(tiny, write_recipe):
         run_together([done])
 
 
-@pytest.mark.parametrize("kind", ["expert", "aligned", "aligned, compacted"])
-def test_at_once_keeps_the_batch_full_and_each_row_as_alone(tiny, write_recipe, kind, monkeypatch):
+@pytest.mark.parametrize(
+    "kind", ["expert", "aligned", "aligned, compacted", "expert, sliding", "aligned, sliding"]
+)
+def test_at_once_keeps_the_batch_full_and_each_row_as_alone(
+    tiny, sliding, write_recipe, kind, monkeypatch
+):
     """With `at_once`, the next generation joins as one leaves: never more than that many in
     the batch, each row's tokens as alone, and the batch full while any wait. An aligned base's
     streams join and leave with the rows (and, compacted at every step where any row has
-    padding or a hole, read the same)."""
+    padding or a hole, read the same). A base with sliding-window layers batches too: a window
+    shorter than the rows (its cache drops columns as rows join and leave), or an aligned base
+    whose texts stay inside its window."""
     from composer.generation.decode import decode_together
     from composer.model import align
 
     compactions = []
+    compact = align.StreamBatch.compact
+
+    def counted(self, base):
+        compactions.append(1)
+        compact(self, base)
+
+    monkeypatch.setattr(align.StreamBatch, "compact", counted)
     if kind.endswith("compacted"):
         monkeypatch.setattr(align, "COMPACT_RATIO", 1)
         monkeypatch.setattr(align, "COMPACT_SLACK", 0)
-        compact = align.StreamBatch.compact
-
-        def counted(self, base):
-            compactions.append(1)
-            compact(self, base)
-
-        monkeypatch.setattr(align.StreamBatch, "compact", counted)
-    mixture = _mixture(tiny, write_recipe, kind.split(",")[0])
+    mixture = _mixture(
+        tiny, write_recipe, kind.split(",")[0], sliding if kind.endswith("sliding") else None
+    )
     lengths = [3, 11, 0, 6, 9, 2, 7]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(lengths))]
     batch = [_new(mixture, p, n) for p, n in zip(prompts, lengths, strict=True)]
@@ -116,7 +143,7 @@ def test_at_once_keeps_the_batch_full_and_each_row_as_alone(tiny, write_recipe, 
     # 2 at a time: the rows' 38 tokens take about 38 / 2 steps, where fixed batches of 2 wait
     # for each pair's longer row (11 + 6 + 9 + 7 = 33 steps).
     assert len(running) <= 23
-    assert bool(compactions) == kind.endswith("compacted")
+    assert bool(compactions) == kind.endswith("compacted")  # rows this short need none
     with pytest.raises(ValueError, match="at_once must be at least 1"):
         list(decode_together([_new(mixture, PROMPTS[0], 2)], at_once=0))
 

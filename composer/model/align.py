@@ -193,6 +193,32 @@ def _check_window(base: Any, n_tokens: int) -> None:
         )
 
 
+def _windowed(base: Any) -> bool:
+    return bool(getattr(base.config, "sliding_window", None))
+
+
+def _whole_rows(base: Any, seen: torch.Tensor, cache: Any, positions: torch.Tensor) -> Any:
+    """The attention mask of a step on a batch of streams, as the 4-D mask every layer reads.
+
+    A sliding-window layer would slide its window over the batch's columns, padding and holes
+    included, so a row's own tokens could fall out of it. Every row's text is shorter than the
+    window (`_check_window`), so alone such a layer reads all of it: here every layer reads the
+    row's whole text, the batch's cache keeps every column (plain layers), and the mask says
+    which are the row's."""
+    from transformers.masking_utils import create_causal_mask
+
+    R, width = positions.shape
+    like = torch.empty(R, width, 0, dtype=base.model.dtype, device=base.device)
+    return create_causal_mask(
+        config=base.decoder.config,
+        inputs_embeds=like,
+        attention_mask=seen.to(base.device),
+        cache=cache,
+        position_ids=positions.to(base.device),
+        allow_is_causal_skip=False,
+    )
+
+
 @dataclass
 class BaseStream:
     """One base's generation state: its tokens so far and its KV cache over them."""
@@ -223,7 +249,7 @@ class StreamBatch:
         from transformers import DynamicCache
 
         mask = torch.zeros(rows, 0, dtype=torch.long)
-        return cls(DynamicCache(config=base.model.config), mask, [[] for _ in range(rows)])
+        return cls(DynamicCache(), mask, [[] for _ in range(rows)])
 
     @classmethod
     def stack(cls, base: Any, streams: list[BaseStream]) -> StreamBatch:
@@ -231,7 +257,7 @@ class StreamBatch:
         from transformers import DynamicCache
 
         length = max((len(s.tokens) for s in streams), default=0)
-        cache = DynamicCache(config=base.model.config)
+        cache = DynamicCache()  # plain layers, also for a sliding-window base (see `step`)
         rows = zip(*(s.cache.layers for s in streams), strict=True) if streams else iter(())
         for i, layers in enumerate(rows):
             filled = [layer for layer in layers if getattr(layer, "is_initialized", False)]
@@ -288,7 +314,7 @@ class StreamBatch:
         width = max(len(ids) for ids in new)
         if not width:
             return results
-        self._fit(base, width)
+        self._fit(base)
         ids = torch.zeros(R, width, dtype=torch.long)
         fresh = torch.zeros(R, width, dtype=torch.long)
         for r, ids_r in enumerate(new):
@@ -299,8 +325,9 @@ class StreamBatch:
         # gives NaN); the real ones precede their row's padding, which causality keeps from
         # them. Later steps see only the real ones.
         seen = torch.cat([self.mask, torch.ones(R, width, dtype=torch.long)], dim=1)
+        mask = _whole_rows(base, seen, self.cache, positions) if _windowed(base) else seen
         states = base.forward(
-            ids, seen, layers, need_final=False, cache=self.cache, position_ids=positions
+            ids, mask, layers, need_final=False, cache=self.cache, position_ids=positions
         )
         self.mask = torch.cat([self.mask, fresh], dim=1)
         for r, ids_r in enumerate(new):
@@ -310,15 +337,11 @@ class StreamBatch:
                 results[r] = (at, True)
         return results
 
-    def _fit(self, base: Any, width: int) -> None:
-        """Compact before `width` more columns when padding and holes are most of the cache,
-        or a sliding window would otherwise drop columns still read."""
+    def _fit(self, base: Any) -> None:
+        """Compact before a step when padding and holes are most of the cache."""
         columns = self.mask.shape[1]
         longest = int(self.mask.sum(dim=1).max()) if len(self.tokens) else 0
-        window = getattr(base.config, "sliding_window", None)
-        if columns > COMPACT_RATIO * longest + COMPACT_SLACK or (
-            window and columns + width >= window
-        ):
+        if columns > COMPACT_RATIO * longest + COMPACT_SLACK:
             self.compact(base)
 
     def compact(self, base: Any) -> None:

@@ -1,6 +1,12 @@
 """transformers KV caches (`DynamicCache`) as batches of rows: columns padded on the left or cut,
 rows appended and selected. Shared by the batch of generations (composer.model.batch) and the
-aligned bases' streams (composer.model.align)."""
+aligned bases' streams (composer.model.align).
+
+A sliding-window layer (Mistral, Gemma 3, Qwen2 with `use_sliding_window`) holds only the last
+`sliding_window - 1` of its `cumulative_length` columns; transformers builds its masks over all
+of them (the 2-D mask has a column for each, the layer's offset says which it still holds). Here
+such a layer's columns are the ones it has seen: padding adds to them (kept only where they fall
+in the window) and a cut removes the oldest, so the layer keeps agreeing with the batch's mask."""
 
 from __future__ import annotations
 
@@ -10,14 +16,20 @@ import torch
 
 
 def layers(cache: Any) -> list[Any]:
-    """The cache's layers; a sliding window's (it drops columns on its own) cannot be batched."""
-    from transformers.cache_utils import DynamicLayer
+    """The cache's layers: plain or sliding-window dynamic ones (others cannot be batched)."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
     found = list(cache.layers)
     for layer in found:
-        if type(layer) is not DynamicLayer:
+        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) or getattr(
+            layer, "record_past", False
+        ):
             raise ValueError(f"cannot batch a {type(layer).__name__} cache across generations")
     return found
+
+
+def _sliding(layer: Any) -> bool:
+    return getattr(layer, "is_sliding", False)
 
 
 def initialized(cache: Any) -> int:
@@ -30,8 +42,21 @@ def pad_cache(cache: Any, n: int) -> None:
     if n == 0:
         return
     for layer in layers(cache):
-        if layer.is_initialized:
+        if not layer.is_initialized:
+            continue
+        if not _sliding(layer):
             layer.keys, layer.values = pad(layer.keys, n), pad(layer.values, n)
+            continue
+        # It holds the last columns of those it has seen, at most `sliding_window - 1`: padding
+        # before a full window's is dropped at once, and a cut reaches the held ones only
+        # where it leaves fewer columns than it held.
+        total = layer.cumulative_length + n
+        if n > 0:
+            layer.keys, layer.values = pad(layer.keys, n), pad(layer.values, n)
+        held = min(layer.keys.shape[2], total, layer.sliding_window - 1)
+        layer.keys = layer.keys[:, :, layer.keys.shape[2] - held :]
+        layer.values = layer.values[:, :, layer.values.shape[2] - held :]
+        layer.cumulative_length = total
 
 
 def pad(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -49,15 +74,24 @@ def append_cache(cache: Any, more: Any, rows: int, more_rows: int) -> None:
         if not (mine.is_initialized or theirs.is_initialized):
             continue
         if not theirs.is_initialized:
-            theirs.lazy_initialization(mine.keys, mine.values)
-            theirs.keys = mine.keys.new_zeros((more_rows, *mine.keys.shape[1:]))
-            theirs.values = mine.values.new_zeros((more_rows, *mine.values.shape[1:]))
+            _zeros_like(theirs, mine, more_rows)
         if not mine.is_initialized:
-            mine.lazy_initialization(theirs.keys, theirs.values)
-            mine.keys = theirs.keys.new_zeros((rows, *theirs.keys.shape[1:]))
-            mine.values = theirs.values.new_zeros((rows, *theirs.values.shape[1:]))
+            _zeros_like(mine, theirs, rows)
+        if _sliding(mine) and mine.cumulative_length != theirs.cumulative_length:
+            raise ValueError(
+                f"rows of {mine.cumulative_length} and {theirs.cumulative_length} columns"
+            )
         mine.keys = torch.cat([mine.keys, theirs.keys])
         mine.values = torch.cat([mine.values, theirs.values])
+
+
+def _zeros_like(empty: Any, like: Any, rows: int) -> None:
+    """Fill an unrun layer with `rows` rows of zeros shaped as `like`'s (its columns too)."""
+    empty.lazy_initialization(like.keys, like.values)
+    empty.keys = like.keys.new_zeros((rows, *like.keys.shape[1:]))
+    empty.values = like.values.new_zeros((rows, *like.values.shape[1:]))
+    if _sliding(empty):
+        empty.cumulative_length = like.cumulative_length
 
 
 def select_cache(cache: Any, rows: torch.Tensor) -> None:
