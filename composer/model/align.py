@@ -184,17 +184,18 @@ def crop(cache: Any, length: int) -> None:
                 layer.crop(length - cached)
 
 
+def _window(base: Any) -> int | None:
+    """The base's sliding window in tokens; None where every layer attends to all of them."""
+    return getattr(base.config, "sliding_window", None) or None
+
+
 def _check_window(base: Any, n_tokens: int) -> None:
-    window = getattr(base.config, "sliding_window", None)
+    window = _window(base)
     if window and n_tokens >= window:
         raise AlignmentError(
             f"base '{base.name}' would read {n_tokens} tokens, beyond its sliding window of "
             f"{window}: cross-tokenizer alignment of such a base is limited to shorter texts"
         )
-
-
-def _windowed(base: Any) -> bool:
-    return bool(getattr(base.config, "sliding_window", None))
 
 
 def _whole_rows(base: Any, seen: torch.Tensor, cache: Any, positions: torch.Tensor) -> Any:
@@ -325,7 +326,7 @@ class StreamBatch:
         # gives NaN); the real ones precede their row's padding, which causality keeps from
         # them. Later steps see only the real ones.
         seen = torch.cat([self.mask, torch.ones(R, width, dtype=torch.long)], dim=1)
-        mask = _whole_rows(base, seen, self.cache, positions) if _windowed(base) else seen
+        mask = _whole_rows(base, seen, self.cache, positions) if _window(base) else seen
         states = base.forward(
             ids, mask, layers, need_final=False, cache=self.cache, position_ids=positions
         )
