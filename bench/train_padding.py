@@ -56,39 +56,27 @@ def length_groups(lengths: list[int], waste: float = 0.1) -> list[list[int]]:
     return groups
 
 
-def _groups(source, indices: list[int]) -> list[list[int]]:
+def by_length(source, indices: list[int]) -> list[list[int]]:
+    """The grouped arm: the step's rows in length groups."""
     lengths = [len(source.examples[i].input_ids) for i in indices]
     return [[indices[j] for j in group] for group in length_groups(lengths)]
+
+
+def together(source, indices: list[int]) -> list[list[int]]:
+    """The padded arm: the step's rows as the one batch the training loop takes."""
+    return [indices]
 
 
 def _autocast(spec) -> torch.autocast:
     return torch.autocast("cpu", torch.bfloat16, enabled=spec.autocast == "bfloat16")
 
 
-def padded_step(model, sources, spec, step: int) -> None:
-    """The loop as it was: the step's rows as one padded batch, task loss and preservation."""
-    train = sources["train"]
-    batch = train.batch(batch_indices(step, len(train.examples), spec.batch_size, spec.seed))
-    with _autocast(spec):
-        loss = token_loss(model, batch) / max(batch.n_targets, 1)
-    loss.backward()
-    if spec.preserve is not None:
-        general = sources["preserve"]
-        n = len(general.examples)
-        indices = batch_indices(step, n, spec.preserve.batch_size, spec.seed + 1)
-        batch = general.batch(indices)
-        chosen = preserve_positions(batch, indices, spec.preserve.positions, spec.seed, step)
-        with _autocast(spec):
-            kl = preserve_loss(model, batch, chosen, spec.preserve.reference)
-            kl = kl / max(int(chosen.sum()), 1)
-        (spec.preserve.weight * kl).backward()
-
-
-def grouped_step(model, sources, spec, step: int) -> None:
-    """The same losses, backpropagated group by group of similar length."""
+def run_step(model, sources, spec, step: int, groups) -> None:
+    """Backpropagates step `step`'s task loss and preservation KL (each divided by the whole
+    step's count, as training divides), batch by batch of `groups(source, indices)`."""
     train = sources["train"]
     indices = batch_indices(step, len(train.examples), spec.batch_size, spec.seed)
-    batches = [train.batch(rows) for rows in _groups(train, indices)]
+    batches = [train.batch(rows) for rows in groups(train, indices)]
     n_targets = max(sum(b.n_targets for b in batches), 1)
     for batch in batches:
         with _autocast(spec):
@@ -98,12 +86,12 @@ def grouped_step(model, sources, spec, step: int) -> None:
         general = sources["preserve"]
         n = len(general.examples)
         indices = batch_indices(step, n, spec.preserve.batch_size, spec.seed + 1)
-        groups = _groups(general, indices)
-        batches = [general.batch(rows) for rows in groups]
+        rows = groups(general, indices)
+        batches = [general.batch(r) for r in rows]
         # each example's positions depend on its index alone, whichever batch it is in
         chosen = [
-            preserve_positions(b, rows, spec.preserve.positions, spec.seed, step)
-            for b, rows in zip(batches, groups, strict=True)
+            preserve_positions(b, r, spec.preserve.positions, spec.seed, step)
+            for b, r in zip(batches, rows, strict=True)
         ]
         count = max(sum(int(c.sum()) for c in chosen), 1)
         for batch, where in zip(batches, chosen, strict=True):
@@ -112,7 +100,7 @@ def grouped_step(model, sources, spec, step: int) -> None:
             (spec.preserve.weight * kl).backward()
 
 
-def padding_share(source, spec, seed: int, batch_size: int, steps: int) -> tuple[float, float]:
+def padding_share(source, seed: int, batch_size: int, steps: int) -> tuple[float, float]:
     """The share of padding positions over `steps` steps: one padded batch, length groups."""
     lengths = [len(e.input_ids) for e in source.examples]
     real = padded = group_padded = 0
@@ -141,11 +129,11 @@ def main() -> None:
     model.carry_on.train()
     params = dict(model.carry_on.named_parameters())
 
-    task = padding_share(sources["train"], spec, spec.seed, spec.batch_size, spec.steps)
+    task = padding_share(sources["train"], spec.seed, spec.batch_size, spec.steps)
     print(f"task batches, {spec.steps} steps: {task[0]:.1%} padding padded, {task[1]:.1%} grouped")
     if spec.preserve is not None:
         general = padding_share(
-            sources["preserve"], spec, spec.seed + 1, spec.preserve.batch_size, spec.steps
+            sources["preserve"], spec.seed + 1, spec.preserve.batch_size, spec.steps
         )
         print(f"preservation batches: {general[0]:.1%} padding padded, {general[1]:.1%} grouped")
 
@@ -155,21 +143,24 @@ def main() -> None:
     worst = 0.0
     for step in chosen:
         grads = {}
-        for name, run in (("padded", padded_step), ("grouped", grouped_step)):
+        for name, groups in (("padded", together), ("grouped", by_length)):
             model.carry_on.zero_grad(set_to_none=True)
             began = time.perf_counter()
-            run(model, sources, spec, step)
+            run_step(model, sources, spec, step, groups)
             times[name].append(time.perf_counter() - began)
             grads[name] = {k: p.grad.clone() for k, p in params.items() if p.grad is not None}
         for key, want in grads["padded"].items():
             got = grads["grouped"][key]
             worst = max(worst, float((got - want).abs().max() / want.abs().max().clamp_min(1e-12)))
-        padded_s, grouped_s = times["padded"][-1], times["grouped"][-1]
-        print(f"step {step}: padded {padded_s:.1f} s, grouped {grouped_s:.1f} s", flush=True)
-    padded, grouped_s = statistics.median(times["padded"]), statistics.median(times["grouped"])
+        last = {name: spent[-1] for name, spent in times.items()}
+        print(
+            f"step {step}: padded {last['padded']:.1f} s, grouped {last['grouped']:.1f} s",
+            flush=True,
+        )
+    median = {name: statistics.median(spent) for name, spent in times.items()}
     print(
-        f"median step: padded {padded:.1f} s, grouped {grouped_s:.1f} s; "
-        f"grouped/padded = {grouped_s / padded:.2f}; largest gradient difference "
+        f"median step: padded {median['padded']:.1f} s, grouped {median['grouped']:.1f} s; "
+        f"grouped/padded = {median['grouped'] / median['padded']:.2f}; largest gradient difference "
         f"{worst:.1e} of the gradient's largest element"
     )
 
